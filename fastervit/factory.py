@@ -1,0 +1,232 @@
+"""The registered FasterViT variants, ``create_model``, and official-checkpoint handling."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from hatplug.checkpoint import LoadReport, load_checkpoint
+from hatplug.errors import PretrainedWeightsNotFoundError
+
+from .model import FasterViT
+
+__all__ = ["create_model", "list_models", "checkpoint_filter_fn", "pretrained_file", "CHECKPOINT_DIR_ENV"]
+
+CHECKPOINT_DIR_ENV = "HATPLUG_CHECKPOINT_DIR"
+OFFLINE_ENVS = ("HATPLUG_OFFLINE", "HF_HUB_OFFLINE")
+_HUB = "https://huggingface.co/ahatamiz/FasterViT/resolve/main/"
+
+_F, _T = False, True
+_BASE = dict(mlp_ratio=4, ct_size=2, window_size=[7, 7, 7, 7], hat=[_F, _F, _T, _F])
+_LS = dict(layer_scale=1e-5, layer_scale_conv=None, do_propagation=True)
+_ARCHS = {  # architecture of each size: ../shared/REFERENCE.md section 1
+    "0": dict(_BASE, depths=[2, 3, 6, 5], dim=64, in_dim=64, num_heads=[2, 4, 8, 16], drop_path_rate=0.2),
+    "1": dict(_BASE, depths=[1, 3, 8, 5], dim=80, in_dim=32, num_heads=[2, 4, 8, 16], drop_path_rate=0.2),
+    "2": dict(_BASE, depths=[3, 3, 8, 5], dim=96, in_dim=64, num_heads=[2, 4, 8, 16], drop_path_rate=0.2),
+    "3": dict(_BASE, **_LS, depths=[3, 3, 12, 5], dim=128, in_dim=64, num_heads=[2, 4, 8, 16], drop_path_rate=0.3),
+    "4": dict(_BASE, **_LS, depths=[3, 3, 12, 5], dim=196, in_dim=64, num_heads=[4, 8, 16, 32], drop_path_rate=0.3),
+    "5": dict(_BASE, **_LS, depths=[3, 3, 12, 5], dim=320, in_dim=64, num_heads=[4, 8, 16, 32], drop_path_rate=0.3),
+    "6": dict(_BASE, **_LS, depths=[3, 3, 16, 8], dim=320, in_dim=64, num_heads=[4, 8, 16, 32], drop_path_rate=0.5),
+}
+_21K_WINDOWS = {224: [7, 7, 14, 7], 384: [7, 7, 24, 12], 512: [7, 7, 32, 16], 768: [7, 7, 48, 24]}
+_21K_FILES = {
+    224: "fastervit_4_21k_224_w14",
+    384: "fastervit_4_21k_384_w24",
+    512: "fastervit_4_21k_512_w32",
+    768: "fastervit_4_21k_768_w48",
+}
+_21K_CROP = {224: 0.95, 384: 1.0, 512: 1.0, 768: 0.93}
+
+# name -> (model kwargs, pretrained cfg)
+_VARIANTS: dict[str, tuple[dict, dict]] = {}
+
+
+def _cfg(file: str, size: int, crop_pct: float, crop_mode: str) -> dict:
+    return dict(
+        url=_HUB + file + ".pth.tar",
+        num_classes=1000,
+        input_size=(3, size, size),
+        pool_size=None,
+        crop_pct=crop_pct,
+        crop_mode=crop_mode,
+        interpolation="bicubic",
+        fixed_input_size=True,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        first_conv="patch_embed.conv_down.0",
+        classifier="head",
+        license="NVIDIA Source Code License-NC (weights)",
+    )
+
+
+for _size, _arch in _ARCHS.items():
+    _c = _cfg(f"fastervit_{_size}_224_1k", 224, 0.875 if _size == "0" else 1.0, "center")
+    _VARIANTS[f"faster_vit_{_size}_224"] = (dict(_arch, resolution=224), _c)
+    _VARIANTS[f"faster_vit_{_size}_any_res"] = (
+        dict(_arch, resolution=[541, 960] if _size == "2" else [576, 960]),
+        dict(_c, fixed_input_size=False),
+    )
+for _res, _windows in _21K_WINDOWS.items():
+    _arch = dict(_ARCHS["4"], window_size=_windows, hat=[_F, _F, _F, _F], drop_path_rate=0.42)
+    _c = _cfg(_21K_FILES[_res], _res, _21K_CROP[_res], "squash")
+    _VARIANTS[f"faster_vit_4_21k_{_res}"] = (dict(_arch, resolution=_res), _c)
+    _VARIANTS[f"faster_vit_4_21k_{_res}_any_res"] = (
+        dict(_arch, resolution=[576, 960], drop_path_rate=0.3),
+        dict(_c, fixed_input_size=False),
+    )
+
+default_cfgs = generate_default_cfgs({name: cfg for name, (_, cfg) in _VARIANTS.items()})
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Map an official (or timm-saved) FasterViT state dict onto this implementation's keys.
+
+    The official layout is ours, so this only strips wrappers: a leading ``encoder.`` (the official
+    detection/segmentation backbones) and ``_orig_mod.`` (``torch.compile``).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("_orig_mod.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def pretrained_file(name: str) -> Path:
+    """Local path of the official checkpoint of ``name``, downloading it when allowed.
+
+    Looks in ``$HATPLUG_CHECKPOINT_DIR`` and then in torch hub's checkpoint folder. If the file is in
+    neither, it is downloaded into torch hub's folder unless ``HATPLUG_OFFLINE`` or ``HF_HUB_OFFLINE``
+    is set; if that is not possible the error says which file, where to put it and where it is
+    published.
+    """
+    cfg = _VARIANTS[_canonical(name)][1]
+    url = cfg["url"]
+    file_name = url.rsplit("/", 1)[-1]
+    folders = [Path(os.environ[CHECKPOINT_DIR_ENV])] if os.environ.get(CHECKPOINT_DIR_ENV) else []
+    folders.append(Path(torch.hub.get_dir()) / "checkpoints")
+    for folder in folders:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    hint = (
+        f"pretrained weights for {name!r} not found: looked for {file_name} in "
+        f"{', '.join(str(f) for f in folders)}. Download {url} and put it in one of those folders "
+        f"(or set {CHECKPOINT_DIR_ENV}), or pass checkpoint_path=... . The weights are published by NVIDIA "
+        f"under a non-commercial licence."
+    )
+    if any(os.environ.get(e) for e in OFFLINE_ENVS):
+        raise PretrainedWeightsNotFoundError(hint + f" (offline mode: {'/'.join(OFFLINE_ENVS)} is set)")
+    folders[-1].mkdir(parents=True, exist_ok=True)
+    target = folders[-1] / file_name
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=False)
+    except Exception as exc:  # no network, HTTP error, disk full: all end the same way
+        raise PretrainedWeightsNotFoundError(hint + f" (download failed: {exc})") from exc
+    return target
+
+
+def _canonical(name: str) -> str:
+    name = name.split(".")[0]  # timm-style "name.tag"
+    if name not in _VARIANTS:
+        close = difflib.get_close_matches(name, list(_VARIANTS), n=3)
+        raise ValueError(
+            f"unknown FasterViT model {name!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " See fastervit.list_models()."
+        )
+    return name
+
+
+def _create(name: str, pretrained: bool = False, **kwargs) -> FasterViT:
+    arch, cfg = _VARIANTS[_canonical(name)]
+    # timm calls the input size img_size, the official code resolution: accept either, not both
+    img_size, resolution = kwargs.pop("img_size", None), kwargs.pop("resolution", None)
+    if img_size is not None and resolution is not None:
+        raise ValueError(f"got img_size={img_size} and resolution={resolution}; pass only one")
+    kwargs = {**arch, **kwargs}
+    default = kwargs.pop("resolution")
+    kwargs["img_size"] = img_size if img_size is not None else resolution if resolution is not None else default
+    model = build_model_with_cfg(FasterViT, name, pretrained=False, **kwargs)
+    if pretrained:
+        _load_pretrained(model, name, cfg)
+    return model
+
+
+def _load_pretrained(model: nn.Module, name: str, cfg: dict) -> LoadReport:
+    head_replaced = getattr(model, "num_classes", cfg["num_classes"]) != cfg["num_classes"]
+
+    def drop_head(state: dict[str, Tensor], m: nn.Module) -> dict[str, Tensor]:
+        state = checkpoint_filter_fn(state, m)
+        return {k: v for k, v in state.items() if not (head_replaced and k.startswith("head."))}
+
+    return load_checkpoint(
+        model,
+        pretrained_file(name),
+        strict=True,
+        filter_fn=drop_head,
+        ignore_missing=(lambda k: k.startswith("head.")) if head_replaced else None,
+    )
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    strict: bool = True,
+    **kwargs,
+) -> FasterViT:
+    """Build a registered FasterViT variant.
+
+    Args:
+        name: one of :func:`list_models`, e.g. ``"faster_vit_0_224"``.
+        pretrained: load the official ImageNet weights (see :func:`pretrained_file`).
+        checkpoint_path: a local checkpoint to load: official ``.pth.tar`` training checkpoints (weights
+            under ``state_dict`` or ``model``, ``module.`` prefixes allowed), plain state dicts or
+            ``.safetensors``. Read without unpickling arbitrary objects.
+        strict: with ``checkpoint_path``, raise on any missing, unexpected or mis-shaped tensor. With
+            ``strict=False`` load what fits; the report is logged and kept as ``model.load_report``.
+        **kwargs: official model arguments (``resolution``, ``window_size``, ``ct_size``, ``dim``,
+            ``depths``, ``hat``, ``num_classes``, ``drop_path_rate``, ...).
+
+    Example:
+        >>> import fastervit, torch
+        >>> model = fastervit.create_model("faster_vit_0_any_res", resolution=[200, 320]).eval()
+        >>> model(torch.randn(1, 3, 200, 320)).shape
+        torch.Size([1, 1000])
+    """
+    model = _create(name, pretrained=pretrained, **kwargs)
+    if checkpoint_path is not None:
+        model.load_report = load_checkpoint(model, checkpoint_path, strict=strict, filter_fn=checkpoint_filter_fn)
+    return model
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the registered variants matching a glob ``pattern``.
+
+    >>> list_models("faster_vit_4_21k_*")[:2]
+    ['faster_vit_4_21k_224', 'faster_vit_4_21k_224_any_res']
+    """
+    import fnmatch
+
+    return sorted(n for n in _VARIANTS if fnmatch.fnmatch(n, pattern))
+
+
+def _make_entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs) -> FasterViT:
+        return _create(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"FasterViT variant ``{name}`` (see :func:`fastervit.create_model`)."
+    return entrypoint
+
+
+for _name in _VARIANTS:
+    setattr(sys.modules[__name__], _name, register_model(_make_entrypoint(_name)))

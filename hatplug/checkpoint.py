@@ -1,0 +1,219 @@
+"""Safe checkpoint reading and strict, reported state-dict loading.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: pickles may only build tensors, containers,
+primitive values and an allow-list of benign types found in training checkpoints
+(``argparse.Namespace``, NumPy scalars). Anything else is refused before any of it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
+
+__all__ = [
+    "SAFE_GLOBALS",
+    "LoadReport",
+    "read_checkpoint",
+    "extract_state_dict",
+    "load_state_dict_file",
+    "load_checkpoint",
+]
+
+_logger = logging.getLogger(__name__)
+
+SAFE_GLOBALS: list = [
+    argparse.Namespace,
+    np.dtype,
+    (np._core if hasattr(np, "_core") else np.core).multiarray.scalar,
+    *{type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool")},
+]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else repr(exc)
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """Read a ``.pth``/``.pth.tar``/``.safetensors`` file without running untrusted code.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file.
+        UnsafeCheckpointError: the pickle references a callable or class outside the allow-list.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.pth")
+    >>> torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    >>> read_checkpoint(path)["state_dict"]["w"]
+    tensor([1., 1.])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path} (check the path; nothing was loaded)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({exc}); re-download or re-export it"
+            ) from exc
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: its pickle references objects outside the safe allow-list, so "
+                "loading it could run arbitrary code. Nothing was executed. If you trust the file, re-save "
+                f"just its tensors, e.g. as safetensors. Details: {_first_line(exc)}"
+            ) from exc
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({exc})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and could not be read ({type(exc).__name__}: {_first_line(exc)}); "
+            "re-download it"
+        ) from exc
+
+
+def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The weights of a checkpoint object: under ``state_dict`` or ``model`` or the object itself,
+    with any ``module.`` (DataParallel/DDP) prefix removed.
+
+    >>> extract_state_dict({"model": {"module.w": torch.zeros(1)}, "epoch": 3})
+    {'w': tensor([0.])}
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a dict of tensors")
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{source} has no state dict: expected tensors under 'state_dict' or 'model' (or at the top "
+            f"level), found non-tensor entries {sorted(map(str, bad))[:8]}"
+        )
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """:func:`read_checkpoint` then :func:`extract_state_dict`."""
+    return extract_state_dict(read_checkpoint(path), source=str(path))
+
+
+@dataclass
+class LoadReport:
+    """What a state-dict load did. ``ok`` is True when every learned tensor matched."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, checkpoint, model
+    derived: list[str] = field(default_factory=list)  # recomputable buffers that were dropped
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.derived)} derived buffers"]
+        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        for key, ckpt_shape, model_shape in self.mismatched[:20]:
+            lines.append(f"shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}")
+        return "\n".join(lines)
+
+
+def _derived_shapes(model: nn.Module) -> dict[str, tuple]:
+    """Checkpoint keys that modules recompute from their weights, with the shape the model implies."""
+    shapes = {}
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "derived_state_shapes", None)
+        if fn is not None:
+            for name, shape in fn().items():
+                shapes[f"{prefix}.{name}" if prefix else name] = tuple(shape)
+    return shapes
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | Path | Mapping[str, Tensor],
+    strict: bool = True,
+    filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None,
+    ignore_missing: Callable[[str], bool] | None = None,
+) -> LoadReport:
+    """Load weights into ``model`` and say exactly what happened.
+
+    Buffers that modules recompute from their weights (FasterViT's ``relative_bias``,
+    ``relative_coords_table``, ``relative_position_index``) may be present or absent; when present
+    their shapes are checked against the model's geometry and they are dropped.
+
+    Args:
+        model: the target.
+        checkpoint: a file path or a state dict.
+        strict: raise :class:`CheckpointMismatchError` on any missing, unexpected or mis-shaped tensor
+            (the message lists the keys and both shapes). With ``strict=False`` load what fits, log the
+            rest, and return the report.
+        filter_fn: maps the checkpoint's state dict onto the model's layout first (timm-style).
+        ignore_missing: keys for which absence is expected (e.g. a replaced classifier).
+
+    Returns:
+        A :class:`LoadReport`.
+
+    >>> net = nn.Linear(2, 2)
+    >>> print(load_checkpoint(net, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}))
+    loaded 2 tensors, dropped 0 derived buffers
+    """
+    source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
+    state = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, Path)) else extract_state_dict(checkpoint)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+
+    report = LoadReport()
+    derived = _derived_shapes(model)
+    own = model.state_dict()
+    to_load = {}
+    for key, value in state.items():
+        if key in derived and key not in own:
+            if tuple(value.shape) == derived[key]:
+                report.derived.append(key)
+            else:
+                report.mismatched.append((key, tuple(value.shape), derived[key]))
+        elif key not in own:
+            report.unexpected.append(key)
+        elif value.shape != own[key].shape:
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            to_load[key] = value
+    for key in own:
+        expected_absent = key.endswith("num_batches_tracked") or (ignore_missing is not None and ignore_missing(key))
+        if key not in state and not expected_absent:
+            report.missing.append(key)
+    report.loaded = sorted(to_load)
+
+    if not report.ok:
+        message = f"checkpoint {source} does not match {type(model).__name__}:\n{report}"
+        if strict:
+            raise CheckpointMismatchError(
+                message + "\nPass strict=False to load the matching tensors anyway (the rest keep their init)."
+            )
+        _logger.warning(message)
+    model.load_state_dict(to_load, strict=False)
+    return report

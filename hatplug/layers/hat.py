@@ -1,0 +1,292 @@
+"""The Hierarchical Attention (HAT) block and the stage that threads carrier tokens through it.
+
+One implementation serves the native FasterViT family and every converted model.
+
+Carrier tokens (CTs) travel between blocks as ``(B, nW * ct**2, C)``, grouped by window, so that the
+per-window view needed for local attention is a free ``reshape``. CT attention is global over all CTs
+and permutation-equivariant, so instead of re-ordering the CTs into raster order and back in every
+block (as the released FasterViT does), the CT position embedding and the CT attention bias are laid
+out in the grouped order once, at construction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import BiasedAttention
+from .carrier import CarrierTokenizer
+from .pos_embed import AbsolutePositionMLP
+from .windows import (
+    ceil_to_multiple,
+    grouped_to_raster_index,
+    pad_to_windows,
+    upsample_index,
+    window_partition,
+    window_reverse,
+)
+
+__all__ = ["CarrierTokenGrid", "HATBlock", "HATStage"]
+
+
+def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
+    return None if value is None else nn.Parameter(value * torch.ones(dim))
+
+
+def _scale(x: Tensor, gamma: Tensor | None) -> Tensor:
+    return x if gamma is None else gamma * x
+
+
+class CarrierTokenGrid:
+    """Static geometry of the carrier tokens of one stage, and the orderings derived from it.
+
+    Args:
+        windows: ``(nH, nW)`` windows of the stage.
+        ct_size: carrier tokens per window side.
+        official_order: reproduce how the released FasterViT regroups CTs into windows after CT
+            attention: it reads the CT raster with the window grid's height and width swapped. For a
+            square grid of windows that is the identity; for a non-square grid it changes which CTs a
+            window sees, and official any-resolution checkpoints were trained that way. ``False``
+            keeps every window's own CTs.
+
+    Attributes:
+        num_tokens: CTs per image.
+        token_order: ``order[k]`` is the raster index of the ``k``-th CT as seen by CT attention, or
+            ``None`` when that is the identity.
+        block_perm: gather applied to the stored CTs at the start of each block, or ``None``.
+        square: whether the window grid is square (FasterViT gives CTs an absolute position embedding
+            only then).
+    """
+
+    def __init__(self, windows: tuple[int, int], ct_size: int, official_order: bool = True) -> None:
+        n_h, n_w = windows
+        self.windows = (n_h, n_w)
+        self.ct_size = ct_size
+        self.num_tokens = n_h * n_w * ct_size * ct_size
+        self.square = n_h == n_w
+        stored = grouped_to_raster_index(n_h, n_w, ct_size)  # raster index of each stored CT
+        regroup = grouped_to_raster_index(n_w, n_h, ct_size) if official_order else stored
+        raster_to_stored = torch.argsort(stored)
+        perm = raster_to_stored[regroup]
+        identity = torch.arange(self.num_tokens, device="cpu")
+        self.token_order = None if torch.equal(regroup, identity) else regroup
+        self.block_perm = None if torch.equal(perm, identity) else perm
+
+
+class HATBlock(nn.Module):
+    """One HAT block: CT attention + MLP, then local attention + MLP over ``[window CTs; window tokens]``.
+
+    Without carrier tokens (``ct_grid=None``) it is a plain window-attention block with FasterViT's
+    position embeddings. The attribute names follow the official checkpoints.
+
+    Args:
+        dim: token width.
+        num_heads: heads of both attentions.
+        window_size: side of the square window.
+        ct_grid: carrier-token geometry of the stage, or ``None`` for no carrier tokens.
+        mlp_ratio: hidden width of both MLPs relative to ``dim``.
+        qkv_bias: bias in qkv projections.
+        qk_scale: override of the attention scale.
+        drop: dropout after projections and in MLPs.
+        attn_drop: attention-weight dropout.
+        drop_path: stochastic depth rate.
+        layer_scale: initial value of the layer-scale gammas, or ``None`` for none.
+        propagate: add the upsampled CTs of each window to its tokens at the end (last block of a
+            stage in FasterViT-3..6).
+
+    ``forward(x, ct)``: ``x`` is ``(B * nW, ws * ws, C)``, ``ct`` is ``(B, nW * ct**2, C)`` or ``None``;
+    returns both, updated.
+
+    >>> grid = CarrierTokenGrid(windows=(2, 2), ct_size=2)
+    >>> blk = HATBlock(64, num_heads=2, window_size=7, ct_grid=grid)
+    >>> x, ct = blk(torch.randn(2 * 4, 49, 64), torch.randn(2, 16, 64))
+    >>> tuple(x.shape), tuple(ct.shape)
+    ((8, 49, 64), (2, 16, 64))
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        ct_grid: CarrierTokenGrid | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        layer_scale: float | None = None,
+        propagate: bool = False,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.ct_per_window = 0 if ct_grid is None else ct_grid.ct_size**2
+        self.propagate = propagate and ct_grid is not None
+        hidden = int(dim * mlp_ratio)
+
+        self.pos_embed = AbsolutePositionMLP(dim, window_size)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = BiasedAttention(
+            dim,
+            num_heads,
+            (window_size, window_size),
+            self.ct_per_window,
+            qkv_bias,
+            qk_scale,
+            attn_drop,
+            drop,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden, drop=drop)
+        self.gamma3 = _layer_scale(dim, layer_scale)
+        self.gamma4 = _layer_scale(dim, layer_scale)
+
+        self.hat_attn = None
+        if ct_grid is not None:
+            self.hat_norm1 = nn.LayerNorm(dim)
+            self.hat_norm2 = nn.LayerNorm(dim)
+            # The released model covers the largest square of the CT raster with its relative bias and
+            # leaves the leading remainder unbiased (all CTs are covered when the grid is square).
+            side = math.isqrt(ct_grid.num_tokens)
+            self.hat_attn = BiasedAttention(
+                dim,
+                num_heads,
+                (side, side),
+                ct_grid.num_tokens - side * side,
+                qkv_bias,
+                qk_scale,
+                attn_drop,
+                drop,
+                token_order=ct_grid.token_order,
+            )
+            self.hat_mlp = Mlp(dim, hidden, drop=drop)
+            self.hat_drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+            self.hat_pos_embed = (
+                AbsolutePositionMLP(dim, side, token_order=ct_grid.token_order) if ct_grid.square else None
+            )
+            self.gamma1 = _layer_scale(dim, layer_scale)
+            self.gamma2 = _layer_scale(dim, layer_scale)
+            self.register_buffer("ct_block_perm", ct_grid.block_perm, persistent=False)
+            if self.propagate:
+                self.register_buffer(
+                    "ct_upsample_index", upsample_index(ct_grid.ct_size, window_size), persistent=False
+                )
+
+    def forward(self, x: Tensor, ct: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        x = x + self.pos_embed()  # (B*nW, ws*ws, C)
+        if self.hat_attn is not None:
+            B, _, C = ct.shape
+            if self.ct_block_perm is not None:
+                ct = ct[:, self.ct_block_perm]
+            if self.hat_pos_embed is not None:
+                ct = ct + self.hat_pos_embed()
+            ct = ct + self.hat_drop_path(_scale(self.hat_attn(self.hat_norm1(ct)), self.gamma1))
+            ct = ct + self.hat_drop_path(_scale(self.hat_mlp(self.hat_norm2(ct)), self.gamma2))
+            x = torch.cat((ct.reshape(x.shape[0], self.ct_per_window, C), x), dim=1)  # (B*nW, ct*ct + ws*ws, C)
+
+        x = x + self.drop_path(_scale(self.attn(self.norm1(x)), self.gamma3))
+        x = x + self.drop_path(_scale(self.mlp(self.norm2(x)), self.gamma4))
+
+        if self.hat_attn is not None:
+            ct_windows, x = x.split([self.ct_per_window, self.window_size * self.window_size], dim=1)
+            ct = ct_windows.reshape(B, -1, C)
+            if self.propagate:
+                # nearest upsampling of each window's CTs onto its tokens, as a gather
+                x = x + _scale(ct_windows[:, self.ct_upsample_index], self.gamma1)
+        return x, ct
+
+
+class HATStage(nn.Module):
+    """A stage of HAT blocks on an NCHW map: pad, make CTs, partition, run the blocks, reverse, crop.
+
+    Carrier tokens are made once from the stage input and threaded block to block; the last block
+    propagates them into the map when ``do_propagation``. CTs exist only where ``hat`` is on and the
+    (padded) map has more than one window.
+
+    Args:
+        dim: channels.
+        depth: number of blocks.
+        num_heads: attention heads.
+        input_resolution: ``(H, W)`` of the stage input; the stage is built for this size.
+        window_size: side of a window; the map is zero-padded to whole windows.
+        ct_size: carrier tokens per window side.
+        hat: use carrier tokens (otherwise plain window attention).
+        do_propagation: add CTs back into the map at the end of the stage.
+        official_ct_order: see :class:`CarrierTokenGrid`.
+        drop_path: a rate, or one rate per block.
+        **block_kwargs: the remaining :class:`HATBlock` arguments.
+
+    >>> stage = HATStage(64, depth=2, num_heads=2, input_resolution=(14, 20), window_size=7)
+    >>> stage(torch.randn(1, 64, 14, 20)).shape
+    torch.Size([1, 64, 14, 20])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        input_resolution: tuple[int, int],
+        window_size: int,
+        ct_size: int = 2,
+        hat: bool = True,
+        do_propagation: bool = False,
+        official_ct_order: bool = True,
+        drop_path: float | Sequence[float] = 0.0,
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        H, W = input_resolution
+        self.input_resolution = (H, W)
+        self.window_size = window_size
+        self.padded_resolution = (ceil_to_multiple(H, window_size), ceil_to_multiple(W, window_size))
+        windows = (self.padded_resolution[0] // window_size, self.padded_resolution[1] // window_size)
+        self.grad_checkpointing = False
+
+        ct_grid = None
+        self.global_tokenizer = None
+        if hat and windows[0] * windows[1] > 1:
+            ct_grid = CarrierTokenGrid(windows, ct_size, official_ct_order)
+            self.global_tokenizer = CarrierTokenizer(dim, self.padded_resolution, window_size, ct_size)
+        rates = list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
+        self.blocks = nn.ModuleList(
+            HATBlock(
+                dim,
+                num_heads,
+                window_size,
+                ct_grid,
+                drop_path=rates[i],
+                propagate=do_propagation and i == depth - 1,
+                **block_kwargs,
+            )
+            for i in range(depth)
+        )
+
+    @property
+    def has_carrier_tokens(self) -> bool:
+        return self.global_tokenizer is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = self.input_resolution
+        torch._assert(x.shape[2] == H, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
+        torch._assert(x.shape[3] == W, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
+        Hp, Wp = self.padded_resolution
+        x = pad_to_windows(x, Hp - H, Wp - W)
+        ct = self.global_tokenizer(x) if self.global_tokenizer is not None else None
+        x = window_partition(x, self.window_size)  # (B*nW, ws*ws, C)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x, ct = checkpoint(blk, x, ct, use_reentrant=False)
+            else:
+                x, ct = blk(x, ct)
+        x = window_reverse(x, self.window_size, Hp, Wp)
+        if Hp != H or Wp != W:
+            x = x[:, :, :H, :W].contiguous()
+        return x

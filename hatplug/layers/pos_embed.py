@@ -1,0 +1,180 @@
+"""Position biases of HAT: the log-spaced continuous relative bias and the absolute 2D position MLP.
+
+Both are small MLPs evaluated on constant coordinate grids, so their output depends on the weights
+only. In eval mode it is computed once per weight state and reused; any change of the weights (an
+optimiser step, ``load_state_dict``, ``.to()``) or a call to ``train()`` makes the next call recompute
+it. Coordinates and indices are non-persistent buffers: checkpoints carry only the learned MLPs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP"]
+
+
+def _tracing() -> bool:
+    """True while a tracer or compiler records the forward: those must see the computation."""
+    return torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+class CachedBias(nn.Module):
+    """A module whose ``forward()`` returns a tensor that is a function of its own weights only.
+
+    Subclasses implement :meth:`compute`. In training, under tracing/compilation, and whenever
+    autograd needs the result (grad enabled and a weight requires grad), it is computed afresh.
+    Otherwise the cached value is returned while the weights are unchanged; weight identity,
+    in-place version counters, device and dtype form the cache key.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    def compute(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _cache_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+
+    def train(self, mode: bool = True) -> CachedBias:
+        self._cache = None
+        return super().train(mode)
+
+    def forward(self) -> Tensor:
+        if self.training or _tracing():
+            return self.compute()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self.compute()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            # A normal (not inference-mode) tensor, so it stays usable outside inference_mode.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache = (key, self.compute())
+        return self._cache[1]
+
+
+def _log_relative_coords(window_h: int, window_w: int) -> Tensor:
+    """SwinV2 log-spaced relative coordinates, ``(1, 2h-1, 2w-1, 2)``."""
+    dh = torch.arange(-(window_h - 1), window_h, dtype=torch.float32)
+    dw = torch.arange(-(window_w - 1), window_w, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).unsqueeze(0)
+    # a single-row window has no relative offsets to normalise; avoid 0/0
+    table[..., 0] /= max(window_h - 1, 1)
+    table[..., 1] /= max(window_w - 1, 1)
+    table = table * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def _relative_position_index(window_h: int, window_w: int) -> Tensor:
+    """``(h*w, h*w)`` index into the flattened ``(2h-1, 2w-1)`` table, as in Swin."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")).flatten(
+        1
+    )  # (2, h*w)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (h*w, h*w, 2)
+    return (rel[..., 0] + window_h - 1) * (2 * window_w - 1) + (rel[..., 1] + window_w - 1)
+
+
+class ContinuousPositionBias(CachedBias):
+    """Additive attention bias of HAT: SwinV2's log-spaced continuous relative position bias.
+
+    An MLP ``2 -> 512 -> num_heads`` maps log-spaced relative offsets to a per-head bias,
+    ``16 * sigmoid(.)``, laid out for the ``window_h * window_w`` tokens of a window. The first
+    ``num_prefix_tokens`` positions of the sequence (the carrier tokens) get zero bias, as in FasterViT.
+
+    Args:
+        num_heads: attention heads.
+        window_size: ``(h, w)`` of the token grid the bias covers.
+        num_prefix_tokens: leading tokens (carrier tokens) with zero bias rows and columns.
+        token_order: optional permutation of the resulting sequence (``seq[k] = old[order[k]]``), for
+            token streams that are not stored in raster order.
+
+    ``forward()`` returns ``(1, num_heads, N, N)`` with ``N = num_prefix_tokens + h * w``.
+
+    >>> bias = ContinuousPositionBias(num_heads=2, window_size=(7, 7), num_prefix_tokens=4)
+    >>> bias().shape
+    torch.Size([1, 2, 53, 53])
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        window_size: tuple[int, int],
+        num_prefix_tokens: int = 0,
+        token_order: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = tuple(window_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
+        self.register_buffer("relative_coords_table", _log_relative_coords(*self.window_size), persistent=False)
+        self.register_buffer("relative_position_index", _relative_position_index(*self.window_size), persistent=False)
+        self.register_buffer("token_order", token_order, persistent=False)
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_prefix_tokens + self.window_size[0] * self.window_size[1]
+
+    def derived_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Official checkpoints also store these recomputable tensors; their shapes reveal the geometry."""
+        return {
+            "relative_coords_table": tuple(self.relative_coords_table.shape),
+            "relative_position_index": tuple(self.relative_position_index.shape),
+            "relative_bias": (1, self.num_heads, self.seq_len, self.seq_len),
+        }
+
+    def compute(self) -> Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, self.num_heads)
+        bias = 16 * torch.sigmoid(bias.permute(2, 0, 1))  # (heads, n, n)
+        p = self.num_prefix_tokens
+        if p:
+            bias = F.pad(bias, (p, 0, p, 0))
+        if self.token_order is not None:
+            bias = bias[:, self.token_order][:, :, self.token_order]
+        return bias.unsqueeze(0)
+
+
+class AbsolutePositionMLP(CachedBias):
+    """FasterViT's absolute 2D position embedding: an MLP ``2 -> 512 -> dim`` on grid coordinates.
+
+    Coordinates of a ``side x side`` grid are centred and scaled, ``(i - side // 2) / (side // 2)``,
+    so a 7x7 window spans ``[-1, 1]``. ``forward()`` returns ``(1, side * side, dim)``, added to the
+    tokens by the caller.
+
+    Args:
+        dim: embedding width.
+        side: side of the square token grid.
+        token_order: optional permutation of the grid tokens (``seq[k] = raster[order[k]]``).
+
+    >>> AbsolutePositionMLP(dim=64, side=7)().shape
+    torch.Size([1, 49, 64])
+    """
+
+    def __init__(self, dim: int, side: int, token_order: Tensor | None = None) -> None:
+        super().__init__()
+        self.side = side
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(), nn.Linear(512, dim, bias=False))
+        half = max(side // 2, 1)
+        ax = (torch.arange(side, dtype=torch.float32) - side // 2) / half
+        grid = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), dim=-1).view(1, side * side, 2)
+        self.register_buffer("coords", grid, persistent=False)
+        self.register_buffer("token_order", token_order, persistent=False)
+
+    def derived_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Official checkpoints store the last computed embedding as ``relative_bias``."""
+        return {"relative_bias": (1, self.side * self.side, self.cpb_mlp[2].out_features)}
+
+    def compute(self) -> Tensor:
+        emb = self.cpb_mlp(self.coords)
+        if self.token_order is not None:
+            emb = emb[:, self.token_order]
+        return emb

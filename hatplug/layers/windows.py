@@ -1,0 +1,105 @@
+"""Window partitioning and carrier-token orderings.
+
+Everything here is a pure reshape or a static index computation, so it traces with ``torch.fx``,
+``torch.jit.trace`` and ``torch.compile`` alike. Maps are NCHW, windows are token sequences
+``(B * nH * nW, ws * ws, C)`` in row-major order inside each window and across windows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ceil_to_multiple",
+    "pad_to_windows",
+    "window_partition",
+    "window_reverse",
+    "grouped_to_raster_index",
+    "upsample_index",
+]
+
+
+def ceil_to_multiple(size: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``size``.
+
+    >>> ceil_to_multiple(13, 7)
+    14
+    """
+    return -(-size // multiple) * multiple
+
+
+def pad_to_windows(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
+    """Zero-pad an NCHW map at the bottom/right so that it splits into whole windows.
+
+    The pad amounts are static (computed when the stage is built), which keeps the graph free of
+    shape-dependent control flow.
+
+    >>> pad_to_windows(torch.ones(1, 2, 5, 6), 2, 1).shape
+    torch.Size([1, 2, 7, 7])
+    """
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h))
+
+
+def window_partition(x: Tensor, window_size: int) -> Tensor:
+    """Split an NCHW map into windows of tokens.
+
+    Args:
+        x: ``(B, C, H, W)`` with H and W multiples of ``window_size``.
+        window_size: side of the square window.
+
+    Returns:
+        ``(B * H/ws * W/ws, ws * ws, C)``; windows in row-major order, tokens row-major inside.
+
+    >>> window_partition(torch.zeros(2, 8, 14, 21), 7).shape
+    torch.Size([12, 49, 8])
+    """
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // window_size, window_size, W // window_size, window_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, C)
+
+
+def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, ws * ws, C)`` -> ``(B, C, H, W)``.
+
+    >>> x = torch.randn(2, 8, 14, 21)
+    >>> torch.equal(window_reverse(window_partition(x, 7), 7, 14, 21), x)
+    True
+    """
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
+
+
+def grouped_to_raster_index(windows_h: int, windows_w: int, ct_size: int) -> Tensor:
+    """Raster position of each carrier token when the CT grid is stored grouped by window.
+
+    A CT grid of ``(windows_h * ct_size, windows_w * ct_size)`` tokens is stored window by window
+    (row-major over windows, ``ct_size * ct_size`` row-major tokens inside a window), so that
+    ``ct.view(B * nW, ct_size**2, C)`` is the per-window view. Entry ``k`` of the result is the
+    row-major raster index of the ``k``-th stored token.
+
+    >>> grouped_to_raster_index(1, 2, 2).tolist()
+    [0, 1, 4, 5, 2, 3, 6, 7]
+    """
+    raster = torch.arange(windows_h * ct_size * windows_w * ct_size, device="cpu")
+    raster = raster.view(windows_h, ct_size, windows_w, ct_size).permute(0, 2, 1, 3)
+    return raster.reshape(-1)
+
+
+def upsample_index(ct_size: int, window_size: int) -> Tensor:
+    """For each token of a window, the index of the carrier token that nearest upsampling copies.
+
+    Derived by running ``F.interpolate(mode="nearest")`` on the CT indices, so a gather with it is
+    bit-identical to nearest upsampling of a ``ct_size x ct_size`` grid to ``window_size x window_size``,
+    without the float round trip.
+
+    >>> upsample_index(2, 3).tolist()
+    [0, 0, 1, 0, 0, 1, 2, 2, 3]
+    """
+    ids = torch.arange(ct_size * ct_size, dtype=torch.float32, device="cpu").view(1, 1, ct_size, ct_size)
+    up = F.interpolate(ids, size=(window_size, window_size), mode="nearest")
+    return up.reshape(-1).long()
