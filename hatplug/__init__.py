@@ -5,7 +5,7 @@
 <class 'hatplug.layers.hat.HATStage'>
 """
 
-from . import layers
+from . import layers, models
 from .checkpoint import LoadReport, load_checkpoint
 from .errors import (
     CheckpointError,
@@ -25,5 +25,6 @@ __all__ = [
     "PretrainedWeightsNotFoundError",
     "UnsafeCheckpointError",
     "layers",
+    "models",
     "load_checkpoint",
 ]
