@@ -74,13 +74,14 @@ def read_checkpoint(path: str | Path) -> object:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+        if "Weights only load failed" in str(exc):
+            reason = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
             raise UnsafeCheckpointError(
                 f"refused to load {path}: its pickle references objects outside the safe allow-list, so "
                 "loading it could run arbitrary code. Nothing was executed. If you trust the file, re-save "
-                f"just its tensors, e.g. as safetensors. Details: {_first_line(exc)}"
+                f"just its tensors, e.g. as safetensors. Details: {reason or _first_line(exc)}"
             ) from exc
-        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(exc)})") from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(
             f"{path} is truncated or corrupt and could not be read ({type(exc).__name__}: {_first_line(exc)}); "
@@ -152,6 +153,28 @@ def _derived_shapes(model: nn.Module) -> dict[str, tuple]:
     return shapes
 
 
+def _fill_aliases(state: dict[str, Tensor], own: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+    """Keys that name one shared tensor (e.g. FasterViT's ``pos_embed`` / ``to_global_feature.pos``) are
+    filled from whichever the checkpoint has, as deduplicating savers (``safetensors.save_model``) keep one."""
+    groups: dict[tuple, list[str]] = {}
+    for key, tensor in own.items():
+        if tensor.numel():
+            groups.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.dtype), []).append(key)
+    state = dict(state)
+    for keys in groups.values():
+        present = [k for k in keys if k in state]
+        if len(keys) < 2 or not present:
+            continue
+        first = state[present[0]]
+        for key in present[1:]:
+            if state[key].shape != first.shape or not torch.equal(state[key], first):
+                report.mismatched.append((key, tuple(state[key].shape), tuple(first.shape)))
+                report.unexpected.append(f"{key} (differs from its alias {present[0]})")
+        for key in keys:
+            state.setdefault(key, first)
+    return state
+
+
 def load_checkpoint(
     model: nn.Module,
     checkpoint: str | Path | Mapping[str, Tensor],
@@ -189,6 +212,7 @@ def load_checkpoint(
     report = LoadReport()
     derived = _derived_shapes(model)
     own = model.state_dict()
+    state = _fill_aliases(state, own, report)
     to_load = {}
     for key, value in state.items():
         if key in derived and key not in own:

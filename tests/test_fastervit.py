@@ -1,0 +1,289 @@
+"""The native FasterViT family: registry, official layout, strict and safe checkpoint loading."""
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file, save_model
+
+import fastervit
+import hatplug
+from fastervit.testing import official_state_dict
+from hatplug.checkpoint import _derived_shapes
+from hatplug.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    PretrainedWeightsNotFoundError,
+    UnsafeCheckpointError,
+)
+
+from .conftest import randomize_
+
+OFFICIAL = json.loads((Path(__file__).parent / "data" / "fastervit_official_keys.json").read_text())["variants"]
+ALL_NAMES = fastervit.list_models()
+# Small widths keep every variant's structure (depths, windows, CT grid, layer scale, propagation) but make it cheap.
+SMALL = dict(dim=16, in_dim=8)
+
+
+def write_official_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """Like the official training script: module.-prefixed weights and derived buffers under state_dict,
+    plus metadata of the benign types such files carry."""
+    state = {f"module.{k}": v for k, v in official_state_dict(model).items()}
+    torch.save(
+        {
+            "state_dict": state,
+            "epoch": 309,
+            "args": argparse.Namespace(model="faster_vit", lr=5e-3),
+            "metric": np.float64(82.1),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-6, "params": [0, 1]}]},
+        },
+        path,
+    )
+    return path
+
+
+def test_every_official_name_is_registered_in_both_registries():
+    expected = {f"faster_vit_{i}_224" for i in range(7)} | {f"faster_vit_{i}_any_res" for i in range(7)}
+    expected |= {f"faster_vit_4_21k_{r}" for r in (224, 384, 512, 768)}
+    expected |= {f"faster_vit_4_21k_{r}_any_res" for r in (224, 384, 512, 768)}
+    assert expected == set(ALL_NAMES)
+    assert expected <= set(timm.list_models("faster_vit_*"))
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_parameter_count_and_key_layout_match_official(name):
+    with torch.device("meta"):
+        model = fastervit.create_model(name)
+    official = OFFICIAL[name]
+    assert sum(p.numel() for p in model.parameters()) == official["num_params"]
+    # our state dict holds the learned tensors; the official one adds recomputable buffers
+    lines = [f"{k}:{list(v.shape)}" for k, v in model.state_dict().items()]
+    lines += [f"{k}:{list(shape)}" for k, shape in _derived_shapes(model).items()]
+    assert len(lines) == official["num_keys"]
+    if "keys" in official:
+        assert sorted(lines) == sorted(official["keys"])
+    assert hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest() == official["sha256"]
+
+
+def test_published_parameter_counts():
+    # ../shared/REFERENCE.md: 0: 31.4M, 1: 53.4M, 2: 75.9M, 3: 159.5M, 4: 365.6M, 5: 957.5M, 4_21k: 271.9M
+    published = {"0": 31.4, "1": 53.4, "2": 75.9, "3": 159.5, "4": 365.6, "5": 957.5, "4_21k": 271.9}
+    for size, millions in published.items():
+        with torch.device("meta"):
+            model = fastervit.create_model(f"faster_vit_{size}_224")
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
+def _small_input(model, batch=2):
+    return torch.randn(batch, 3, *model.img_size)
+
+
+def _cheap(name: str) -> dict:
+    """SMALL widths; high-resolution variants also get one block per stage (their windows are up to 48x48)."""
+    arch = fastervit.factory._VARIANTS[name][0]
+    big = arch["resolution"] != 224
+    return dict(SMALL, depths=[1, 1, 2, 1]) if big else SMALL
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_official_checkpoint_round_trip_is_exact(name, tmp_path):
+    source = randomize_(fastervit.create_model(name, **_cheap(name))).eval()
+    path = write_official_checkpoint(source, tmp_path / "ckpt.pth.tar")
+    loaded = fastervit.create_model(name, checkpoint_path=path, **_cheap(name)).eval()
+    assert loaded.load_report.ok and loaded.load_report.derived
+    x = _small_input(source, batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+
+
+def test_safetensors_and_plain_state_dicts(tmp_path):
+    source = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL)).eval()
+    save_model(source, str(tmp_path / "w.safetensors"))  # keeps one name of the aliased CT conv
+    state = source.state_dict()
+    save_file({k: v.clone() for k, v in state.items()}, str(tmp_path / "both.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "plain.pth")
+    torch.save({"model": source.state_dict()}, tmp_path / "model_key.pth")
+    x = _small_input(source)
+    with torch.no_grad():
+        expected = source(x)
+        for file in ("w.safetensors", "both.safetensors", "plain.pth", "model_key.pth"):
+            model = fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / file, **SMALL).eval()
+            assert torch.equal(model(x), expected), file
+
+
+def test_wrong_architecture_names_keys_and_shapes(tmp_path):
+    path = write_official_checkpoint(fastervit.create_model("faster_vit_1_224", **SMALL), tmp_path / "one.pth")
+    with pytest.raises(CheckpointMismatchError) as err:
+        fastervit.create_model("faster_vit_0_224", checkpoint_path=path, **SMALL)
+    message = str(err.value)
+    assert "patch_embed.conv_down.0.weight: checkpoint [8, 3, 3, 3] vs model" not in message  # same stem
+    assert "missing" in message and "levels.0.blocks.1.conv1.weight" in message  # faster_vit_0 has 2 conv blocks
+    assert "unexpected" not in message or "levels." in message
+    assert "strict=False" in message
+
+
+def test_shape_mismatch_is_reported_with_both_shapes(tmp_path):
+    source = fastervit.create_model("faster_vit_0_224", dim=32, in_dim=8)
+    path = write_official_checkpoint(source, tmp_path / "wide.pth")
+    expected = r"levels\.0\.blocks\.0\.conv1\.weight: checkpoint \[32, 32, 3, 3\] vs model \[16, 16, 3, 3\]"
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        fastervit.create_model("faster_vit_0_224", checkpoint_path=path, **SMALL)
+
+
+def test_other_window_geometry_is_caught_by_derived_buffers(tmp_path):
+    source = fastervit.create_model("faster_vit_0_224", window_size=[7, 7, 14, 7], **SMALL)
+    path = write_official_checkpoint(source, tmp_path / "w14.pth")
+    with pytest.raises(CheckpointMismatchError, match="relative_position_index"):
+        fastervit.create_model("faster_vit_0_224", checkpoint_path=path, **SMALL)
+
+
+def test_non_strict_loads_what_fits_and_reports(tmp_path):
+    source = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL))
+    state = source.state_dict()
+    state.pop("head.weight")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "partial.pth")
+    model = fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / "partial.pth", strict=False, **SMALL)
+    report = model.load_report
+    assert report.missing == ["head.weight"] and report.unexpected == ["extra.weight"] and not report.ok
+    assert torch.equal(model.levels[2].blocks[0].attn.qkv.weight, source.levels[2].blocks[0].attn.qkv.weight)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {Evil.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    Evil.marker = tmp_path / "pwned"
+    model = fastervit.create_model("faster_vit_0_224", **SMALL)
+    torch.save({"state_dict": model.state_dict(), "payload": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError, match="Nothing was executed"):
+        fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / "evil.pth", **SMALL)
+    assert not Evil.marker.exists()
+
+
+def test_truncated_corrupt_and_missing_files(tmp_path):
+    model = fastervit.create_model("faster_vit_0_224", **SMALL)
+    good = write_official_checkpoint(model, tmp_path / "good.pth")
+    (tmp_path / "truncated.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all" * 10)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 10)
+    for name in ("truncated.pth", "garbage.pth", "bad.safetensors"):
+        with pytest.raises(CheckpointError, match=name):
+            fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / name, **SMALL)
+    with pytest.raises(CheckpointError, match="not found"):
+        fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / "nope.pth")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "config": "x"}, tmp_path / "ok.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="not a dict"):
+        hatplug.load_checkpoint(model, tmp_path / "list.pth")
+
+
+def test_pretrained_offline_error_says_what_where_and_from_where(monkeypatch, tmp_path):
+    monkeypatch.setenv("HATPLUG_CHECKPOINT_DIR", str(tmp_path))
+    with pytest.raises(PretrainedWeightsNotFoundError) as err:
+        fastervit.create_model("faster_vit_0_224", pretrained=True)
+    message = str(err.value)
+    assert "fastervit_0_224_1k.pth.tar" in message and str(tmp_path) in message
+    assert "https://huggingface.co/ahatamiz/FasterViT/resolve/main/fastervit_0_224_1k.pth.tar" in message
+
+
+def test_pretrained_download_failure_is_explained(monkeypatch, tmp_path):
+    monkeypatch.delenv("HATPLUG_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(PretrainedWeightsNotFoundError, match="download failed: network is unreachable"):
+        fastervit.create_model("faster_vit_1_224", pretrained=True)
+
+
+def test_pretrained_from_local_cache_and_with_new_head(monkeypatch, tmp_path):
+    monkeypatch.setenv("HATPLUG_CHECKPOINT_DIR", str(tmp_path))
+    real = fastervit.create_model("faster_vit_0_224")
+    randomize_(real)
+    write_official_checkpoint(real, tmp_path / "fastervit_0_224_1k.pth.tar")
+    model = timm.create_model("faster_vit_0_224", pretrained=True)  # through timm's registry
+    assert torch.equal(model.head.weight, real.head.weight)
+    fresh_head = fastervit.create_model("faster_vit_0_224", pretrained=True, num_classes=10)
+    assert fresh_head.head.weight.shape == (10, 512)
+    assert torch.equal(fresh_head.levels[2].blocks[0].attn.qkv.weight, real.levels[2].blocks[0].attn.qkv.weight)
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ValueError, match="did you mean faster_vit_0_224"):
+        fastervit.create_model("faster_vit_0_244")
+
+
+def test_img_size_and_resolution_are_one_setting():
+    assert fastervit.create_model("faster_vit_0_any_res", img_size=(96, 160), **SMALL).img_size == (96, 160)
+    assert fastervit.create_model("faster_vit_0_any_res", resolution=[96, 160], **SMALL).img_size == (96, 160)
+    with pytest.raises(ValueError, match="pass only one"):
+        fastervit.create_model("faster_vit_0_any_res", img_size=96, resolution=96)
+    with pytest.raises(TypeError):
+        fastervit.create_model("faster_vit_0_224", not_an_option=1)
+
+
+def test_eval_bias_cache_follows_weight_changes():
+    model = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL)).eval()
+    x = _small_input(model)
+    with torch.no_grad():
+        before = model(x)
+        assert torch.equal(model(x), before)
+        model.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[0].weight.add_(0.5)
+        after = model(x)
+        model.train()
+        model.eval()
+        recomputed = model(x)
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, recomputed)
+    twin = fastervit.create_model("faster_vit_0_224", **SMALL).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin(x), after)
+
+
+def test_timm_contract():
+    model = fastervit.create_model("faster_vit_0_224", **SMALL).eval()
+    x = _small_input(model)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, model.num_features, 7, 7)
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5)
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+    assert model.pretrained_cfg["url"].endswith("fastervit_0_224_1k.pth.tar")
+    assert all("cpb_mlp" in n for n in model.no_weight_decay()) and model.no_weight_decay()
+    model.set_grad_checkpointing(True)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_whole_model_is_fx_traceable():
+    model = randomize_(fastervit.create_model("faster_vit_3_any_res", resolution=[96, 160], window_size=[7, 7, 3, 3],
+                                              **SMALL)).eval()
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+
+
+def test_aliases_of_one_tensor_must_agree(tmp_path):
+    model = fastervit.create_model("faster_vit_0_224", **SMALL)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["levels.2.global_tokenizer.to_global_feature.pos.weight"] += 1
+    with pytest.raises(CheckpointMismatchError, match="differs from its alias"):
+        hatplug.load_checkpoint(model, state)

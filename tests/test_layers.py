@@ -1,0 +1,218 @@
+"""The HAT primitives: shapes, orderings, position-bias caching, fx traceability."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hatplug.layers import (
+    AbsolutePositionMLP,
+    BiasedAttention,
+    CarrierTokenGrid,
+    CarrierTokenizer,
+    ContinuousPositionBias,
+    HATBlock,
+    HATStage,
+    carrier_pool_geometry,
+    grouped_to_raster_index,
+    upsample_index,
+    window_partition,
+    window_reverse,
+)
+
+
+def test_window_partition_matches_explicit_slicing():
+    x = torch.randn(2, 3, 14, 21)
+    windows = window_partition(x, 7)
+    assert windows.shape == (2 * 2 * 3, 49, 3)
+    # window (b=1, row 1, col 2) is the 4th+... entry: b * 6 + 1 * 3 + 2
+    expected = x[1, :, 7:14, 14:21].reshape(3, 49).T
+    torch.testing.assert_close(windows[1 * 6 + 1 * 3 + 2], expected, rtol=0, atol=0)
+    assert torch.equal(window_reverse(windows, 7, 14, 21), x)
+
+
+@pytest.mark.parametrize("ct,ws", [(2, 7), (1, 7), (3, 7), (2, 14), (2, 3)])
+def test_upsample_index_is_nearest_upsampling(ct, ws):
+    grid = torch.randn(5, ct * ct, 4)  # (windows, ct*ct, C)
+    gathered = grid[:, upsample_index(ct, ws)]
+    image = grid.transpose(1, 2).reshape(5, 4, ct, ct)
+    reference = F.interpolate(image, size=(ws, ws), mode="nearest").flatten(2).transpose(1, 2)
+    assert torch.equal(gathered, reference)
+
+
+def test_carrier_pool_geometry_covers_the_map():
+    for n in range(2, 9):
+        out, stride, kernel = carrier_pool_geometry(7 * n, 7, 2)
+        assert out == 2 * n
+        assert (out - 1) * stride + kernel == 7 * n  # last pooling window ends at the border
+    with pytest.raises(ValueError, match="multiple of window_size"):
+        carrier_pool_geometry(15, 7, 2)
+
+
+def test_grouped_order_matches_per_window_view():
+    """Stored CTs viewed as (B*nW, ct*ct, C) must give each window its own CTs."""
+    tok = CarrierTokenizer(dim=4, map_size=(14, 21), window_size=7, ct_size=2)
+    x = torch.randn(2, 4, 14, 21)
+    ct = tok(x)  # (B, nW*4, C)
+    pooled = tok.to_global_feature(x)  # (B, C, 4, 6)
+    per_window = ct.reshape(2 * 6, 4, 4)
+    # window (row 1, col 2) of image 1 owns pooled[1, :, 2:4, 4:6]
+    expected = pooled[1, :, 2:4, 4:6].reshape(4, 4).T
+    assert torch.equal(per_window[6 + 3 + 2], expected)
+    raster = pooled.flatten(2).transpose(1, 2)
+    assert torch.equal(raster[:, grouped_to_raster_index(2, 3, 2)], ct)
+
+
+@pytest.mark.parametrize("windows", [(2, 2), (2, 3), (3, 5)])
+def test_carrier_token_grid_orders(windows):
+    stored = grouped_to_raster_index(*windows, 2)
+    own = CarrierTokenGrid(windows, 2, official_order=False)
+    assert own.block_perm is None and torch.equal(own.token_order, stored)
+    official = CarrierTokenGrid(windows, 2, official_order=True)
+    if windows[0] == windows[1]:
+        assert official.block_perm is None and torch.equal(official.token_order, stored)
+    else:
+        assert official.block_perm is not None
+        assert sorted(official.block_perm.tolist()) == list(range(official.num_tokens))
+
+
+def _independent_cpb(mlp, h, w, heads):
+    """SwinV2 log-CPB written out per token pair."""
+    bias = torch.zeros(heads, h * w, h * w)
+    for p in range(h * w):
+        for q in range(h * w):
+            dy, dx = p // w - q // w, p % w - q % w
+            c = torch.tensor([dy / max(h - 1, 1), dx / max(w - 1, 1)]) * 8
+            c = torch.sign(c) * torch.log2(c.abs() + 1) / 3
+            bias[:, p, q] = 16 * torch.sigmoid(mlp(c))
+    return bias
+
+
+def test_continuous_position_bias_against_per_pair_loop():
+    cpb = ContinuousPositionBias(num_heads=3, window_size=(3, 4), num_prefix_tokens=2).eval()
+    with torch.no_grad():
+        out = cpb()[0]
+        ref = _independent_cpb(cpb.cpb_mlp, 3, 4, 3)
+    assert out.shape == (3, 14, 14)
+    assert torch.all(out[:, :2] == 0) and torch.all(out[:, :, :2] == 0)
+    torch.testing.assert_close(out[:, 2:, 2:], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_absolute_position_mlp_coordinates():
+    pe = AbsolutePositionMLP(dim=5, side=7)
+    assert pe.coords[0, 0].tolist() == [-1.0, -1.0]
+    assert pe.coords[0, 48].tolist() == [1.0, 1.0]
+    assert pe.coords[0, 10].tolist() == pytest.approx([(1 - 3) / 3, (3 - 3) / 3])
+
+
+def test_attention_equals_plain_softmax():
+    attn = BiasedAttention(16, num_heads=2, window_size=(2, 2), num_prefix_tokens=1).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        out = attn(x)
+        q, k, v = attn.qkv(x).reshape(3, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-1, -2) * 8**-0.5 + attn.pos_emb_funct()).softmax(-1)
+        ref = attn.proj((weights @ v).transpose(1, 2).reshape(3, 5, 16))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+class TestBiasCache:
+    def test_eval_caches_until_weights_change(self):
+        cpb = ContinuousPositionBias(num_heads=2, window_size=(7, 7)).eval()
+        with torch.no_grad():
+            first = cpb()
+            assert cpb() is first  # cached
+            cpb.cpb_mlp[2].weight.mul_(2)  # in-place change (optimizer-style)
+            second = cpb()
+        assert second is not first
+        torch.testing.assert_close(second, cpb.compute().detach())
+        assert not torch.allclose(first, second)
+
+    def test_load_state_dict_and_train_invalidate(self):
+        pe = AbsolutePositionMLP(dim=4, side=3).eval()
+        with torch.inference_mode():
+            stale = pe()
+        other = AbsolutePositionMLP(dim=4, side=3)
+        pe.load_state_dict(other.state_dict())
+        with torch.no_grad():
+            fresh = pe()
+            torch.testing.assert_close(fresh, other.compute())
+            assert not torch.allclose(fresh, stale)
+            pe.train()
+            assert pe._cache is None
+            pe.eval()
+            assert pe() is not fresh
+
+    def test_replaced_parameter_invalidates(self):
+        pe = AbsolutePositionMLP(dim=4, side=3).eval()
+        with torch.no_grad():
+            stale = pe()
+            pe.cpb_mlp[0].weight = torch.nn.Parameter(torch.randn(512, 2))
+            assert not torch.allclose(pe(), stale)
+
+    def test_grad_flows_in_eval_when_needed(self):
+        cpb = ContinuousPositionBias(num_heads=2, window_size=(3, 3)).eval()
+        cpb().sum().backward()
+        assert cpb.cpb_mlp[0].weight.grad is not None
+        assert cpb._cache is None  # nothing graph-attached was cached
+
+    def test_cache_made_in_inference_mode_is_usable_for_autograd(self):
+        attn = BiasedAttention(8, num_heads=2, window_size=(2, 2)).eval().requires_grad_(False)
+        with torch.inference_mode():
+            attn(torch.randn(1, 4, 8))
+        x = torch.randn(1, 4, 8, requires_grad=True)
+        attn(x).sum().backward()  # would raise if the cached bias were an inference tensor
+        assert x.grad is not None
+
+
+def _block_with_cts(propagate):
+    grid = CarrierTokenGrid((2, 3), 2)
+    return HATBlock(16, 2, 3, grid, layer_scale=0.5, propagate=propagate)
+
+
+def test_hat_block_shapes_and_gradients():
+    blk = _block_with_cts(propagate=True)
+    x, ct = torch.randn(2 * 6, 9, 16), torch.randn(2, 24, 16)
+    out, ct_out = blk(x, ct)
+    assert out.shape == x.shape and ct_out.shape == ct.shape
+    (out.sum() + ct_out.sum()).backward()
+    missing = [n for n, p in blk.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_propagation_only_changes_window_tokens():
+    torch.manual_seed(0)
+    with_prop = _block_with_cts(propagate=True).eval()
+    without = copy.deepcopy(with_prop)
+    without.propagate = False
+    x, ct = torch.randn(2 * 6, 9, 16), torch.randn(2, 24, 16)
+    with torch.no_grad():
+        a, ct_a = with_prop(x, ct)
+        b, ct_b = without(x, ct)
+        ct_windows = ct_b.reshape(12, 4, 16)
+        expected = b + with_prop.gamma1 * ct_windows[:, upsample_index(2, 3)]
+    assert torch.equal(ct_a, ct_b)
+    torch.testing.assert_close(a, expected)
+
+
+def test_stage_pads_and_crops_non_multiple_maps():
+    stage = HATStage(16, depth=2, num_heads=2, input_resolution=(10, 13), window_size=7, do_propagation=True)
+    assert stage.has_carrier_tokens and stage.padded_resolution == (14, 14)
+    assert stage(torch.randn(2, 16, 10, 13)).shape == (2, 16, 10, 13)
+    with pytest.raises(AssertionError, match="built for 10x13"):
+        stage(torch.randn(2, 16, 14, 14))
+
+
+def test_single_window_stage_has_no_carrier_tokens():
+    stage = HATStage(16, depth=1, num_heads=2, input_resolution=(7, 7), window_size=7)
+    assert not stage.has_carrier_tokens
+    assert all(k.startswith("blocks.0.") and "hat_" not in k for k in stage.state_dict())
+
+
+def test_stage_is_fx_traceable_with_same_output():
+    stage = HATStage(16, depth=2, num_heads=2, input_resolution=(10, 20), window_size=5, do_propagation=True).eval()
+    x = torch.randn(2, 16, 10, 20)
+    graph = torch.fx.symbolic_trace(stage)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), stage(x), rtol=0, atol=0)
