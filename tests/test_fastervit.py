@@ -84,20 +84,27 @@ def _small_input(model, batch=2):
     return torch.randn(batch, 3, *model.img_size)
 
 
-def _cheap(name: str) -> dict:
-    """SMALL widths; high-resolution variants also get one block per stage (their windows are up to 48x48)."""
-    arch = fastervit.factory._VARIANTS[name][0]
-    big = arch["resolution"] != 224
-    return dict(SMALL, depths=[1, 1, 2, 1]) if big else SMALL
+# One block per conv stage and two per HAT stage still exercise CT threading and last-block propagation.
+CHEAP = dict(SMALL, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4])
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_official_checkpoint_round_trip_is_exact(name, tmp_path):
-    source = randomize_(fastervit.create_model(name, **_cheap(name))).eval()
+    source = randomize_(fastervit.create_model(name, **CHEAP)).eval()
     path = write_official_checkpoint(source, tmp_path / "ckpt.pth.tar")
-    loaded = fastervit.create_model(name, checkpoint_path=path, **_cheap(name)).eval()
+    loaded = fastervit.create_model(name, checkpoint_path=path, **CHEAP).eval()
     assert loaded.load_report.ok and loaded.load_report.derived
     x = _small_input(source, batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+
+
+def test_full_size_official_checkpoint_round_trip(tmp_path):
+    source = randomize_(fastervit.create_model("faster_vit_0_224")).eval()
+    path = write_official_checkpoint(source, tmp_path / "fastervit_0_224_1k.pth.tar")
+    loaded = fastervit.create_model("faster_vit_0_224", checkpoint_path=path).eval()
+    assert loaded.load_report.ok and len(loaded.load_report.derived) == 68
+    x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(loaded(x), source(x))
 

@@ -13,7 +13,7 @@ from fastervit.testing import official_state_dict as official_layout
 
 from .conftest import randomize_
 from .reference_fastervit import reference_forward, reference_hat_stage, stage_cfg
-from .test_fastervit import SMALL
+from .test_fastervit import CHEAP
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -47,13 +47,13 @@ def test_faster_vit_0_full_size():
     [n for n in fastervit.list_models("*_224") + fastervit.list_models("faster_vit_4_21k_*") if "any_res" not in n],
 )
 def test_fixed_size_variants_small_width(name):
-    _compare(name, **SMALL)
+    _compare(name, **CHEAP)
 
 
 @pytest.mark.parametrize(
     "resolution,hat",
     [
-        ([224, 320], [False, False, True, False]),  # non-square map, square CT grid? no: 2x3 windows
+        ([224, 320], [False, False, True, False]),  # non-square grid of windows (2x3)
         ([200, 300], [False, False, True, False]),  # not multiples of the window: padding
         ([130, 500], [False, False, True, True]),  # very elongated, CTs in two stages
         ([448, 224], [False, False, True, True]),  # portrait
@@ -61,19 +61,19 @@ def test_fixed_size_variants_small_width(name):
 )
 @pytest.mark.parametrize("name", ["faster_vit_0_any_res", "faster_vit_3_any_res"])  # propagation off / on
 def test_any_resolution_non_square(name, resolution, hat):
-    _compare(name, resolution=resolution, hat=hat, **SMALL)
+    _compare(name, resolution=resolution, hat=hat, **CHEAP)
 
 
 @pytest.mark.parametrize("ct_size", [1, 3])
 def test_other_carrier_token_sizes(ct_size):
-    _compare("faster_vit_3_any_res", resolution=[224, 448], ct_size=ct_size, **SMALL)
+    _compare("faster_vit_3_any_res", resolution=[224, 448], ct_size=ct_size, **CHEAP)
 
 
 @pytest.mark.parametrize("do_propagation", [False, True])
 @pytest.mark.parametrize("resolution", [[14, 14], [10, 26]])
 def test_hat_stage_and_carrier_token_path(do_propagation, resolution):
     """One HAT level alone (CT init, blocks, propagation) against the reference stage."""
-    overrides = dict(SMALL, resolution=[r * 16 for r in resolution], do_propagation=do_propagation, layer_scale=0.5)
+    overrides = dict(CHEAP, resolution=[r * 16 for r in resolution], do_propagation=do_propagation, layer_scale=0.5)
     model = randomize_(fastervit.create_model("faster_vit_0_any_res", **overrides)).eval()
     level = model.levels[2]
     assert level.has_carrier_tokens
