@@ -1,0 +1,223 @@
+"""hatplug.bench: CSV and markdown agree, ratios, the growth-exponent fit, skips, plot, CLI and presets.
+
+Timings use timm's tiny ``test_*`` models (and FasterViT-0 at a small input) so the file runs in seconds.
+They run on one thread: on a busy machine two OpenMP threads wait for each other at every op.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from hatplug import bench
+from hatplug.bench import (
+    CSV_COLUMNS,
+    SWEEP_COLUMNS,
+    BenchResult,
+    SweepPoint,
+    benchmark,
+    fit_growth_exponent,
+    growth_exponents,
+    plot_sweep,
+    resolution_sweep,
+    results_to_csv,
+    results_to_markdown,
+    sweep_to_csv,
+    sweep_to_markdown,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = dict(batch_size=1, img_size=64, warmup=0, repeats=3, iters=1)
+
+
+def _markdown_rows(text: str) -> list[list[str]]:
+    """Body rows of the first markdown table in ``text``, as stripped cells."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    rows = []
+    for line in lines[2:]:
+        if line.startswith("| model"):  # the next table begins
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_results() -> list[BenchResult]:
+    return benchmark(["test_vit", "test_convnext", "faster_vit_0_any_res"], baseline="test_convnext", **TINY)
+
+
+def test_benchmark_csv_and_markdown_agree(tiny_results, tmp_path):
+    path = tmp_path / "out.csv"
+    results_to_csv(tiny_results, path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        csv_rows = list(reader)
+    md_rows = _markdown_rows(results_to_markdown(tiny_results))
+
+    names = ["test_vit", "test_convnext", "faster_vit_0_any_res"]
+    assert [r["model"] for r in csv_rows] == [r[0] for r in md_rows] == names
+    for row, cells in zip(csv_rows, md_rows):
+        # model, samples/s, step (ms), batch, img, params (M), ratio, spread: the same strings
+        assert cells[:6] == [row[c] for c in CSV_COLUMNS[:6]]
+        assert cells[6] == row["ratio_vs_baseline"] and cells[-1] == row["spread_pct"]
+        assert (row["device"], row["amp"], row["channels_last"], row["compiled"]) == ("cpu", "none", "False", "False")
+        assert (row["infer_batch_size"], row["infer_img_size"], row["repeats"]) == ("1", "64", "3")
+        assert row["baseline"] == "test_convnext"
+        sps, step = float(row["infer_samples_per_sec"]), float(row["infer_step_time"])
+        assert sps > 0 and step == pytest.approx(1000.0 / sps, rel=1e-2)
+
+    by_model = {r["model"]: r for r in csv_rows}
+    assert by_model["test_convnext"]["ratio_vs_baseline"] == "1.000"
+
+
+def test_ratios_are_paired_per_repeat(tiny_results):
+    vit, convnext, fastervit = tiny_results
+    assert convnext.ratio_vs_baseline == 1.0
+    expected = sorted(a / b for a, b in zip(vit.samples_per_sec_runs, convnext.samples_per_sec_runs))[1]
+    assert vit.ratio_vs_baseline == pytest.approx(expected)
+    assert vit.ratio_to(vit) == 1.0
+    assert vit.param_count == pytest.approx(
+        sum(p.numel() for p in bench.build_model("test_vit", 64).parameters()) / 1e6
+    )
+
+
+def test_peer_columns_in_markdown(tiny_results):
+    text = results_to_markdown(tiny_results, peers=["test_convnext", "test_vit"])
+    header = text.splitlines()[0]
+    assert "x test_convnext" in header and "x test_vit" in header
+    vit_row = _markdown_rows(text)[0]
+    assert vit_row[7] == "1.000"  # test_vit against itself
+
+
+def test_round_robin_visits_every_position():
+    names = ["a", "b", "c"]
+    firsts = [bench._round_robin(names, r)[0] for r in range(3)]
+    assert sorted(firsts) == names
+    assert all(sorted(bench._round_robin(names, r)) == names for r in range(5))
+
+
+def test_benchmark_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="baseline"):
+        benchmark(["test_vit"], baseline="test_convnext", **TINY)
+    with pytest.raises(ValueError, match="did you mean"):
+        benchmark(["test_vitt"], **TINY)
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_growth_exponent_recovers_power_law(power):
+    pixels = [s * s for s in (224, 320, 448, 640, 800, 1024)]
+    times = [3.7 * p**power for p in pixels]
+    assert fit_growth_exponent(pixels, times) == pytest.approx(power, abs=1e-6)
+
+
+def test_growth_exponent_needs_two_sizes():
+    assert math.isnan(fit_growth_exponent([100], [1.0]))
+    assert math.isnan(fit_growth_exponent([100, 100], [1.0, 2.0]))
+
+
+def test_growth_exponents_ignore_skipped_points():
+    points = [SweepPoint("m", s, 1, ms_per_image_runs=[s * s * 1e-3]) for s in (100, 200, 400)]
+    points.append(SweepPoint("m", 800, 1, skipped="RuntimeError: too big"))
+    points.append(SweepPoint("never", 100, 1, skipped="AssertionError: no"))
+    fits = growth_exponents(points)
+    assert fits["m"] == pytest.approx(1.0, abs=1e-6)
+    assert math.isnan(fits["never"])
+
+
+@pytest.fixture(scope="module")
+def sweep_points() -> list[SweepPoint]:
+    # test_vit has 16-pixel patches: 40 is not a multiple and must be skipped, not crash the sweep
+    return resolution_sweep(["test_convnext", "test_vit"], [32, 40, 64], warmup=0, repeats=2, iters=2)
+
+
+def test_sweep_records_skips_and_normalises(sweep_points):
+    by_key = {(p.model, p.img_size): p for p in sweep_points}
+    assert len(sweep_points) == 6
+    skipped = by_key[("test_vit", 40)]
+    assert skipped.skipped.startswith("AssertionError") and "patch size" in skipped.skipped
+    assert math.isnan(skipped.ms_per_image)
+    assert not by_key[("test_convnext", 40)].skipped
+    for name in ("test_convnext", "test_vit"):
+        assert by_key[(name, 32)].cost_per_pixel_rel == 1.0
+        small, big = by_key[(name, 32)], by_key[(name, 64)]
+        assert len(big.ms_per_image_runs) == len(small.ms_per_image_runs) == 2
+        paired = [(t / 64**2) / (t0 / 32**2) for t, t0 in zip(big.ms_per_image_runs, small.ms_per_image_runs)]
+        assert big.cost_per_pixel_rel == pytest.approx(sum(paired) / 2)  # median of two
+
+
+def test_sweep_csv_markdown_and_plot(sweep_points, tmp_path):
+    sweep_to_csv(sweep_points, tmp_path / "sweep.csv")
+    with open(tmp_path / "sweep.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == SWEEP_COLUMNS
+        rows = list(reader)
+    text = sweep_to_markdown(sweep_points)
+    md = {(r[0], r[1]): r for r in _markdown_rows(text)}
+    assert len(rows) == len(md) == 6
+    for row in rows:
+        cells = md[(row["model"], row["img_size"])]
+        assert cells[3:7] == [row["ms_per_image"], row["ms_per_megapixel"], row["cost_per_pixel_rel"], row["skipped"]]
+    assert "growth exponent" in text and "patch size" in text
+
+    plot_sweep(sweep_points, tmp_path / "plots" / "sweep.png", title="test")
+    data = (tmp_path / "plots" / "sweep.png").read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+
+
+def test_cli_writes_csv_and_markdown(tmp_path, capsys):
+    out_csv, out_md = tmp_path / "r.csv", tmp_path / "r.md"
+    argv = [
+        "--models",
+        "test_vit,test_convnext",
+        "--baseline",
+        "test_convnext",
+        "--img-size",
+        "64",
+        "--batch-size",
+        "2",
+    ]
+    argv += ["--warmup", "0", "--repeats", "1", "--iters", "1", "--csv", str(out_csv), "--markdown", str(out_md)]
+    argv += ["--threads", "2"]
+    assert bench.main(argv) == 0
+    assert torch.get_num_threads() == 1  # restored
+    printed = capsys.readouterr().out
+    report = out_md.read_text()
+    assert printed.strip() == report.strip()
+    for key in ("- cpu:", "- cores:", "- torch:", "- torch_threads: 2", "- date:", "batch=2"):
+        assert key in report
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == [r[0] for r in _markdown_rows(report)]
+
+
+def test_cli_presets_and_overrides():
+    parser = bench._parser()
+    s = bench._resolve(parser.parse_args(["--preset", "cpu", "--repeats", "3"]), parser)
+    assert s["repeats"] == 3 and s["batch_size"] == 16 and s["baseline"] == bench.SWIN_T
+    assert s["models"][:3] == ["faster_vit_0_224", "faster_vit_1_224", "faster_vit_2_224"]
+    s = bench._resolve(parser.parse_args(["--preset", "gpu", "--no-channels-last"]), parser)
+    assert s["channels_last"] is False and s["amp"] == "fp16" and s["device"] == "cuda"
+    s = bench._resolve(parser.parse_args(["--sweep", "224,320"]), parser)
+    assert s["batch_size"] == 1 and s["sweep_models"] == bench.PRESETS["sweep"]["sweep_models"]
+    with pytest.raises(SystemExit):
+        bench._resolve(parser.parse_args(["--plot", "x.png"]), parser)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when there is no GPU")
+def test_gpu_preset_without_gpu_fails_clearly(capsys):
+    assert bench.main(["--preset", "gpu"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    with pytest.raises(bench.DeviceUnavailableError, match="--preset cpu"):
+        benchmark(["test_vit"], device="cuda", **TINY)
