@@ -15,6 +15,7 @@ from hatplug.checkpoint import LoadReport, load_checkpoint
 from hatplug.errors import PretrainedWeightsNotFoundError
 
 from .model import FasterViT
+from .resize import load_adapted
 
 __all__ = ["create_model", "list_models", "checkpoint_filter_fn", "pretrained_file", "CHECKPOINT_DIR_ENV"]
 
@@ -144,22 +145,65 @@ def _canonical(name: str) -> str:
     return name
 
 
-def _create(name: str, pretrained: bool = False, **kwargs) -> FasterViT:
-    arch, cfg = _VARIANTS[_canonical(name)]
+def _create(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    strict: bool = True,
+    adapt_geometry: bool = False,
+    **kwargs,
+) -> nn.Module:
+    name = _canonical(name)
+    arch, cfg = _VARIANTS[name]
     # timm calls the input size img_size, the official code resolution: accept either, not both
     img_size, resolution = kwargs.pop("img_size", None), kwargs.pop("resolution", None)
     if img_size is not None and resolution is not None:
         raise ValueError(f"got img_size={img_size} and resolution={resolution}; pass only one")
+    feature_cls = kwargs.pop("feature_cls", "getter")
+    if feature_cls != "getter":
+        raise ValueError(
+            f"feature_cls={feature_cls!r} is not supported by FasterViT: its features are taken by "
+            "forward_intermediates (feature_cls='getter', the default), since a level's feature map is the "
+            "output of its blocks before the downsample, which no single module returns"
+        )
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     kwargs = {**arch, **kwargs}
     default = kwargs.pop("resolution")
     kwargs["img_size"] = img_size if img_size is not None else resolution if resolution is not None else default
-    model = build_model_with_cfg(FasterViT, name, pretrained=False, **kwargs)
-    if pretrained:
-        _load_pretrained(model, name, cfg)
+    # the any-resolution variants are published with the 224 weights: moving those is a geometry change
+    adapt_pretrained = adapt_geometry or name.endswith("_any_res")
+
+    def build(**model_kwargs) -> FasterViT:
+        # weights go in here, before build_model_with_cfg wraps a features_only model (which prunes the
+        # norm and the head)
+        model = FasterViT(**model_kwargs)
+        if pretrained:
+            model.load_report = _load_pretrained(model, name, cfg, adapt_pretrained)
+        if checkpoint_path is not None:
+            if adapt_geometry:
+                model.load_report = load_adapted(model, checkpoint_path, strict, filter_fn=checkpoint_filter_fn)
+            else:
+                model.load_report = load_checkpoint(
+                    model, checkpoint_path, strict=strict, filter_fn=checkpoint_filter_fn
+                )
+        return model
+
+    model = build_model_with_cfg(
+        build,
+        name,
+        pretrained=False,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+    inner = getattr(model, "model", model)  # the FasterViT inside a features_only wrapper
+    if model is not inner and hasattr(inner, "load_report"):
+        model.load_report = inner.load_report
     return model
 
 
-def _load_pretrained(model: nn.Module, name: str, cfg: dict) -> LoadReport:
+def _load_pretrained(model: nn.Module, name: str, cfg: dict, adapt_geometry: bool) -> LoadReport:
+    if adapt_geometry:  # also replaces a classifier of another size
+        return load_adapted(model, pretrained_file(name), strict=True, filter_fn=checkpoint_filter_fn)
     head_replaced = getattr(model, "num_classes", cfg["num_classes"]) != cfg["num_classes"]
 
     def drop_head(state: dict[str, Tensor], m: nn.Module) -> dict[str, Tensor]:
@@ -180,31 +224,50 @@ def create_model(
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     strict: bool = True,
+    adapt_geometry: bool = False,
     **kwargs,
-) -> FasterViT:
-    """Build a registered FasterViT variant.
+) -> nn.Module:
+    """Build a registered FasterViT variant, as a classifier or (``features_only=True``) a backbone.
 
     Args:
         name: one of :func:`list_models`, e.g. ``"faster_vit_0_224"``.
-        pretrained: load the official ImageNet weights (see :func:`pretrained_file`).
+        pretrained: load the official ImageNet weights (see :func:`pretrained_file`). The ``*_any_res``
+            variants load the 224 weights through :func:`fastervit.resize.load_adapted`, whatever their
+            ``resolution``.
         checkpoint_path: a local checkpoint to load: official ``.pth.tar`` training checkpoints (weights
             under ``state_dict`` or ``model``, ``module.`` prefixes allowed), plain state dicts or
             ``.safetensors``. Read without unpickling arbitrary objects.
         strict: with ``checkpoint_path``, raise on any missing, unexpected or mis-shaped tensor. With
             ``strict=False`` load what fits; the report is logged and kept as ``model.load_report``.
+        adapt_geometry: the weights were trained for another ``resolution``, ``window_size`` or
+            ``ct_size``: transfer them with :func:`fastervit.resize.load_adapted` (nothing is resized;
+            carrier-token modules that the new geometry adds keep their initialisation, those it removes
+            are dropped, a classifier of another size is replaced). ``model.load_report`` says which.
         **kwargs: official model arguments (``resolution``, ``window_size``, ``ct_size``, ``dim``,
-            ``depths``, ``hat``, ``num_classes``, ``drop_path_rate``, ...).
+            ``depths``, ``hat``, ``num_classes``, ``drop_path_rate``, ...), and timm's ``features_only``
+            with ``out_indices`` (default ``(0, 1, 2, 3)``): the model then returns the listed levels'
+            maps before their downsample, NCHW at strides 4, 8, 16, 32 with ``dim * 2**i`` channels, and
+            its ``feature_info`` describes them.
 
     Example:
         >>> import fastervit, torch
         >>> model = fastervit.create_model("faster_vit_0_any_res", resolution=[200, 320]).eval()
         >>> model(torch.randn(1, 3, 200, 320)).shape
         torch.Size([1, 1000])
+        >>> backbone = fastervit.create_model("faster_vit_0_any_res", resolution=[200, 320], features_only=True)
+        >>> [tuple(f.shape[1:]) for f in backbone(torch.randn(1, 3, 200, 320))]
+        [(64, 50, 80), (128, 25, 40), (256, 13, 20), (512, 7, 10)]
+        >>> backbone.feature_info.channels(), backbone.feature_info.reduction()
+        ([64, 128, 256, 512], [4, 8, 16, 32])
     """
-    model = _create(name, pretrained=pretrained, **kwargs)
-    if checkpoint_path is not None:
-        model.load_report = load_checkpoint(model, checkpoint_path, strict=strict, filter_fn=checkpoint_filter_fn)
-    return model
+    return _create(
+        name,
+        pretrained=pretrained,
+        checkpoint_path=checkpoint_path,
+        strict=strict,
+        adapt_geometry=adapt_geometry,
+        **kwargs,
+    )
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -219,7 +282,7 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def _make_entrypoint(name: str):
-    def entrypoint(pretrained: bool = False, **kwargs) -> FasterViT:
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         return _create(name, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name

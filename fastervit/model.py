@@ -12,10 +12,14 @@ from collections.abc import Sequence
 
 import torch
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hatplug.layers import HATStage
+
+from .resize import summarise_keys
 
 __all__ = ["FasterViT", "stage_resolutions"]
 
@@ -134,8 +138,32 @@ class HATLevel(HATStage):
         return super().forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = super().forward(x)
+        x = self.forward_blocks(x)
         return x if self.downsample is None else self.downsample(x)
+
+
+def _take_over_weights(old: nn.Module, new: nn.Module) -> None:
+    """Make ``new`` (same structure, other geometry) use ``old``'s parameters and persistent buffers.
+
+    The tensors themselves move over, not copies. ``new`` keeps its own non-persistent buffers (coordinate
+    tables, indices, token orders: they describe the geometry), moved to ``old``'s device and float dtype.
+    """
+    device = next(old.parameters()).device
+    for name, module in new.named_modules():
+        source = old.get_submodule(name)
+        module.training = source.training
+        for key in module._parameters:
+            module._parameters[key] = source._parameters[key]
+        for key, buf in module._buffers.items():
+            if buf is None:
+                continue
+            if key in module._non_persistent_buffers_set:
+                former = source._buffers.get(key)
+                dtype = former.dtype if former is not None and buf.is_floating_point() else buf.dtype
+                module._buffers[key] = buf.to(device=device, dtype=dtype)
+            else:
+                module._buffers[key] = source._buffers[key]
+    new.grad_checkpointing = old.grad_checkpointing
 
 
 class FasterViT(nn.Module):
@@ -191,6 +219,7 @@ class FasterViT(nn.Module):
             if len(value) != num_stages:
                 raise ValueError(f"{name} has {len(value)} entries but depths has {num_stages} stages")
         self.img_size = _to_2tuple(resolution)
+        self.window_size = window_size
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = int(dim * 2 ** (num_stages - 1))
         self.grad_checkpointing = False
@@ -200,6 +229,7 @@ class FasterViT(nn.Module):
         sizes = stage_resolutions(self.img_size, num_stages)
         self.levels = nn.ModuleList()
         self.feature_info = []
+        self._hat_level_args: dict[int, dict] = {}
         for i in range(num_stages):
             level_dim = int(dim * 2**i)
             rates = dpr[sum(depths[:i]) : sum(depths[: i + 1])]
@@ -207,12 +237,11 @@ class FasterViT(nn.Module):
             if i < 2:
                 level = ConvLevel(level_dim, depths[i], rates, layer_scale_conv, downsample)
             else:
-                level = HATLevel(
+                # kept so that set_input_size can rebuild the level for another geometry
+                self._hat_level_args[i] = dict(
                     dim=level_dim,
                     depth=depths[i],
                     num_heads=num_heads[i],
-                    input_resolution=sizes[i],
-                    window_size=window_size[i],
                     ct_size=ct_size,
                     hat=hat[i],
                     do_propagation=do_propagation,
@@ -223,9 +252,15 @@ class FasterViT(nn.Module):
                     drop=drop_rate,
                     attn_drop=attn_drop_rate,
                     layer_scale=layer_scale,
+                )
+                level = HATLevel(
+                    **self._hat_level_args[i],
+                    input_resolution=sizes[i],
+                    window_size=window_size[i],
                     downsample=downsample,
                 )
             self.levels.append(level)
+            # the feature of a level is its output before the downsample (see forward_intermediates)
             self.feature_info.append(dict(num_chs=level_dim, reduction=4 * 2**i, module=f"levels.{i}"))
 
         self.norm = LayerNorm2d(self.num_features) if layer_norm_last else nn.BatchNorm2d(self.num_features)
@@ -278,6 +313,153 @@ class FasterViT(nn.Module):
         self.head = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Forward that also returns the output of each level before its downsample (timm's contract).
+
+        Args:
+            x: ``(B, in_chans, H, W)`` at the size the model was built for.
+            indices: levels to return: the last ``n`` if an int, these if a sequence (negative counts from
+                the end), all four if None. Level ``i`` gives ``(B, dim * 2**i, ~H / 2**(i+2), ~W / 2**(i+2))``.
+            norm: apply the final norm to the last level's map (the other levels have no norm of their own).
+            stop_early: stop after the last requested level.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The list of maps, or ``(final, maps)`` where ``final`` equals :meth:`forward_features` when
+            all levels ran.
+
+        Example:
+            >>> import fastervit, torch
+            >>> model = fastervit.create_model("faster_vit_0_any_res", resolution=[96, 128]).eval()
+            >>> maps = model.forward_intermediates(torch.randn(1, 3, 96, 128), intermediates_only=True)
+            >>> [tuple(m.shape[1:]) for m in maps]
+            [(64, 24, 32), (128, 12, 16), (256, 6, 8), (512, 3, 4)]
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"FasterViT features are NCHW maps; output_fmt={output_fmt!r} is not supported")
+        take_indices, max_index = feature_take_indices(len(self.levels), indices)
+        levels = self.levels[: max_index + 1] if stop_early else self.levels
+        last_index = len(self.levels) - 1
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, level in enumerate(levels):
+            x = level.forward_blocks(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == last_index else x)
+            if i < len(levels) - 1:
+                x = level.downsample(x)
+        if intermediates_only:
+            return intermediates
+        if len(levels) - 1 == last_index:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what :meth:`forward_intermediates` does not need for ``indices`` (timm's contract).
+
+        Levels after the last requested one go, and so does that level's downsample; the final norm goes
+        with ``prune_norm`` or when the last level is not kept, the head with ``prune_head`` or then too.
+        Returns the absolute indices kept.
+
+        Example:
+            >>> import fastervit
+            >>> model = fastervit.create_model("faster_vit_0_224")
+            >>> model.prune_intermediate_layers([0, 1])
+            [0, 1]
+            >>> len(model.levels), model.levels[1].downsample is None
+            (2, True)
+        """
+        take_indices, max_index = feature_take_indices(len(self.levels), indices)
+        prune_end = max_index < len(self.levels) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for the last level's map only
+        self.levels = self.levels[: max_index + 1]
+        self.levels[max_index].downsample = None  # its output would feed a pruned level
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    @torch.jit.ignore
+    def set_input_size(
+        self, img_size: int | Sequence[int] | None = None, window_size: int | Sequence[int] | None = None
+    ) -> None:
+        """Rebuild the model in place for another input size and/or window size, keeping every weight.
+
+        HAT levels are built for a fixed geometry (padding, windows, carrier-token pooling and bias index
+        tables are static), so each is rebuilt with the same hyper-parameters for the new geometry and
+        takes over the old level's parameters and buffers: the same ``Parameter`` objects (optimisers keep
+        working), device, dtype, train/eval mode and gradient checkpointing. The conv levels do not depend
+        on the size. Going back to the previous size gives back the previous function exactly.
+
+        A ``torch.compile``d model recompiles for the new size. Compile with ``dynamic=False``: the geometry
+        is static anyway, and with automatic dynamic shapes Inductor's CPU code generation can spend many
+        minutes simplifying the symbolic padded-window indices (seen with torch 2.15).
+
+        Args:
+            img_size: new input size, int or ``[H, W]``; None keeps the current one.
+            window_size: new window size, one int for every stage or one per stage; None keeps the current.
+
+        Raises:
+            ValueError: the new geometry would add or remove learned tensors (carrier tokens exist only
+                where a stage has more than one window, their absolute position embedding only where the
+                window grid is square). Nothing is changed then; build a model for that geometry and
+                transfer the weights with :func:`fastervit.resize.load_adapted` instead.
+
+        Example:
+            >>> import fastervit, torch
+            >>> model = fastervit.create_model("faster_vit_0_any_res", resolution=[224, 224]).eval()
+            >>> model.set_input_size([256, 320])
+            >>> model(torch.randn(1, 3, 256, 320)).shape
+            torch.Size([1, 1000])
+        """
+        num_stages = len(self.window_size)
+        img_size = self.img_size if img_size is None else _to_2tuple(img_size)
+        if window_size is None:
+            window_size = list(self.window_size)
+        else:
+            window_size = [window_size] * num_stages if isinstance(window_size, int) else list(window_size)
+            if len(window_size) != num_stages:
+                raise ValueError(f"window_size has {len(window_size)} entries but the model has {num_stages} stages")
+        sizes = stage_resolutions(img_size, num_stages)
+        rebuilt = {}
+        for i, args in self._hat_level_args.items():
+            if i >= len(self.levels):  # pruned by prune_intermediate_layers
+                continue
+            old = self.levels[i]
+            new = HATLevel(
+                **args, input_resolution=sizes[i], window_size=window_size[i], downsample=old.downsample is not None
+            )
+            old_keys, new_keys = set(old.state_dict()), set(new.state_dict())
+            if old_keys != new_keys:
+                raise ValueError(
+                    f"set_input_size(img_size={list(img_size)}, window_size={window_size}) changes which weights "
+                    f"levels.{i} has (dropped: {summarise_keys(old_keys - new_keys) or 'none'}; added: "
+                    f"{summarise_keys(new_keys - old_keys) or 'none'}): carrier tokens exist only where a stage has "
+                    "more than one window, and their position embedding only where the window grid is square. "
+                    "The model was left unchanged; build a model for the new geometry and transfer the weights "
+                    "with fastervit.create_model(..., adapt_geometry=True) or fastervit.resize.load_adapted."
+                )
+            rebuilt[i] = new
+        for i, new in rebuilt.items():  # every check passed: now change the model
+            _take_over_weights(self.levels[i], new)
+            self.levels[i] = new
+        self.img_size = img_size
+        self.window_size = window_size
+        update_model_input_size(self, img_size, window_size=window_size)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, in_chans, H, W)`` -> normalised final map ``(B, num_features, H/32, W/32)``."""

@@ -1,0 +1,312 @@
+"""FasterViT as a backbone (``features_only``, ``forward_intermediates``) and moved to other geometries
+(``fastervit.resize``, ``FasterViT.set_input_size``).
+
+Models are FasterViT-0 with reduced width and depth so that each test takes a second or two; the
+geometry (windows, padding, carrier-token grids) is that of the real models.
+"""
+
+import functools
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+import fastervit
+from fastervit.resize import CARRIER_TOKEN_MODULES, AdaptReport, adapt_checkpoint, load_adapted
+from fastervit.testing import official_state_dict, save_official_checkpoint
+from hatplug.errors import CheckpointMismatchError
+
+SMALL = dict(depths=[1, 1, 2, 1], dim=32, in_dim=16, num_classes=10)
+CHANNELS = [32, 64, 128, 256]
+ANY_RES = "faster_vit_0_any_res"
+# 96x160 input: stage maps 24x40, 12x20, 6x10, 3x5; with 3-pixel windows in stages 3-4 the stage-3 map is
+# padded to 6x12 = 2x4 windows (carrier tokens, non-square grid) and stage 4 to 3x6 = 1x2 windows.
+SIZE = [96, 160]
+WINDOWS = [7, 7, 3, 3]
+CT_MODULES = CARRIER_TOKEN_MODULES - {"gamma1", "gamma2"}  # FasterViT-0 has no layer scale
+
+
+def _any_res(size=SIZE, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return fastervit.create_model(ANY_RES, resolution=size, **{"window_size": WINDOWS, **SMALL, **kwargs})
+
+
+def _level_outputs_by_hooks(model, x):
+    """Each level's map before its downsample, caught by module hooks (independent of forward_blocks)."""
+    maps, handles = {}, []
+    for i, level in enumerate(model.levels):
+        if level.downsample is not None:
+            hook = functools.partial(lambda i, module, args: maps.__setitem__(i, args[0]), i)
+            handles.append(level.downsample.register_forward_pre_hook(hook))
+        else:
+            hook = functools.partial(lambda i, module, args, out: maps.__setitem__(i, out), i)
+            handles.append(level.register_forward_hook(hook))
+    final = model.forward_features(x)
+    for handle in handles:
+        handle.remove()
+    return [maps[i] for i in range(len(model.levels))], final
+
+
+# ---- features_only / forward_intermediates -----------------------------------------------------------------
+
+
+def test_features_only_returns_each_level_before_its_downsample():
+    full = _any_res().eval()
+    backbone = _any_res(features_only=True).eval()
+    missing, unexpected = backbone.model.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and {k.split(".")[0] for k in unexpected} == {"norm", "head"}  # pruned, nothing else
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        feats = backbone(x)
+        expected, _ = _level_outputs_by_hooks(full, x)
+    sizes = fastervit.stage_resolutions(SIZE)
+    assert [tuple(f.shape) for f in feats] == [(2, c, *s) for c, s in zip(CHANNELS, sizes)]
+    for f, e in zip(feats, expected):
+        torch.testing.assert_close(f, e, rtol=0, atol=0)
+    info = backbone.feature_info
+    assert info.channels() == CHANNELS
+    assert info.reduction() == [4, 8, 16, 32]
+    assert info.module_name() == ["levels.0", "levels.1", "levels.2", "levels.3"]
+
+
+@pytest.mark.parametrize("out_indices, kept", [((1, 2), [1, 2]), ((-1,), [3]), ((0,), [0])])
+def test_out_indices_select_levels_and_prune_the_rest(out_indices, kept):
+    full = _any_res().eval()
+    backbone = _any_res(features_only=True, out_indices=out_indices).eval()
+    backbone.model.load_state_dict(full.state_dict(), strict=False)
+    assert len(backbone.model.levels) == max(kept) + 1  # later levels are gone
+    assert backbone.model.levels[-1].downsample is None
+    assert backbone.feature_info.channels() == [CHANNELS[i] for i in kept]
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        feats = backbone(x)
+        expected, _ = _level_outputs_by_hooks(full, x)
+    assert len(feats) == len(kept)
+    for f, i in zip(feats, kept):
+        torch.testing.assert_close(f, expected[i], rtol=0, atol=0)
+
+
+def test_forward_intermediates_equal_forward_blocks_outputs_and_forward_features():
+    model = _any_res().eval()
+    x = torch.randn(2, 3, *SIZE)
+    recorded = []
+    for level in model.levels:  # wrap each level's forward_blocks to record what it returns
+        level.forward_blocks = (lambda f: lambda t: recorded.append(f(t)) or recorded[-1])(level.forward_blocks)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    for level in model.levels:
+        del level.forward_blocks
+    assert len(recorded) == 4
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        last_two = model.forward_intermediates(x, indices=2, norm=True, intermediates_only=True)
+        early_final, early = model.forward_intermediates(x, indices=[1], stop_early=True)
+    torch.testing.assert_close(final, features, rtol=0, atol=0)
+    for m, r in zip(maps, recorded):
+        torch.testing.assert_close(m, r, rtol=0, atol=0)
+    assert len(last_two) == 2
+    torch.testing.assert_close(last_two[0], recorded[2], rtol=0, atol=0)
+    torch.testing.assert_close(last_two[1], features, rtol=0, atol=0)  # norm=True normalises the last map
+    assert len(early) == 1
+    torch.testing.assert_close(early[0], recorded[1], rtol=0, atol=0)
+    torch.testing.assert_close(early_final, recorded[1], rtol=0, atol=0)  # not downsampled, not normalised
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_features_only_backbone_feeds_torchvision_fpn_at_a_non_square_size():
+    backbone = _any_res(features_only=True).train()
+    fpn = FeaturePyramidNetwork(backbone.feature_info.channels(), 32, extra_blocks=LastLevelMaxPool())
+    x = torch.randn(2, 3, *SIZE)
+    pyramid = fpn(OrderedDict((str(i), f) for i, f in enumerate(backbone(x))))
+    sizes = [*fastervit.stage_resolutions(SIZE), (2, 3)]  # + the max-pooled extra level
+    assert [tuple(p.shape) for p in pyramid.values()] == [(2, 32, *s) for s in sizes]
+    sum(p.square().mean() for p in pyramid.values()).backward()
+    stem = backbone.model.patch_embed.conv_down[0].weight
+    ct_attention = backbone.model.levels[2].blocks[0].hat_attn.qkv.weight
+    assert stem.grad is not None and ct_attention.grad is not None and ct_attention.grad.abs().sum() > 0
+
+
+def test_timm_create_model_builds_the_same_backbone():
+    backbone = timm.create_model(ANY_RES, features_only=True, img_size=SIZE, window_size=WINDOWS, **SMALL)
+    assert backbone.feature_info.channels() == CHANNELS
+    with torch.no_grad():
+        assert [f.shape[1] for f in backbone(torch.randn(1, 3, *SIZE))] == CHANNELS
+    with pytest.raises(ValueError, match="getter"):
+        fastervit.create_model(ANY_RES, features_only=True, feature_cls="hook", **SMALL)
+
+
+# ---- moving weights to another geometry ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source_224(tmp_path_factory):
+    """FasterViT-0 (reduced) at 224, saved as an official training checkpoint (``module.`` prefixes, metadata,
+    derived buffers): stage 3 is 14x14 = 2x2 windows with carrier tokens."""
+    torch.manual_seed(0)
+    model = fastervit.create_model("faster_vit_0_224", **SMALL).eval()
+    path = save_official_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "faster_vit_small_224.pth.tar")
+    return model, path, official_state_dict(model)
+
+
+def _modules_of(keys):
+    return {next(p for p in key.split(".") if p in CARRIER_TOKEN_MODULES) for key in keys}
+
+
+def test_224_weights_run_at_320x480_and_the_report_says_what_moved(source_224):
+    source, path, state = source_224
+    model = fastervit.create_model(ANY_RES, resolution=[320, 480], checkpoint_path=path, adapt_geometry=True, **SMALL)
+    report = model.load_report
+    assert isinstance(report, AdaptReport) and report.ok
+    # stage 3 is 20x30 -> padded 21x35 = 3x5 windows: carrier tokens, but a non-square grid, which (as in the
+    # official any-resolution model) has no carrier-token position embedding
+    assert model.levels[2].blocks[0].hat_attn is not None and model.levels[2].blocks[0].hat_pos_embed is None
+    learned = set(source.state_dict())
+    assert report.new == [] and report.mismatched == []
+    assert set(report.dropped) == {k for k in learned if ".hat_pos_embed." in k}
+    assert set(report.loaded) == learned - set(report.dropped)  # everything else reused as is
+    assert set(report.derived) == set(state) - learned  # official derived buffers: recomputed
+    assert "resized none" in str(report)
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(1, 3, 320, 480))
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "target, dropped",
+    [
+        (dict(resolution=224), set()),  # same geometry: a plain load
+        (dict(resolution=[320, 320]), set()),  # 3x3 windows in stage 3
+        (dict(resolution=[448, 448], window_size=[7, 7, 14, 7]), set()),  # window 14: 2x2 windows again
+        (dict(resolution=[320, 320], window_size=[7, 7, 5, 5]), set()),  # 4x4 windows, stage 4 2x2 windows
+        (dict(resolution=224, ct_size=1), set()),  # 1x1 carrier token per window
+        (dict(resolution=[320, 480]), {"hat_pos_embed"}),  # non-square window grid
+        (dict(resolution=[96, 96]), CT_MODULES),  # one window in stage 3: no carrier tokens
+    ],
+)
+def test_transfer_reuses_every_learned_tensor_the_target_has(source_224, target, dropped):
+    source, _, state = source_224
+    model = fastervit.create_model(ANY_RES, **{"window_size": [7, 7, 7, 7], **SMALL, **target})
+    adapted, report = adapt_checkpoint(state, model)
+    assert report.ok and report.new == []
+    assert _modules_of(report.dropped) == dropped
+    assert set(adapted) == set(report.loaded) == set(model.state_dict())
+    for key in adapted:
+        assert adapted[key] is state[key]  # reused as is: the very tensor
+    if target == dict(resolution=224):  # same geometry: the same function
+        load_adapted(model, state)
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), source(x), rtol=0, atol=0)
+
+
+def test_carrier_tokens_the_source_lacks_are_newly_initialised(source_224):
+    torch.manual_seed(1)
+    no_ct = fastervit.create_model(ANY_RES, resolution=[96, 96], window_size=[7, 7, 7, 7], **SMALL)
+    assert not no_ct.levels[2].has_carrier_tokens
+    model = fastervit.create_model("faster_vit_0_224", **SMALL)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_adapted(model, no_ct.state_dict())
+    assert report.ok and report.dropped == []
+    assert set(report.new) == {k for k in init if any(p in CARRIER_TOKEN_MODULES for p in k.split("."))}
+    assert _modules_of(report.new) == CT_MODULES
+    for key in report.new:
+        assert torch.equal(model.state_dict()[key], init[key])  # kept the target's initialisation
+
+
+def test_other_architecture_is_not_a_geometry_change(source_224):
+    _, path, _ = source_224
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch levels"):
+        fastervit.create_model(ANY_RES, checkpoint_path=path, adapt_geometry=True, **{**SMALL, "dim": 48})
+    model = fastervit.create_model(
+        ANY_RES, checkpoint_path=path, adapt_geometry=True, strict=False, **{**SMALL, "dim": 48}
+    )
+    assert not model.load_report.ok and model.load_report.mismatched
+    assert "patch_embed.conv_down.0.weight" in model.load_report.loaded  # what fits is loaded
+
+
+def test_classifier_of_another_size_is_replaced(source_224):
+    _, path, _ = source_224
+    model = fastervit.create_model(
+        ANY_RES, checkpoint_path=path, adapt_geometry=True, resolution=224, **{**SMALL, "num_classes": 3}
+    )
+    report = model.load_report
+    assert report.ok and sorted(report.new) == sorted(report.dropped) == ["head.bias", "head.weight"]
+
+
+def test_pretrained_any_res_loads_the_224_weights_at_any_size(source_224, monkeypatch):
+    _, path, _ = source_224
+    monkeypatch.setattr(fastervit.factory, "pretrained_file", lambda name: path)
+    model = fastervit.create_model(ANY_RES, pretrained=True, resolution=[320, 480], **SMALL)
+    assert model.load_report.ok and model.load_report.dropped  # adapted: the CT position embedding is unused
+    backbone = fastervit.create_model(ANY_RES, pretrained=True, resolution=[320, 480], features_only=True, **SMALL)
+    assert backbone.load_report.ok
+    qkv = backbone.model.levels[2].blocks[0].attn.qkv.weight
+    torch.testing.assert_close(qkv, model.levels[2].blocks[0].attn.qkv.weight)
+    fixed = fastervit.create_model("faster_vit_0_224", pretrained=True, **SMALL)  # strict, same geometry
+    assert fixed.load_report.ok
+
+
+# ---- set_input_size ------------------------------------------------------------------------------------------
+
+
+def test_set_input_size_and_back_keeps_the_function():
+    model = _any_res(size=[96, 128]).eval()
+    x_old, x_new = torch.randn(2, 3, 96, 128), torch.randn(2, 3, 128, 192)
+    with torch.no_grad():
+        before = model(x_old)
+    params = dict(model.named_parameters())
+
+    model.set_input_size([128, 192])
+    assert model.img_size == (128, 192)
+    assert model.levels[2].input_resolution == fastervit.stage_resolutions([128, 192])[2]
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
+    fresh = _any_res(size=[128, 192], seed=1).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_new), fresh(x_new), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="rebuild it for the new input size"):
+            model(x_old)
+
+    model.set_input_size([96, 128])
+    assert all(not m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_old), before, rtol=0, atol=0)
+
+
+def test_set_input_size_changes_the_window_size():
+    model = _any_res(size=[96, 128]).eval()
+    model.set_input_size(window_size=[7, 7, 2, 2])
+    fresh = _any_res(size=[96, 128], window_size=[7, 7, 2, 2], seed=1).eval()
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)
+    assert model.window_size == [7, 7, 2, 2]
+
+
+def test_set_input_size_refuses_a_geometry_that_changes_the_weights():
+    model = _any_res(size=[96, 128]).eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        before = model(x)
+    # 32x32: stage 3 is 2x2 pixels, one window, so its carrier-token modules would go
+    with pytest.raises(ValueError, match=r"levels\.2 .*dropped: .*hat_attn.*adapt_geometry=True"):
+        model.set_input_size([32, 32])
+    assert model.img_size == (96, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_set_input_size_keeps_dtype_mode_and_gradient_checkpointing():
+    model = _any_res(size=[96, 128]).double().train()
+    model.set_grad_checkpointing()
+    model.set_input_size([128, 160])
+    assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
+    assert model.levels[2].blocks[0].attn.pos_emb_funct.relative_coords_table.dtype == torch.float64
+    assert model.levels[2].grad_checkpointing and model.training
+    model(torch.randn(2, 3, 128, 160, dtype=torch.float64)).sum().backward()
+    assert model.levels[2].blocks[0].hat_attn.qkv.weight.grad is not None
