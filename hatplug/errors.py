@@ -11,6 +11,8 @@ __all__ = [
     "UnsafeCheckpointError",
     "CheckpointMismatchError",
     "PretrainedWeightsNotFoundError",
+    "UnsupportedModelError",
+    "ConversionError",
 ]
 
 
@@ -32,3 +34,13 @@ class CheckpointMismatchError(CheckpointError):
 
 class PretrainedWeightsNotFoundError(HatplugError, FileNotFoundError):
     """``pretrained=True`` but the official file is not in the local cache and cannot be downloaded."""
+
+
+class UnsupportedModelError(HatplugError, TypeError):
+    """:func:`hatplug.convert` found no block that an adapter can convert (e.g. a ResNet, or a model built on
+    ``nn.MultiheadAttention``). The message lists the supported families and how to add one."""
+
+
+class ConversionError(HatplugError, RuntimeError):
+    """A supported model could not be converted: a stage that fails to trace, a block called twice, a
+    model converted twice. The message names the module and the cause."""

@@ -1,13 +1,20 @@
-"""Multi-head self-attention with an additive position bias, through fused SDPA."""
+"""Attention of HAT: FasterViT's biased window attention, and the window attention of converted models.
+
+:class:`BiasedAttention` is FasterViT's (``softmax(q k^T * scale + bias) v`` through fused SDPA).
+:class:`CarrierWindowAttention` is what a converted model's window attention becomes: attention over
+``[carrier tokens of the window; window tokens]`` with the model's own projections and position bias,
+either as the paper's joint softmax or gated so that it starts out as the original window attention.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pos_embed import ContinuousPositionBias
 
-__all__ = ["BiasedAttention"]
+__all__ = ["BiasedAttention", "CarrierWindowAttention", "gated_carrier_attention"]
 
 
 class BiasedAttention(nn.Module):
@@ -19,7 +26,9 @@ class BiasedAttention(nn.Module):
     Args:
         dim: token width.
         num_heads: attention heads; ``dim`` must be divisible by it.
-        window_size: ``(h, w)`` grid that the relative bias covers.
+        window_size: ``(h, w)`` grid that the relative bias covers, or ``None`` for no bias (plain
+            multi-head attention, as the carrier-token attention of converted models, whose CT grid
+            follows the input size).
         num_prefix_tokens: leading tokens (carrier tokens) that get no relative bias.
         qkv_bias: bias in the qkv projection.
         qk_scale: override of ``head_dim ** -0.5``.
@@ -39,7 +48,7 @@ class BiasedAttention(nn.Module):
         self,
         dim: int,
         num_heads: int,
-        window_size: tuple[int, int],
+        window_size: tuple[int, int] | None,
         num_prefix_tokens: int = 0,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
@@ -57,15 +66,184 @@ class BiasedAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.pos_emb_funct = ContinuousPositionBias(num_heads, window_size, num_prefix_tokens, token_order)
+        self.pos_emb_funct = (
+            None
+            if window_size is None
+            else ContinuousPositionBias(num_heads, window_size, num_prefix_tokens, token_order)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, heads, N, hd)
-        bias = self.pos_emb_funct().to(q.dtype)  # (1, heads, N, N)
+        bias = None if self.pos_emb_funct is None else self.pos_emb_funct().to(q.dtype)  # (1, heads, N, N)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
+
+
+def _add_window_bias(logits: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
+    """Window logits ``(B_, h, N, N)`` plus the position bias ``(1, h, N, N)`` and the per-window shift mask
+    ``(nW, N, N)``; ``B_`` is batch-major over windows."""
+    if bias is not None:
+        logits += bias  # in place: a fresh matmul output
+    if mask is not None:
+        # not in place through a view: the TorchScript ONNX exporter would lose it
+        nw, heads, N = mask.shape[0], logits.shape[1], logits.shape[2]
+        logits = (logits.view(-1, nw, heads, N, N) + mask.unsqueeze(1)).view(-1, heads, N, N)
+    return logits
+
+
+def _mix_softmaxes(
+    l_win: Tensor, l_ct: Tensor, v_win: Tensor, v_ct: Tensor, gate: Tensor, attn_drop: nn.Module | None
+) -> Tensor:
+    """``lerp(softmax(l_win) v_win, softmax(l_ct) v_ct, gate * w_ct)``, ``w_ct`` the CT keys' share of the
+    joint softmax; each softmax on its own, so both stay exact whichever side has the larger logits."""
+    # the maxima only keep exp() in range; softmax does not depend on them, so they carry no gradient
+    m_win = l_win.detach().amax(-1, keepdim=True)
+    m_ct = l_ct.detach().amax(-1, keepdim=True)
+    p_win = l_win.sub_(m_win).exp_()  # in place: the logits are not needed again
+    p_ct = l_ct.sub_(m_ct).exp_()
+    s_win = p_win.sum(-1, keepdim=True)
+    s_ct = p_ct.sum(-1, keepdim=True)
+    if attn_drop is not None:
+        p_win, p_ct = attn_drop(p_win), attn_drop(p_ct)
+    o_win = (p_win @ v_win) / s_win
+    o_ct = (p_ct @ v_ct) / s_ct
+    w_ct = torch.sigmoid((m_ct + s_ct.log()) - (m_win + s_win.log()))  # (B_, h, rows, 1)
+    return torch.lerp(o_win, o_ct, gate.view(1, -1, 1, 1) * w_ct)
+
+
+def gated_carrier_attention(
+    carriers: tuple[Tensor, Tensor, Tensor],
+    window: tuple[Tensor, Tensor, Tensor],
+    gate: Tensor,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    attn_drop: nn.Module | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Window attention that mixes the original window softmax and the joint softmax over ``[CTs; window]``.
+
+    For every query (window tokens and carrier tokens alike), with its logits ``l_win`` against the window
+    keys and ``l_ct`` against the window's carrier-token keys, ``o_window = softmax(l_win) v_win`` is the
+    original window attention and ``o_joint = softmax([l_ct, l_win]) [v_ct; v_win]`` the paper's HAT
+    attention. The result is ``o_window + gate * (o_joint - o_window)`` per head: ``gate = 0`` computes the
+    original function exactly, ``gate = 1`` the joint softmax. Both come from one set of logits: with
+    ``o_ct = softmax(l_ct) v_ct`` and ``w_ct`` the share of the CT keys in the joint softmax (a sigmoid of
+    the difference of the two log-sum-exps), ``o_joint = o_window + w_ct * (o_ct - o_window)``.
+
+    The window queries' logits against the window keys are exactly the original ones (bias and shift mask
+    included), computed as the original computes them; carrier tokens get no bias and no mask.
+
+    Args:
+        carriers: ``q, k, v`` of the carrier tokens, each ``(B_, h, n, hd)``; ``q`` already scaled
+            (``q * scale``, or the cosine form).
+        window: ``q, k, v`` of the window tokens, each ``(B_, h, N, hd)``.
+        gate: ``(h,)``.
+        bias: window position bias ``(1, h, N, N)`` or ``None``.
+        mask: shifted-window mask ``(nW, N, N)`` (0 / -100) or ``None``; ``B_`` is batch-major over windows.
+        attn_drop: dropout applied to the attention weights.
+
+    Returns:
+        The outputs of the carrier tokens ``(B_, h, n, hd)`` and of the window tokens ``(B_, h, N, hd)``.
+
+    >>> q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)
+    >>> ct, win = (t[:, :, :1] for t in (q, k, v)), (t[:, :, 1:] for t in (q, k, v))
+    >>> _, out = gated_carrier_attention(tuple(ct), tuple(win), gate=torch.zeros(2))
+    >>> torch.allclose(out, torch.softmax(q[:, :, 1:] @ k[:, :, 1:].transpose(-2, -1), -1) @ v[:, :, 1:], atol=1e-6)
+    True
+    """
+    q_ct, k_ct, v_ct = carriers
+    q_win, k_win, v_win = window
+    k_ct_t, k_win_t = k_ct.transpose(-2, -1), k_win.transpose(-2, -1)
+    out_win = _mix_softmaxes(
+        _add_window_bias(q_win @ k_win_t, bias, mask), q_win @ k_ct_t, v_win, v_ct, gate, attn_drop
+    )  # the window queries: the original logits, plus those against the CTs
+    out_ct = _mix_softmaxes(q_ct @ k_win_t, q_ct @ k_ct_t, v_win, v_ct, gate, attn_drop)
+    return out_ct, out_win
+
+
+class CarrierWindowAttention(nn.Module):
+    """Window attention over ``[carrier tokens of the window; window tokens]``, built around a model's own
+    projections, for the blocks that :func:`hatplug.convert` makes.
+
+    Subclasses say how the family projects and scores tokens:
+
+    * :meth:`project`: ``x (B_, L, C)`` -> ``q, k, v`` each ``(B_, h, L, hd)``, ``q`` already scaled;
+    * :meth:`window_bias`: the relative position bias of the window, ``(1, h, N, N)``, or ``None``.
+
+    With ``gated=True`` (``init="identity"``) the attention is :func:`gated_carrier_attention` with a
+    per-head gate ``hat_gate`` that starts at 0: the block computes exactly the original window
+    attention and the gate learns how much of the joint softmax to use. With ``gated=False``
+    (``init="random"``) it is the paper's joint softmax over the whole sequence, through
+    ``F.scaled_dot_product_attention``. Carrier tokens get no relative bias and no shift mask (zero rows
+    and columns), as in FasterViT.
+
+    ``forward(ct_windows (B_, n, C), windows (B_, N, C), mask (nW, N, N) | None)`` returns the outputs of
+    both, ``(B_, n, C)`` and ``(B_, N, C)``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        qkv: nn.Module,
+        proj: nn.Module,
+        attn_drop: float,
+        proj_drop: nn.Module,
+        gated: bool,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = qkv
+        self.proj = proj
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = proj_drop
+        self.hat_gate = nn.Parameter(torch.zeros(num_heads, device=proj.weight.device)) if gated else None
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def window_bias(self) -> Tensor | None:
+        return None
+
+    def attend(self, ct_windows: Tensor, windows: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The attention before the output projection, for the CTs ``(B_, n, h * hd)`` and the window tokens
+        ``(B_, N, h * hd)``."""
+        B_, n, N = windows.shape[0], ct_windows.shape[1], windows.shape[1]
+        bias = self.window_bias()
+        if self.hat_gate is not None:
+            drop = self.attn_drop if self.training and self.attn_drop.p > 0 else None
+            carriers, window = self.project(ct_windows), self.project(windows)
+            bias = None if bias is None else bias.to(window[0].dtype)
+            ct_out, out = gated_carrier_attention(carriers, window, self.hat_gate, bias, mask, drop)
+        else:
+            q, k, v = self.project(torch.cat((ct_windows, windows), dim=1))  # (B_, h, n + N, hd)
+            bias = None if bias is None else bias.to(q.dtype)
+            ct_out, out = self.joint_attention(q, k, v, n, bias, mask).split([n, N], dim=2)
+        return ct_out.transpose(1, 2).reshape(B_, n, -1), out.transpose(1, 2).reshape(B_, N, -1)
+
+    def forward(self, ct_windows: Tensor, windows: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        ct_out, out = self.attend(ct_windows, windows, mask)
+        return self.proj_drop(self.proj(ct_out)), self.proj_drop(self.proj(out))
+
+    def joint_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, n: int, bias: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """The paper's joint softmax over ``[CTs; window]`` through SDPA; ``(B_, h, n + N, hd)``."""
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if bias is None and mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0)
+        attn_mask = 0.0
+        if bias is not None:
+            attn_mask = F.pad(bias, (n, 0, n, 0))  # (1, h, L, L)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=1.0)
+        nw = mask.shape[0]
+        attn_mask = attn_mask + F.pad(mask, (n, 0, n, 0)).unsqueeze(1)  # (nW, h | 1, L, L)
+        B_, h, L, hd = q.shape
+        # windows are batch-major, so (B, nW, ...) views line the mask up with its window
+        q, k, v = (t.view(-1, nw, h, L, hd) for t in (q, k, v))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=1.0)
+        return x.view(B_, h, L, hd)

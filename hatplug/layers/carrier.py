@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CarrierTokenizer", "carrier_pool_geometry"]
@@ -20,51 +22,93 @@ def carrier_pool_geometry(size: int, window_size: int, ct_size: int) -> tuple[in
     """
     if size % window_size:
         raise ValueError(f"map size {size} is not a multiple of window_size {window_size}; pad it first")
-    output = ct_size * size // window_size
+    return _pool_geometry(size, window_size, ct_size)
+
+
+def _pool_geometry(size, window_size, ct_size):
+    # Plain integer arithmetic only, so that it also runs on torch.fx proxies and symbolic sizes.
+    output = ct_size * (size // window_size)
     stride = size // output
     kernel = size - (output - 1) * stride
     return output, stride, kernel
 
 
 class CarrierTokenizer(nn.Module):
-    """Makes ``ct_size x ct_size`` carrier tokens per window from an NCHW map (FasterViT's CT init).
+    """Makes ``ct_size x ct_size`` carrier tokens per window from a map (FasterViT's CT init).
 
     A depthwise 3x3 conv (``pos_embed``) acts as positional encoding, then average pooling summarises
     each window. The result is stored grouped by window: ``(B, nW * ct_size**2, C)`` where windows are
     row-major, so ``ct.view(B * nW, ct_size**2, C)`` lines up with :func:`window_partition`.
 
-    The conv is reachable both as ``pos_embed`` and as ``to_global_feature.pos`` because official
-    checkpoints store it under both names.
+    With a ``map_size`` the tokenizer is built for that (padded) size, as in FasterViT, and the conv is
+    also reachable as ``to_global_feature.pos`` because official checkpoints store it under both names.
+    With ``map_size=None`` it accepts any size: the map is zero-padded to whole windows and the pooling
+    geometry (:func:`carrier_pool_geometry`) is worked out from the input on every call, which is what
+    converted models use.
 
     Args:
         dim: channels.
-        map_size: ``(H, W)`` of the (padded) map, multiples of ``window_size``.
-        window_size: side of a window.
+        map_size: ``(H, W)`` of the (padded) map, multiples of the window; ``None`` for any size.
+        window_size: side of a window, or ``(wh, ww)``.
         ct_size: carrier tokens per window side.
+        channels_last: the input is ``(B, H, W, C)`` (timm's Swin layout) instead of ``(B, C, H, W)``.
 
     >>> import torch
     >>> tok = CarrierTokenizer(dim=8, map_size=(14, 21), window_size=7, ct_size=2)
     >>> tok(torch.randn(2, 8, 14, 21)).shape
     torch.Size([2, 24, 8])
+    >>> any_size = CarrierTokenizer(dim=8, map_size=None, window_size=7, ct_size=2, channels_last=True)
+    >>> any_size(torch.randn(2, 12, 20, 8)).shape  # padded to 14 x 21: 2 x 3 windows
+    torch.Size([2, 24, 8])
     """
 
-    def __init__(self, dim: int, map_size: tuple[int, int], window_size: int, ct_size: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        map_size: tuple[int, int] | None,
+        window_size: int | tuple[int, int],
+        ct_size: int,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        out_h, stride_h, kernel_h = carrier_pool_geometry(map_size[0], window_size, ct_size)
-        out_w, stride_w, kernel_w = carrier_pool_geometry(map_size[1], window_size, ct_size)
+        window = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+        self.window_size = window
         self.ct_size = ct_size
-        self.grid_size = (out_h, out_w)
+        self.channels_last = channels_last
+        self.map_size = None if map_size is None else tuple(map_size)
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.to_global_feature = nn.Sequential()
-        self.to_global_feature.add_module("pos", self.pos_embed)
-        self.to_global_feature.add_module(
-            "pool", nn.AvgPool2d(kernel_size=(kernel_h, kernel_w), stride=(stride_h, stride_w))
-        )
+        if self.map_size is not None:
+            out_h, stride_h, kernel_h = carrier_pool_geometry(self.map_size[0], window[0], ct_size)
+            out_w, stride_w, kernel_w = carrier_pool_geometry(self.map_size[1], window[1], ct_size)
+            self.grid_size = (out_h, out_w)
+            self.to_global_feature = nn.Sequential()
+            self.to_global_feature.add_module("pos", self.pos_embed)
+            self.to_global_feature.add_module(
+                "pool", nn.AvgPool2d(kernel_size=(kernel_h, kernel_w), stride=(stride_h, stride_w))
+            )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.to_global_feature(x)  # (B, C, ct * nH, ct * nW)
-        B, C = x.shape[:2]
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        if self.map_size is not None:
+            x = self.to_global_feature(x)  # (B, C, ct * nH, ct * nW)
+            gh, gw = self.grid_size
+        else:
+            x = self._pool_any_size(x)
+            gh, gw = x.shape[2], x.shape[3]
+        B, C = x.shape[0], x.shape[1]
         c = self.ct_size
-        gh, gw = self.grid_size
         x = x.view(B, C, gh // c, c, gw // c, c).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(B, gh * gw, C)  # grouped by window
+
+    def _pool_any_size(self, x: Tensor) -> Tensor:
+        H, W = x.shape[2], x.shape[3]
+        if torch.jit.is_tracing():
+            # ONNX wants a constant pooling kernel: a traced model is specialised to the traced map size
+            H, W = int(H), int(W)
+        wh, ww = self.window_size
+        pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
+        x = self.pos_embed(F.pad(x, (0, pad_w, 0, pad_h)))  # (B, C, Hp, Wp)
+        _, stride_h, kernel_h = _pool_geometry(H + pad_h, wh, self.ct_size)
+        _, stride_w, kernel_w = _pool_geometry(W + pad_w, ww, self.ct_size)
+        return F.avg_pool2d(x, (kernel_h, kernel_w), (stride_h, stride_w))  # (B, C, ct * nH, ct * nW)

@@ -1,6 +1,11 @@
 """The Hierarchical Attention (HAT) block and the stage that threads carrier tokens through it.
 
-One implementation serves the native FasterViT family and every converted model.
+One implementation serves the native FasterViT family and every converted model: the carrier-token
+half of a block (CT position embedding, CT attention + MLP with layer scales, joining the CTs of each
+window to its tokens, splitting them off again, propagation into the map) is
+:class:`CarrierTokenHalf` and the ``*_carrier_tokens`` functions below. :class:`HATBlock` adds
+FasterViT's window attention to them; the blocks of ``hatplug.convert`` add a converted model's own
+window attention instead.
 
 Carrier tokens (CTs) travel between blocks as ``(B, nW * ct**2, C)``, grouped by window, so that the
 per-window view needed for local attention is a free ``reshape``. CT attention is global over all CTs
@@ -31,7 +36,16 @@ from .windows import (
     window_reverse,
 )
 
-__all__ = ["CarrierTokenGrid", "HATBlock", "HATStage"]
+__all__ = [
+    "CarrierTokenGrid",
+    "CarrierTokenHalf",
+    "HATBlock",
+    "HATStage",
+    "join_carrier_tokens",
+    "propagate_carrier_tokens",
+    "split_carrier_tokens",
+    "upsample_carrier_tokens",
+]
 
 
 def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
@@ -40,6 +54,98 @@ def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
 
 def _scale(x: Tensor, gamma: Tensor | None) -> Tensor:
     return x if gamma is None else gamma * x
+
+
+def join_carrier_tokens(ct: Tensor, x: Tensor) -> Tensor:
+    """Put each window's carrier tokens in front of its tokens.
+
+    Args:
+        ct: ``(B, nW * n, C)`` grouped by window (or already ``(B * nW, n, C)``).
+        x: ``(B * nW, N, C)`` window tokens.
+
+    Returns:
+        ``(B * nW, n + N, C)``.
+
+    >>> join_carrier_tokens(torch.zeros(2, 6 * 4, 8), torch.ones(12, 9, 8)).shape
+    torch.Size([12, 13, 8])
+    """
+    return torch.cat((ct.reshape(x.shape[0], -1, x.shape[2]), x), dim=1)
+
+
+def split_carrier_tokens(seq: Tensor, ct_per_window: int) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`join_carrier_tokens`: ``(B * nW, n + N, C)`` -> ``(B * nW, n, C)``, ``(B * nW, N, C)``.
+
+    >>> ct, x = split_carrier_tokens(torch.zeros(12, 13, 8), 4)
+    >>> tuple(ct.shape), tuple(x.shape)
+    ((12, 4, 8), (12, 9, 8))
+    """
+    return seq.split([ct_per_window, seq.shape[1] - ct_per_window], dim=1)
+
+
+def propagate_carrier_tokens(x: Tensor, ct_windows: Tensor, index: Tensor, scale: Tensor | None) -> Tensor:
+    """Add each window's carrier tokens, nearest-upsampled onto its tokens, to them (FasterViT's propagation).
+
+    Args:
+        x: ``(B * nW, N, C)`` window tokens.
+        ct_windows: ``(B * nW, n, C)``.
+        index: :func:`~hatplug.layers.upsample_index` of the window, ``(N,)``.
+        scale: per-channel scale ``(C,)``, or ``None`` for 1.
+
+    >>> ct = torch.arange(4.0).view(1, 4, 1)
+    >>> propagate_carrier_tokens(torch.zeros(1, 9, 1), ct, upsample_index(2, 3), None).flatten().tolist()
+    [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 3.0]
+    """
+    return x + upsample_carrier_tokens(ct_windows, index, scale)
+
+
+def upsample_carrier_tokens(ct_windows: Tensor, index: Tensor, scale: Tensor | None) -> Tensor:
+    """The term :func:`propagate_carrier_tokens` adds: ``scale * ct_windows[:, index]``, ``(B * nW, N, C)``.
+
+    Blocks whose tokens live in a map rather than in windows fold it back with a window reverse.
+    """
+    return _scale(ct_windows[:, index], scale)
+
+
+class CarrierTokenHalf:
+    """The carrier-token half of a HAT block, as a mixin for an ``nn.Module``.
+
+    It owns flat attributes, so that the state-dict keys are FasterViT's: ``hat_norm1``, ``hat_attn``,
+    ``hat_norm2``, ``hat_mlp``, ``hat_pos_embed`` and the layer scales ``gamma1`` / ``gamma2``.
+    :meth:`carrier_attention` is global attention + MLP over all carrier tokens of an image; the
+    module using the mixin decides how its window attention sees them (see
+    :func:`join_carrier_tokens`). ``hat_attn`` is ``None`` where a block has no carrier tokens.
+    """
+
+    hat_attn: nn.Module | None
+    hat_pos_embed: nn.Module | None
+
+    def init_carrier_half(
+        self,
+        dim: int,
+        hat_attn: nn.Module,
+        hat_pos_embed: nn.Module | None,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        layer_scale: float | None = None,
+    ) -> None:
+        """Create the CT modules: norms, ``hat_attn`` (given), MLP, ``hat_pos_embed`` (given or ``None``), gammas."""
+        self.hat_norm1 = nn.LayerNorm(dim)
+        self.hat_norm2 = nn.LayerNorm(dim)
+        self.hat_attn = hat_attn
+        self.hat_mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.hat_drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.hat_pos_embed = hat_pos_embed
+        self.gamma1 = _layer_scale(dim, layer_scale)
+        self.gamma2 = _layer_scale(dim, layer_scale)
+
+    def carrier_attention(self, ct: Tensor, pos: Tensor | None = None) -> Tensor:
+        """``(B, n_ct, C)`` -> ``(B, n_ct, C)``: add ``pos``, then attention and MLP with residuals and layer scales."""
+        if pos is not None:
+            ct = ct + pos
+        ct = ct + self.hat_drop_path(_scale(self.hat_attn(self.hat_norm1(ct)), self.gamma1))
+        ct = ct + self.hat_drop_path(_scale(self.hat_mlp(self.hat_norm2(ct)), self.gamma2))
+        return ct
 
 
 class CarrierTokenGrid:
@@ -78,7 +184,7 @@ class CarrierTokenGrid:
         self.block_perm = None if torch.equal(perm, identity) else perm
 
 
-class HATBlock(nn.Module):
+class HATBlock(CarrierTokenHalf, nn.Module):
     """One HAT block: CT attention + MLP, then local attention + MLP over ``[window CTs; window tokens]``.
 
     Without carrier tokens (``ct_grid=None``) it is a plain window-attention block with FasterViT's
@@ -150,29 +256,31 @@ class HATBlock(nn.Module):
 
         self.hat_attn = None
         if ct_grid is not None:
-            self.hat_norm1 = nn.LayerNorm(dim)
-            self.hat_norm2 = nn.LayerNorm(dim)
             # The released model covers the largest square of the CT raster with its relative bias and
             # leaves the leading remainder unbiased (all CTs are covered when the grid is square).
             side = math.isqrt(ct_grid.num_tokens)
-            self.hat_attn = BiasedAttention(
+            self.init_carrier_half(
                 dim,
-                num_heads,
-                (side, side),
-                ct_grid.num_tokens - side * side,
-                qkv_bias,
-                qk_scale,
-                attn_drop,
-                drop,
-                token_order=ct_grid.token_order,
+                hat_attn=BiasedAttention(
+                    dim,
+                    num_heads,
+                    (side, side),
+                    ct_grid.num_tokens - side * side,
+                    qkv_bias,
+                    qk_scale,
+                    attn_drop,
+                    drop,
+                    token_order=ct_grid.token_order,
+                ),
+                hat_pos_embed=None,
+                mlp_ratio=mlp_ratio,
+                drop=drop,
+                drop_path=drop_path,
+                layer_scale=layer_scale,
             )
-            self.hat_mlp = Mlp(dim, hidden, drop=drop)
-            self.hat_drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-            self.hat_pos_embed = (
-                AbsolutePositionMLP(dim, side, token_order=ct_grid.token_order) if ct_grid.square else None
-            )
-            self.gamma1 = _layer_scale(dim, layer_scale)
-            self.gamma2 = _layer_scale(dim, layer_scale)
+            # made after the CT MLP, as always, so that a seed gives the same initial weights
+            if ct_grid.square:
+                self.hat_pos_embed = AbsolutePositionMLP(dim, side, token_order=ct_grid.token_order)
             self.register_buffer("ct_block_perm", ct_grid.block_perm, persistent=False)
             if self.propagate:
                 self.register_buffer(
@@ -185,21 +293,17 @@ class HATBlock(nn.Module):
             B, _, C = ct.shape
             if self.ct_block_perm is not None:
                 ct = ct[:, self.ct_block_perm]
-            if self.hat_pos_embed is not None:
-                ct = ct + self.hat_pos_embed()
-            ct = ct + self.hat_drop_path(_scale(self.hat_attn(self.hat_norm1(ct)), self.gamma1))
-            ct = ct + self.hat_drop_path(_scale(self.hat_mlp(self.hat_norm2(ct)), self.gamma2))
-            x = torch.cat((ct.reshape(x.shape[0], self.ct_per_window, C), x), dim=1)  # (B*nW, ct*ct + ws*ws, C)
+            ct = self.carrier_attention(ct, self.hat_pos_embed() if self.hat_pos_embed is not None else None)
+            x = join_carrier_tokens(ct, x)  # (B*nW, ct*ct + ws*ws, C)
 
         x = x + self.drop_path(_scale(self.attn(self.norm1(x)), self.gamma3))
         x = x + self.drop_path(_scale(self.mlp(self.norm2(x)), self.gamma4))
 
         if self.hat_attn is not None:
-            ct_windows, x = x.split([self.ct_per_window, self.window_size * self.window_size], dim=1)
+            ct_windows, x = split_carrier_tokens(x, self.ct_per_window)
             ct = ct_windows.reshape(B, -1, C)
             if self.propagate:
-                # nearest upsampling of each window's CTs onto its tokens, as a gather
-                x = x + _scale(ct_windows[:, self.ct_upsample_index], self.gamma1)
+                x = propagate_carrier_tokens(x, ct_windows, self.ct_upsample_index, self.gamma1)
         return x, ct
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP"]
+__all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP", "CarrierPositionMLP"]
 
 
 def _tracing() -> bool:
@@ -23,19 +23,20 @@ def _tracing() -> bool:
 
 
 class CachedBias(nn.Module):
-    """A module whose ``forward()`` returns a tensor that is a function of its own weights only.
+    """A module whose ``forward(*geometry)`` returns a tensor that is a function of its own weights and
+    of a few integers (a grid size) only.
 
     Subclasses implement :meth:`compute`. In training, under tracing/compilation, and whenever
     autograd needs the result (grad enabled and a weight requires grad), it is computed afresh.
-    Otherwise the cached value is returned while the weights are unchanged; weight identity,
-    in-place version counters, device and dtype form the cache key.
+    Otherwise the cached value is returned while the weights and the geometry are unchanged; weight
+    identity, in-place version counters, device, dtype and the geometry form the cache key.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._cache: tuple[tuple, Tensor] | None = None
 
-    def compute(self) -> Tensor:  # pragma: no cover - abstract
+    def compute(self, *geometry: int) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _cache_key(self) -> tuple:
@@ -45,16 +46,16 @@ class CachedBias(nn.Module):
         self._cache = None
         return super().train(mode)
 
-    def forward(self) -> Tensor:
+    def forward(self, *geometry: int) -> Tensor:
         if self.training or _tracing():
-            return self.compute()
+            return self.compute(*geometry)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return self.compute()
-        key = self._cache_key()
+            return self.compute(*geometry)
+        key = (self._cache_key(), geometry)
         if self._cache is None or self._cache[0] != key:
             # A normal (not inference-mode) tensor, so it stays usable outside inference_mode.
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.compute())
+                self._cache = (key, self.compute(*geometry))
         return self._cache[1]
 
 
@@ -178,3 +179,39 @@ class AbsolutePositionMLP(CachedBias):
         if self.token_order is not None:
             emb = emb[:, self.token_order]
         return emb
+
+
+class CarrierPositionMLP(CachedBias):
+    """Absolute 2D position embedding of a carrier-token grid of any size, in the grouped-by-window order.
+
+    The same MLP ``2 -> 512 -> dim`` as :class:`AbsolutePositionMLP`, evaluated on the centre of each
+    carrier token in normalised image coordinates, ``(2 * i + 1) / grid - 1`` in ``(-1, 1)``: a token
+    covering a given part of the image gets the same coordinate at every input size, so a converted
+    model keeps one embedding for all resolutions. Used by converted models, whose window grid follows
+    the input.
+
+    ``forward(windows_h, windows_w)`` returns ``(1, windows_h * windows_w * ct_size**2, dim)``, tokens
+    ordered window by window (row-major), ``ct_size x ct_size`` row-major inside each window, i.e. the
+    order of :class:`~hatplug.layers.CarrierTokenizer`.
+
+    >>> pe = CarrierPositionMLP(dim=8, ct_size=2)
+    >>> pe(2, 3).shape
+    torch.Size([1, 24, 8])
+    """
+
+    def __init__(self, dim: int, ct_size: int) -> None:
+        super().__init__()
+        self.ct_size = ct_size
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(), nn.Linear(512, dim, bias=False))
+
+    def compute(self, windows_h: int, windows_w: int) -> Tensor:
+        c = self.ct_size
+        device = self.cpb_mlp[0].weight.device
+        local = torch.arange(c, device=device)
+        rows = torch.arange(windows_h, device=device).view(-1, 1, 1, 1) * c + local.view(1, 1, -1, 1)
+        cols = torch.arange(windows_w, device=device).view(1, -1, 1, 1) * c + local.view(1, 1, 1, -1)
+        shape = (windows_h, windows_w, c, c)
+        y = (2 * rows.expand(shape) + 1) / (windows_h * c) - 1
+        x = (2 * cols.expand(shape) + 1) / (windows_w * c) - 1
+        coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(self.cpb_mlp[0].weight.dtype)
+        return self.cpb_mlp(coords)

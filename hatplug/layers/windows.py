@@ -16,6 +16,8 @@ __all__ = [
     "pad_to_windows",
     "window_partition",
     "window_reverse",
+    "window_partition_nhwc",
+    "window_reverse_nhwc",
     "grouped_to_raster_index",
     "upsample_index",
 ]
@@ -74,6 +76,40 @@ def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
 
 
+def window_partition_nhwc(x: Tensor, window_size: tuple[int, int]) -> Tensor:
+    """Split a channels-last map into windows of tokens (the layout of timm's Swin and Twins).
+
+    Args:
+        x: ``(B, H, W, C)`` with H and W multiples of the window sides.
+        window_size: ``(wh, ww)``.
+
+    Returns:
+        ``(B * H/wh * W/ww, wh * ww, C)``, batch-major, windows and tokens row-major: the same order as
+        :func:`window_partition` and as the carrier tokens of :class:`~hatplug.layers.CarrierTokenizer`.
+
+    >>> x = torch.randn(2, 14, 21, 8)
+    >>> torch.equal(window_partition_nhwc(x, (7, 7)), window_partition(x.permute(0, 3, 1, 2), 7))
+    True
+    """
+    B, H, W, C = x.shape
+    wh, ww = window_size
+    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, C)
+
+
+def window_reverse_nhwc(windows: Tensor, window_size: tuple[int, int], H: int, W: int) -> Tensor:
+    """Inverse of :func:`window_partition_nhwc`: ``(B * nW, wh * ww, C)`` -> ``(B, H, W, C)``.
+
+    >>> x = torch.randn(2, 14, 21, 8)
+    >>> torch.equal(window_reverse_nhwc(window_partition_nhwc(x, (7, 3)), (7, 3), 14, 21), x)
+    True
+    """
+    C = windows.shape[-1]
+    wh, ww = window_size
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
 def grouped_to_raster_index(windows_h: int, windows_w: int, ct_size: int) -> Tensor:
     """Raster position of each carrier token when the CT grid is stored grouped by window.
 
@@ -90,16 +126,19 @@ def grouped_to_raster_index(windows_h: int, windows_w: int, ct_size: int) -> Ten
     return raster.reshape(-1)
 
 
-def upsample_index(ct_size: int, window_size: int) -> Tensor:
+def upsample_index(ct_size: int, window_size: int | tuple[int, int]) -> Tensor:
     """For each token of a window, the index of the carrier token that nearest upsampling copies.
 
     Derived by running ``F.interpolate(mode="nearest")`` on the CT indices, so a gather with it is
-    bit-identical to nearest upsampling of a ``ct_size x ct_size`` grid to ``window_size x window_size``,
-    without the float round trip.
+    bit-identical to nearest upsampling of a ``ct_size x ct_size`` grid to the window (``window_size``
+    is a side or ``(wh, ww)``), without the float round trip.
 
     >>> upsample_index(2, 3).tolist()
     [0, 0, 1, 0, 0, 1, 2, 2, 3]
+    >>> upsample_index(2, (2, 3)).tolist()
+    [0, 0, 1, 2, 2, 3]
     """
+    size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
     ids = torch.arange(ct_size * ct_size, dtype=torch.float32, device="cpu").view(1, 1, ct_size, ct_size)
-    up = F.interpolate(ids, size=(window_size, window_size), mode="nearest")
+    up = F.interpolate(ids, size=size, mode="nearest")
     return up.reshape(-1).long()

@@ -1,0 +1,84 @@
+"""``hatplug.save`` / ``hatplug.load``: a converted model as tensors plus its conversion config.
+
+No module is pickled (a pickled ``GraphModule`` does not reload reliably): :func:`save` writes the state
+dict as safetensors with the config of :func:`hatplug.convert` in the file's metadata, and :func:`load`
+converts a fresh base model with that config and loads the tensors strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import load_checkpoint
+from ..errors import CheckpointError, HatplugError
+from .rewrite import convert
+
+__all__ = ["load", "save"]
+
+FORMAT = "hatplug.convert/1"
+
+
+def save(model: nn.Module, path: str | Path) -> Path:
+    """Write a converted model's state dict and its conversion config to one safetensors file.
+
+    >>> import tempfile, os, timm, torch, hatplug
+    >>> def base():
+    ...     return timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+    ...                              window_size=4, img_size=64, num_classes=10).eval()
+    >>> hat = hatplug.convert(base(), init="random")
+    >>> path = hatplug.save(hat, os.path.join(tempfile.mkdtemp(), "swin_hat.safetensors"))
+    >>> restored = hatplug.load(path, base()).eval()
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> torch.equal(restored(x), hat(x))
+    True
+    """
+    info = getattr(model, "hatplug_conversion", None)
+    if info is None:
+        raise HatplugError(
+            f"{type(model).__name__} was not converted: hatplug.save stores converted models; use "
+            "torch.save(model.state_dict(), path) for others"
+        )
+    path = Path(path)
+    # clones: safetensors refuses tensors that share memory (aliases) and non-contiguous views
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "model": info["model"], "config": json.dumps(info["config"])}
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """The conversion config stored by :func:`save` (``ct_size``, ``stages``, ``init``, ``propagate``)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file written by hatplug.save ({exc})") from exc
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was not written by hatplug.save (no '{FORMAT}' metadata)")
+    return {"model": metadata["model"], **json.loads(metadata["config"])}
+
+
+def load(path: str | Path, base_model: nn.Module) -> nn.Module:
+    """Rebuild a model saved by :func:`save`: convert ``base_model`` (a fresh, unconverted model of the same
+    architecture; it is not changed) with the stored config, then load the tensors strictly with
+    :func:`hatplug.checkpoint.load_checkpoint`.
+
+    Raises:
+        CheckpointError: the file is not a hatplug save, or its model class differs from ``base_model``'s.
+        CheckpointMismatchError: the tensors do not fit the converted model (other architecture or sizes).
+    """
+    config = read_config(path)
+    saved_model = config.pop("model")
+    if saved_model != type(base_model).__name__:
+        raise CheckpointError(
+            f"{path} holds a converted {saved_model}, but base_model is a {type(base_model).__name__}: pass the "
+            f"{saved_model} the file was converted from"
+        )
+    model = convert(base_model, **config)
+    load_checkpoint(model, load_file(str(path), device="cpu"), strict=True)
+    return model

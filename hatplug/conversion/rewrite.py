@@ -1,0 +1,330 @@
+"""``hatplug.convert``: find the window-attention blocks, build their HAT twins, thread carrier tokens.
+
+How a model is converted:
+
+1. Every module that a registered adapter matches (exact type) is a candidate block; blocks are grouped
+   by stage (:meth:`~hatplug.adapters.BlockAdapter.stage_path`) and stages are numbered in model order.
+2. A block whose map is a single window at the model's configured input size is skipped: carrier tokens
+   summarise windows for other windows, so there is nothing for them to carry.
+3. Stages of ``carrier_stream="stage"`` adapters are traced with :class:`HatplugTracer` (blocks as
+   leaves) and the graph is rewritten: a ``carrier_tokenizer`` node makes the carrier tokens from the first
+   converted block's input, every converted block takes and returns ``(x, ct)``, and the last one
+   propagates them into the map. The rewritten stage, a :class:`CarrierStage` (a ``GraphModule``) with the
+   stage's children and plain attributes, goes back into its parent, so the model keeps its class and
+   methods. Its ``grad_checkpointing`` reaches the HAT blocks; resizing it (timm's ``set_input_size``)
+   raises, since its blocks were built for their windows: resize the original and convert again.
+4. Blocks of ``carrier_stream="block"`` adapters (Twins, whose stages are loops in ``forward_features``)
+   are swapped in place and make their carrier tokens themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Sequence
+
+import torch.fx
+from torch import Tensor, nn
+
+from ..adapters import BlockAdapter, CarrierBlock, ConversionSettings, find_adapter, registered_adapters
+from ..errors import ConversionError, UnsupportedModelError
+from .tracer import HatplugTracer
+
+__all__ = ["CarrierStage", "convert", "INIT_MODES"]
+
+INIT_MODES = ("identity", "random")
+_PRESERVED = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+CONVERSION_ATTR = "hatplug_conversion"
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+def _attention_like(model: nn.Module) -> list[str]:
+    found = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.MultiheadAttention) or "attention" in kind.lower() or kind.endswith("Attn"):
+            found.append(f"'{name}' ({kind})")
+    return found
+
+
+def unsupported_message(model: nn.Module) -> str:
+    lines = [f"hatplug.convert found no block it can convert in {type(model).__name__}."]
+    attention = _attention_like(model)
+    if attention:
+        more = f" and {len(attention) - 5} more" if len(attention) > 5 else ""
+        lines.append(f"It has attention modules that no adapter knows: {', '.join(attention[:5])}{more}.")
+    lines.append("Supported block families:")
+    for adapter in registered_adapters():
+        kinds = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in adapter.source_types)
+        lines.append(f"  - {adapter.family}: {kinds}")
+    lines.append(
+        "To add one, subclass hatplug.adapters.BlockAdapter (set `family` and `source_types`, implement "
+        "`window_size` and `build`, which returns the block's HAT twin) and pass an instance to "
+        "hatplug.register_adapter(); see the BlockAdapter docstring."
+    )
+    return "\n".join(lines)
+
+
+def _skip_reason(adapter: BlockAdapter, model: nn.Module, path: str, block: nn.Module, ct_size: int) -> str | None:
+    window = adapter.window_size(block)
+    grid = adapter.window_grid(model, path, block)
+    if grid is not None and grid[0] * grid[1] == 1:
+        return f"single window at this resolution ({window[0]}x{window[1]} window covers the whole map)"
+    if ct_size > min(window):
+        return f"window {window[0]}x{window[1]} is smaller than ct_size={ct_size}"
+    return None
+
+
+class CarrierStage(torch.fx.GraphModule):
+    """A stage rewritten by :func:`convert`: a ``GraphModule`` that threads carrier tokens through its HAT
+    blocks; setting ``grad_checkpointing`` (as timm's ``set_grad_checkpointing`` does) reaches those blocks."""
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.__dict__.get("_grad_checkpointing", False)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.__dict__["_grad_checkpointing"] = bool(enable)
+        for module in self.modules():
+            if isinstance(module, CarrierBlock):
+                module.grad_checkpointing = bool(enable)
+
+
+def _refuse_resize(*args, **kwargs) -> None:
+    raise ConversionError(
+        "a converted stage cannot change its input size or window: call set_input_size on the original model "
+        "and convert it again (hatplug.save / hatplug.load carry trained weights over to a fresh conversion)"
+    )
+
+
+def _copy_plain_attributes(source: nn.Module, target: CarrierStage) -> None:
+    """Give the rewritten stage the stage's plain attributes (``input_resolution``, ``grad_checkpointing``...)
+    that the parent's code may read, kept through ``copy.deepcopy`` (a GraphModule rebuilds itself on copy)."""
+    preserved = {
+        key: value
+        for key, value in vars(source).items()
+        if not key.startswith("_") and key != "training" and not isinstance(value, (nn.Module, Tensor))
+    }
+    if hasattr(source, "set_input_size"):
+        preserved["set_input_size"] = _refuse_resize
+    target.meta[_PRESERVED] = preserved
+    for key, value in preserved.items():
+        setattr(target, key, value)
+
+
+def _rewrite_stage(
+    model: nn.Module,
+    stage_path: str,
+    blocks: list[tuple[str, nn.Module]],
+    adapter: BlockAdapter,
+    settings: ConversionSettings,
+    propagate: bool,
+) -> None:
+    """Thread one carrier-token stream through ``blocks`` (paths in ``model``) of the stage at ``stage_path``."""
+    stage = model.get_submodule(stage_path)
+    where = f"stage '{stage_path}' ({type(stage).__name__})"
+    if not stage_path:
+        raise ConversionError(f"{where} is the model itself, which cannot be rewritten without losing its class")
+    relative = {path[len(stage_path) + 1 :]: block for path, block in blocks}
+    tracer = HatplugTracer(adapter.source_types)
+    try:
+        graph = tracer.trace(stage)
+    except Exception as exc:
+        raise ConversionError(
+            f"cannot trace {where} to thread carrier tokens through its blocks: {type(exc).__name__}: {exc}. "
+            "Make the module that fails a tracer leaf (timm.layers.register_notrace_module), or convert this "
+            "family with an adapter whose carrier_stream is 'block' (each block makes its own carrier tokens)."
+        ) from exc
+
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target in relative]
+    called = [n.target for n in calls]
+    problems = [f"'{t}' is called {called.count(t)} times" for t in relative if called.count(t) != 1]
+    problems += [f"'{n.target}' is called with {len(n.args)} args / kwargs {sorted(n.kwargs)}" for n in calls if
+                 len(n.args) != 1 or n.kwargs]  # fmt: skip
+    if problems:
+        raise ConversionError(
+            f"{where}: carrier tokens can only be threaded through blocks that its forward calls once each "
+            f"with one input; {'; '.join(problems)}"
+        )
+
+    first = calls[0]
+    stage.add_module("carrier_tokenizer", adapter.make_tokenizer(relative[first.target], settings))
+    with graph.inserting_before(first):
+        ct = graph.create_node("call_module", "carrier_tokenizer", (first.args[0],), name="carrier_tokens")
+    for i, node in enumerate(calls):
+        twin = adapter.build(relative[node.target], settings, propagate=propagate and i == len(calls) - 1)
+        _set_submodule(stage, node.target, twin)
+        prefix = node.name
+        with graph.inserting_after(node):
+            pair = graph.create_node("call_module", node.target, (node.args[0], ct), name=f"{prefix}_hat")
+        with graph.inserting_after(pair):
+            x_out = graph.create_node("call_function", operator.getitem, (pair, 0), name=f"{prefix}_x")
+        with graph.inserting_after(x_out):
+            ct = graph.create_node("call_function", operator.getitem, (pair, 1), name=f"{prefix}_ct")
+        node.replace_all_uses_with(x_out)
+        graph.erase_node(node)
+    graph.erase_node(ct)  # the stream ends with the stage
+    graph.lint()
+
+    rewritten = CarrierStage(stage, graph, class_name=type(stage).__name__)
+    # GraphModule copies only what the graph uses, into plain Modules; give it the stage's own children
+    # instead, so that containers keep their type (stage.blocks[0]) and the state dict its keys
+    for name, child in stage.named_children():
+        setattr(rewritten, name, child)
+    for name, param in stage.named_parameters(recurse=False):
+        setattr(rewritten, name, param)
+    for name, buf in stage.named_buffers(recurse=False):
+        rewritten.register_buffer(name, buf, persistent=name not in stage._non_persistent_buffers_set)
+    _copy_plain_attributes(stage, rewritten)
+    rewritten.training = stage.training
+    _set_submodule(model, stage_path, rewritten)
+
+
+def convert(
+    model: nn.Module,
+    *,
+    ct_size: int = 2,
+    stages: Sequence[int] | None = None,
+    init: str = "identity",
+    propagate: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace the window-attention blocks of ``model`` by HAT blocks that reuse their weights.
+
+    Supported: timm Swin v1 and SwinV2 (every block; carrier tokens made once per stage and threaded
+    through it), timm Twins-SVT (its ``LocallyGroupedAttn``; each converted attention makes its own
+    carrier tokens, see :mod:`hatplug.adapters.twins`) and hatplug's EdgeViT (its global sparse attention
+    blocks), plus whatever :func:`hatplug.register_adapter` added.
+
+    Args:
+        model: the model; it is not changed unless ``inplace``.
+        ct_size: carrier tokens per window side.
+        stages: indices of the stages to convert (stages holding supported blocks, in model order), or
+            ``None`` for all.
+        init: ``"identity"``: the converted model computes the original function until training opens
+            the per-head gates (``hat_gate``) between the original window softmax and the joint softmax
+            over carrier tokens and window tokens; ``"random"``: the paper's HAT (joint softmax) at once,
+            new parts initialised as in FasterViT.
+        propagate: in the last converted block of each stage, add the nearest-upsampled carrier tokens
+            to the window tokens (FasterViT's propagation; scale 0 at ``init="identity"``).
+        inplace: convert ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted model: the same class, with its methods (``forward_features``, ``forward_head``,
+        ``reset_classifier``, ``forward_intermediates``...) and all original weights; the new parameters
+        are trainable. :func:`hatplug.report` says what changed.
+
+    Raises:
+        UnsupportedModelError: nothing in ``model`` is a supported block.
+        ConversionError: a stage cannot be traced or rewritten, or the model was converted already.
+        ValueError: bad arguments.
+
+    >>> import timm, torch, hatplug
+    >>> swin = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+    ...                          window_size=4, img_size=64, num_classes=10).eval()
+    >>> hat = hatplug.convert(swin)
+    >>> type(hat).__name__, [b.path for b in hatplug.report(hat).converted]
+    ('SwinTransformer', ['layers.0.blocks.0', 'layers.0.blocks.1', 'layers.1.blocks.0', 'layers.1.blocks.1'])
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> with torch.no_grad():
+    ...     (hat(x) - swin(x)).abs().max().item() < 1e-5  # init="identity": the original function
+    True
+    """
+    if init not in INIT_MODES:
+        raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+    if not isinstance(ct_size, int) or ct_size < 1:
+        raise ValueError(f"ct_size must be a positive int, got {ct_size!r}")
+    if getattr(model, CONVERSION_ATTR, None) is not None:
+        raise ConversionError(f"{type(model).__name__} was converted already (see hatplug.report(model))")
+    if not any(find_adapter(m) is not None for m in model.modules()):
+        raise UnsupportedModelError(unsupported_message(model))
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    original = {id(p) for p in model.parameters()}
+    params_before = sum(p.numel() for p in model.parameters())
+    settings = ConversionSettings(ct_size=ct_size, init=init)
+
+    # group the candidate blocks by stage, in model order
+    groups: dict[str, list[tuple[str, nn.Module, BlockAdapter]]] = {}
+    for path, module in model.named_modules():
+        adapter = find_adapter(module)
+        if adapter is not None:
+            groups.setdefault(adapter.stage_path(model, path), []).append((path, module, adapter))
+    if stages is not None:
+        unknown = sorted(set(stages) - set(range(len(groups))))
+        if unknown:
+            raise ValueError(
+                f"stages {unknown} do not exist: {type(model).__name__} has {len(groups)} stages with "
+                f"supported blocks, {list(range(len(groups)))}: {list(groups)}"
+            )
+
+    converted, skipped, notes = [], [], []
+    per_block: dict[str, list[int]] = {}
+    for index, (stage_path, entries) in enumerate(groups.items()):
+        adapters = {type(a) for _, _, a in entries}
+        if len(adapters) > 1:
+            kinds = sorted(a.__name__ for a in adapters)
+            raise ConversionError(f"stage '{stage_path}' mixes blocks of several adapters: {kinds}")
+        adapter = entries[0][2]
+        todo = []
+        for path, block, _ in entries:
+            if stages is not None and index not in stages:
+                reason = f"stage {index} not selected (stages={list(stages)})"
+            else:
+                reason = _skip_reason(adapter, model, path, block, ct_size)
+            if reason:
+                skipped.append({"path": path, "stage": index, "family": adapter.family, "reason": reason})
+            else:
+                todo.append((path, block))
+        if not todo:
+            continue
+        if adapter.carrier_stream == "stage":
+            _rewrite_stage(model, stage_path, todo, adapter, settings, propagate)
+            mode = "stage stream"
+        else:
+            for path, block in todo:
+                _set_submodule(model, path, adapter.build(block, settings, propagate=propagate))
+            mode = "per block"
+            per_block.setdefault(adapter.family, []).append(index)
+        for i, (path, block) in enumerate(todo):
+            grid = adapter.window_grid(model, path, block)
+            converted.append(
+                {
+                    "path": path,
+                    "stage": index,
+                    "family": adapter.family,
+                    "windows": list(grid) if grid is not None else None,
+                    "window_size": list(adapter.window_size(block)),
+                    "carrier_tokens": mode,
+                    "propagates": propagate and (mode == "per block" or i == len(todo) - 1),
+                }
+            )
+
+    for family, indices in per_block.items():
+        notes.append(
+            f"{family} (stages {', '.join(map(str, indices))}): the model's own forward loops over the blocks, with "
+            "no stage module to rewrite, so each converted block makes its own carrier tokens from its input and "
+            "propagates them into its output"
+        )
+    params_new = sum(p.numel() for p in model.parameters() if id(p) not in original)
+    setattr(
+        model,
+        CONVERSION_ATTR,
+        {
+            "config": {"ct_size": ct_size, "stages": None if stages is None else list(stages), "init": init,
+                       "propagate": propagate},
+            "model": type(model).__name__,
+            "converted": converted,
+            "skipped": skipped,
+            "notes": notes,
+            "params_before": params_before,
+            "params_new": params_new,
+        },
+    )  # fmt: skip
+    return model

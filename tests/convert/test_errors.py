@@ -1,0 +1,118 @@
+"""What a user sees when a model cannot be converted."""
+
+import pytest
+import timm
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+from torch import nn
+
+import hatplug
+from hatplug.errors import CheckpointError, ConversionError, HatplugError, UnsupportedModelError
+
+from .conftest import FAMILIES, make_model
+
+
+def test_resnet_is_unsupported_with_a_helpful_message():
+    with pytest.raises(UnsupportedModelError) as info:
+        hatplug.convert(timm.create_model("resnet18", pretrained=False))
+    message = str(info.value)
+    assert isinstance(info.value, HatplugError)
+    assert "no block it can convert in ResNet" in message
+    for family in ("timm Swin v1", "timm SwinV2", "timm Twins-SVT", "hatplug EdgeViT"):
+        assert family in message
+    assert "hatplug.register_adapter" in message and "BlockAdapter" in message
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.attn(x, x, x)[0]
+
+
+def test_multihead_attention_model_names_the_module_it_cannot_convert():
+    with pytest.raises(
+        UnsupportedModelError, match=r"attention modules that no adapter knows: 'attn' \(MultiheadAttention\)"
+    ):
+        hatplug.convert(TinyTransformer())
+
+
+class DataDependentStage(nn.Module):
+    """A stage whose forward branches on tensor values: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *[SwinTransformerBlock(8, (8, 8), num_heads=1, window_size=4, shift_size=2 * i) for i in range(2)]
+        )
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x * 1.0
+        return self.blocks(x)
+
+
+class WithDataDependentStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage = DataDependentStage()
+
+    def forward(self, x):
+        return self.stage(x)
+
+
+def test_untraceable_stage_names_the_stage_and_the_trace_failure():
+    with pytest.raises(ConversionError) as info:
+        hatplug.convert(WithDataDependentStage())
+    message = str(info.value)
+    assert "cannot trace stage 'stage' (DataDependentStage)" in message
+    assert "TraceError" in message and "control flow" in message
+    assert "register_notrace_module" in message
+
+
+def test_bad_arguments_and_repeated_conversion():
+    model = make_model(FAMILIES["swin"], 64)
+    with pytest.raises(ValueError, match="init must be one of"):
+        hatplug.convert(model, init="zeros")
+    with pytest.raises(ValueError, match="ct_size"):
+        hatplug.convert(model, ct_size=0)
+    hat = hatplug.convert(model)
+    with pytest.raises(ConversionError, match="converted already"):
+        hatplug.convert(hat)
+    with pytest.raises(HatplugError, match="was not converted"):
+        hatplug.report(model)
+    with pytest.raises(HatplugError, match="was not converted"):
+        hatplug.save(model, "unused.safetensors")
+
+
+def test_ct_size_larger_than_the_window_is_skipped_with_its_reason():
+    report = hatplug.report(hatplug.convert(make_model(FAMILIES["swin"], 64), ct_size=5))
+    assert not report.converted
+    assert any("smaller than ct_size=5" in r.reason for r in report.skipped)
+
+
+def test_load_checks_the_base_model(tmp_path):
+    path = hatplug.save(hatplug.convert(make_model(FAMILIES["swin"], 64)), tmp_path / "swin.safetensors")
+    with pytest.raises(CheckpointError, match="holds a converted SwinTransformer, but base_model is a Twins"):
+        hatplug.load(path, make_model(FAMILIES["twins"], 128))
+    with pytest.raises(hatplug.CheckpointMismatchError):  # same class, other geometry
+        hatplug.load(path, make_model(FAMILIES["swin"], 32))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        hatplug.load(tmp_path / "plain.pt", make_model(FAMILIES["swin"], 64))
+
+
+def test_resizing_a_converted_swin_says_what_to_do_and_deepcopy_keeps_the_stages():
+    import copy
+
+    hat = copy.deepcopy(hatplug.convert(make_model(FAMILIES["swin"], 64)))  # e.g. an EMA copy
+    assert hat.layers[0].input_resolution == (16, 16) and hat.layers[0].grad_checkpointing is False
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.isfinite(hat(x)).all()
+    with pytest.raises(ConversionError, match="call set_input_size on the original model and convert it again"):
+        hat.set_input_size((96, 96))

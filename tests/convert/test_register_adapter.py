@@ -1,0 +1,109 @@
+"""hatplug.register_adapter: a user teaches convert a window-attention block of their own in a few dozen lines.
+
+The shared parts do the work: CarrierBlock (carrier-token half, propagation, geometry) and
+CarrierWindowAttention (gated or joint attention over [CTs; window]); the adapter says how the block
+projects tokens and how its skeleton runs.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hatplug
+from hatplug.adapters import CarrierBlock, padded_grid, unregister_adapter
+from hatplug.layers import CarrierWindowAttention, window_partition_nhwc, window_reverse_nhwc
+
+
+class MyWindowBlock(nn.Module):
+    """The user's block: NCHW in and out, pre-norm window self-attention, no shift, no bias."""
+
+    def __init__(self, dim=16, heads=2, ws=4):
+        super().__init__()
+        self.dim, self.heads, self.ws = dim, heads, ws
+        self.norm = nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        windows = window_partition_nhwc(self.norm(x.permute(0, 2, 3, 1)), (self.ws, self.ws))
+        q, k, v = self.qkv(windows).view(windows.shape[0], -1, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(windows.shape))
+        return x + window_reverse_nhwc(out, (self.ws, self.ws), H, W).permute(0, 3, 1, 2)
+
+
+class MyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.stage = nn.Sequential(MyWindowBlock(), MyWindowBlock())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x)).mean((2, 3)))
+
+
+# --- what the user writes --------------------------------------------------------------------------------
+class MyAttention(CarrierWindowAttention):
+    def project(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return q * q.shape[-1] ** -0.5, k, v
+
+
+class MyHATBlock(CarrierBlock):
+    def __init__(self, block, settings, propagate):
+        super().__init__()
+        self.norm = block.norm
+        self.attn = MyAttention(block.heads, block.qkv, block.proj, 0.0, nn.Identity(), settings.gated)
+        self.init_carriers(block.dim, block.heads, (block.ws, block.ws), settings, 4.0, propagate, block.qkv.weight)
+
+    def forward_block(self, x, ct):  # (B, C, H, W), (B, nW * ct**2, C)
+        B, C, H, W = x.shape
+        Hp, Wp, n_h, n_w = padded_grid(H, W, self.window_size)
+        ct_windows = self.carrier_windows(ct, n_h, n_w)
+        tokens = F.pad(self.norm(x.permute(0, 2, 3, 1)), (0, 0, 0, Wp - W, 0, Hp - H))
+        ct_out, out = self.attn(self.norm(ct_windows), window_partition_nhwc(tokens, self.window_size))
+        x = x.permute(0, 2, 3, 1) + window_reverse_nhwc(out, self.window_size, Hp, Wp)[:, :H, :W]
+        ct_windows = ct_windows + ct_out
+        if self.propagation_scale is not None:
+            x = self.propagate_into_map(x, ct_windows, Hp, Wp)
+        return x.permute(0, 3, 1, 2), ct_windows.reshape(B, -1, C)
+
+
+class MyAdapter(hatplug.BlockAdapter):
+    family = "my window blocks"
+    source_types = (MyWindowBlock,)
+
+    def window_size(self, block):
+        return (block.ws, block.ws)
+
+    def build(self, block, settings, propagate):
+        return MyHATBlock(block, settings, propagate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_user_adapter_converts_a_new_block_type():
+    model = MyNet().eval()
+    try:
+        hatplug.register_adapter(MyAdapter())
+        hat = hatplug.convert(model)
+        report = hatplug.report(hat)
+        assert [r.path for r in report.converted] == ["stage.0", "stage.1"]
+        assert report.converted[0].family == "my window blocks" and report.converted[1].propagates
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(hat(x), model(x), rtol=1e-5, atol=1e-5)  # warm start
+        hat.train()
+        with torch.no_grad():
+            hat.stage.get_parameter("0.attn.hat_gate").fill_(1.0)  # a rewritten Sequential is a GraphModule
+        hat(x).sum().backward()
+        assert hat.stage.carrier_tokenizer.pos_embed.weight.grad.any()
+    finally:
+        unregister_adapter(MyAdapter)
+    try:
+        hatplug.convert(MyNet())
+    except hatplug.UnsupportedModelError as exc:
+        assert "my window blocks" not in str(exc)
+    else:
+        raise AssertionError("the adapter was not unregistered")
