@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import (
@@ -505,9 +506,12 @@ class EdgeViT(nn.Module):
             if num_classes > 0 else nn.Identity()
         )
 
-    def _run_stage(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    def _run_stage(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(blocks, x)
+            if isinstance(blocks, nn.Sequential):
+                return checkpoint_seq(blocks, x)
+            # a stage rewritten by hatplug.convert threads carrier tokens between its blocks: checkpoint it whole
+            return torch.utils.checkpoint.checkpoint(blocks, x, use_reentrant=False)
         return blocks(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
