@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -21,13 +22,18 @@ from fastervit.testing import save_official_checkpoint
 from hatplug.errors import PretrainedWeightsNotFoundError
 
 
-def _throughput(model: torch.nn.Module, batch: torch.Tensor, iters: int) -> float:
+def _throughputs(models: list[torch.nn.Module], batch: torch.Tensor, rounds: int) -> list[float]:
+    """Median images/s of each model, measured in alternating rounds so that load spikes hit all alike."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        model(batch)  # warm-up: allocations, cached position biases
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(batch)
-    return iters * batch.shape[0] / (time.perf_counter() - start)
+        for model in models:
+            model(batch)  # warm-up: allocations, cached position biases
+        for _ in range(rounds):
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                model(batch)
+                times[i].append(time.perf_counter() - start)
+    return [batch.shape[0] / statistics.median(t) for t in times]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="faster_vit_0_224")
     parser.add_argument("--peer", default="swin_tiny_patch4_window7_224")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -62,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
 
     peer = timm.create_model(args.peer).eval()
     batch = torch.randn(args.batch_size, 3, *size)
-    ours, theirs = _throughput(model, batch, args.iters), _throughput(peer, batch, args.iters)
-    print(f"CPU fp32 batch {args.batch_size}, {torch.get_num_threads()} threads:")
+    ours, theirs = _throughputs([model, peer], batch, args.rounds)
+    threads = torch.get_num_threads()
+    print(f"CPU fp32 batch {args.batch_size}, {threads} threads, median of {args.rounds} alternating rounds:")
     print(f"  {args.model:30s} {ours:8.1f} img/s")
     print(f"  {args.peer:30s} {theirs:8.1f} img/s")
     print(f"  ratio {ours / theirs:.2f}x (quick look; `make bench` measures properly)")
