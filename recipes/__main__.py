@@ -1,0 +1,6 @@
+"""``python -m recipes {fit,validate,test} --config ...``: see :mod:`recipes.cli`."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Data modules of the recipes: a built-in synthetic task, image folders (ImageNet) and local CIFAR."""
+
+from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule
+from .cifar import CIFARDataModule
+from .folder import ImageFolderDataModule
+from .synthetic import SameShapeDataset, SyntheticDataModule
+
+__all__ = [
+    "CIFARDataModule",
+    "DatasetNotFoundError",
+    "EpochShuffleSampler",
+    "ImageFolderDataModule",
+    "MixupDataModule",
+    "SameShapeDataset",
+    "SyntheticDataModule",
+]

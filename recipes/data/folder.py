@@ -1,0 +1,106 @@
+"""ImageNet-style image folders (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) with timm's transforms."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule
+
+__all__ = ["ImageFolderDataModule"]
+
+
+class ImageFolderDataModule(MixupDataModule):
+    """Train/val loaders over an ImageNet-layout folder, with FasterViT's training augmentation by default.
+
+    Training images get timm's ``RandomResizedCrop`` + flip + colour jitter + RandAugment (``auto_augment``) +
+    random erasing (``re_prob``); validation images are resized and centre-cropped with ``crop_pct``.
+    Mixup/CutMix: see :class:`~recipes.data.base.MixupDataModule`. The defaults are FasterViT's recipe
+    (RandAugment ``rand-m9-mstd0.5-inc1``, Mixup 0.8, CutMix 1.0, random erasing 0.25, crop_pct 0.875).
+
+    Args:
+        root: folder holding ``train/`` and ``val/``, one sub-folder per class in each.
+        image_size: training crop and evaluation size.
+        batch_size: per-device batch size.
+        num_workers: loader processes.
+        auto_augment: timm auto-augment string, or ``None``.
+        color_jitter: colour jitter strength.
+        re_prob: random-erasing probability.
+        crop_pct: evaluation centre-crop fraction.
+        train_interpolation: interpolation of the training crops (``"random"`` mixes bilinear and bicubic).
+        mixup, cutmix, mixup_prob, mixup_switch_prob: see :class:`~recipes.data.base.MixupDataModule`.
+        seed: shuffling seed.
+
+    >>> ImageFolderDataModule("/no/such/folder").num_classes  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    recipes.data.base.DatasetNotFoundError: no image folder at /no/such/folder/train: ...
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int = 224,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        color_jitter: float = 0.4,
+        re_prob: float = 0.25,
+        crop_pct: float = 0.875,
+        train_interpolation: str = "random",
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(mixup, cutmix, mixup_prob, mixup_switch_prob)
+        self.root, self.image_size = Path(root), image_size
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.auto_augment, self.color_jitter, self.re_prob = auto_augment, color_jitter, re_prob
+        self.crop_pct, self.train_interpolation = crop_pct, train_interpolation
+        self.train_set = self.val_set = None
+
+    def _split_dir(self, split: str) -> Path:
+        folder = self.root / split
+        if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+            raise DatasetNotFoundError(
+                f"no image folder at {folder}: expected {self.root}/train/<class>/*.JPEG and "
+                f"{self.root}/val/<class>/*.JPEG (ImageNet-1k from https://image-net.org/download.php, with the "
+                f"validation images sorted into class folders). Download it and pass data.root=<that folder>."
+            )
+        return folder
+
+    @property
+    def num_classes(self) -> int:
+        return sum(1 for p in self._split_dir("train").iterdir() if p.is_dir())
+
+    def setup(self, stage: str | None = None) -> None:
+        train_tf = create_transform(
+            self.image_size, is_training=True, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
+            re_prob=self.re_prob, re_mode="pixel", interpolation=self.train_interpolation,
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        )  # fmt: skip
+        val_tf = create_transform(
+            self.image_size, is_training=False, crop_pct=self.crop_pct, interpolation="bicubic",
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        )  # fmt: skip
+        self.train_set = ImageFolder(self._split_dir("train"), transform=train_tf)
+        self.val_set = ImageFolder(self._split_dir("val"), transform=val_tf)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=EpochShuffleSampler(self.train_set, self.seed),
+            num_workers=self.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+        )

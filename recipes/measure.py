@@ -1,0 +1,85 @@
+"""What the ablation runner measures on the machine it runs on: parameters, FLOPs and throughput.
+
+>>> from recipes.models import TINY_FASTERVIT, create_model
+>>> model = create_model("faster_vit_0_any_res", img_size=64, num_classes=2, **TINY_FASTERVIT)
+>>> gflops(model, 64) > 0, count_params(model) > 0
+(True, True)
+>>> throughput(model, 64, batch_size=2, warmup=1, iters=1, train=True) > 0
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_params", "gflops", "throughput"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+
+def gflops(model: nn.Module, image_size: int | tuple[int, int], device: str | torch.device = "cpu") -> float:
+    """GFLOPs of one forward pass on one image (``torch.utils.flop_counter``: a multiply-add counts 2)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    model = copy.deepcopy(model).to(device).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, h, w, device=device))
+    return counter.get_total_flops() / 1e9
+
+
+def throughput(
+    model: nn.Module,
+    image_size: int | tuple[int, int],
+    batch_size: int,
+    warmup: int = 3,
+    iters: int = 10,
+    train: bool = False,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> float:
+    """Images per second of inference (``train=False``) or of a full training step (forward, backward, AdamW).
+
+    Runs on a copy of ``model`` with random images: ``warmup`` untimed iterations, then ``iters`` timed
+    ones, synchronising the device around the timed loop. ``amp_dtype`` enables autocast.
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    device = torch.device(device)
+    model = copy.deepcopy(model).to(device).train(train)
+    images = torch.randn(batch_size, 3, h, w, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if train else None
+
+    def step() -> None:
+        if train:
+            with _autocast(device, amp_dtype):
+                loss = model(images).float().logsumexp(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.inference_mode(), _autocast(device, amp_dtype):
+                model(images)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    return batch_size * iters / (time.perf_counter() - start)

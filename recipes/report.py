@@ -1,0 +1,114 @@
+"""The ablation runner's outputs: ``results.csv``, ``results.md`` and ``pareto.png``, all from the same rows.
+
+>>> rows = [dict(arm="a", top1=0.9, infer_imgs_per_sec=100.0), dict(arm="b", top1=0.8, infer_imgs_per_sec=300.0)]
+>>> print(markdown_table(rows))
+| arm | top1 | infer_imgs_per_sec |
+|---|---|---|
+| a | 0.9 | 100 |
+| b | 0.8 | 300 |
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["COLUMNS", "markdown_table", "plot_pareto", "read_csv", "read_markdown", "write_csv", "write_markdown"]
+
+COLUMNS = [
+    "arm",
+    "top1",
+    "top5",
+    "loss",
+    "params",
+    "gflops",
+    "train_imgs_per_sec",
+    "infer_imgs_per_sec",
+    "wall_time_s",
+    "resolution",
+]
+"""Columns of the results, in order."""
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    present = {k for row in rows for k in row}
+    return [c for c in COLUMNS if c in present] + sorted(present - set(COLUMNS))
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """One line per row, columns in :data:`COLUMNS` order."""
+    columns = _columns(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _format(row.get(k, "")) for k in columns})
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as a GitHub markdown table, same columns and formatting as :func:`write_csv`."""
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(k, "")) for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(rows: Sequence[dict], path: str | os.PathLike, title: str = "", notes: str = "") -> None:
+    text = (f"# {title}\n\n" if title else "") + (f"{notes.strip()}\n\n" if notes.strip() else "")
+    Path(path).write_text(text + markdown_table(rows) + "\n")
+
+
+def read_markdown(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of the (first) table in a markdown file written by :func:`write_markdown`."""
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip().startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+
+
+def plot_pareto(
+    rows: Sequence[dict], path: str | os.PathLike, title: str = "", x: str = "infer_imgs_per_sec", y: str = "top1"
+) -> list[tuple[str, float, float]]:
+    """Scatter accuracy against inference throughput, one labelled point per row, with the Pareto front.
+
+    Returns the plotted points as ``(label, x, y)`` so that callers (and tests) can check them against the
+    tables.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(str(r["arm"]), float(r[x]), float(r[y])) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ax.scatter([p[1] for p in points], [p[2] for p in points], zorder=3)
+    for label, px, py in points:
+        ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front, best = [], float("-inf")
+    for _, px, py in sorted(points, key=lambda p: -p[1]):  # fastest first: keep those more accurate than all faster
+        if py > best:
+            front.append((px, py))
+            best = py
+    if len(front) > 1:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", zorder=2, label="Pareto front")
+        ax.legend(loc="lower left")
+    ax.set_xlabel("inference throughput (images / s, measured here)")
+    ax.set_ylabel(f"validation {y} accuracy")
+    ax.set_title(title or "accuracy vs throughput")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return points

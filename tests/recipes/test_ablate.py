@@ -1,0 +1,107 @@
+"""recipes.ablate: every ablation runs in --smoke form and its result files agree with each other."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import hatplug
+from recipes.ablate import load_ablation, main, run_ablation
+from recipes.report import COLUMNS, read_csv, read_markdown
+
+from .helpers import ROOT
+
+ABLATIONS = sorted((ROOT / "recipes" / "ablations").glob("*.yaml"))
+
+
+def _check_outputs(result, expected_arms):
+    out = result.out
+    csv_rows, md_rows = read_csv(out / "results.csv"), read_markdown(out / "results.md")
+    assert [r["arm"] for r in csv_rows] == expected_arms
+    assert csv_rows == md_rows  # same rows, same columns, same formatting
+    assert list(csv_rows[0]) == COLUMNS
+    # one plotted point per row, at (inference throughput, top-1) of that row
+    assert [p[0] for p in result.points] == expected_arms
+    for (label, x, y), row in zip(result.points, csv_rows):
+        assert x == pytest.approx(float(row["infer_imgs_per_sec"]), rel=1e-5)
+        assert y == pytest.approx(float(row["top1"]), rel=1e-5)
+    assert (out / "pareto.png").stat().st_size > 1000
+    for row in csv_rows:
+        assert 0 <= float(row["top1"]) <= 1 and float(row["loss"]) > 0
+        assert int(row["params"]) > 0 and float(row["gflops"]) > 0
+        assert float(row["train_imgs_per_sec"]) > 0 and float(row["infer_imgs_per_sec"]) > 0
+    return csv_rows
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=[p.stem for p in ABLATIONS])
+def test_smoke(path, tmp_path):
+    spec, arms = load_ablation(path, smoke=True, out=tmp_path)
+    result = run_ablation(path, smoke=True, out=tmp_path)
+    expected = []
+    for arm in arms:
+        expected.append(arm.name)
+        size = arm.config["data"]["init_args"]["image_size"]
+        expected += [f"{arm.name}@{round(size * f)}" for f in arm.eval_scales]
+    rows = _check_outputs(result, expected)
+    for arm in arms:
+        resolved = yaml.safe_load((tmp_path / "arms" / f"{arm.name}.yaml").read_text())
+        assert resolved == arm.config
+        assert (tmp_path / "runs" / arm.name / "version_0" / "config.yaml").is_file()  # LightningCLI's copy
+        assert (tmp_path / "runs" / arm.name / "model.pt").is_file()
+    if path.stem == "resolution":  # the any-res model was rebuilt at each size, so its cost grows with it
+        gflops = {r["arm"]: float(r["gflops"]) for r in rows}
+        assert gflops["hat"] < gflops["hat@96"] < gflops["hat@128"]
+        params = {r["arm"]: r["params"] for r in rows}
+        assert params["hat"] == params["hat@128"]
+
+
+def test_plug_and_play_runner_path_with_a_fake_converter(tmp_path, monkeypatch):
+    """`convert:` calls hatplug.convert(model, **convert); `warm_start:` loads that arm's final weights first."""
+    calls = []
+
+    def fake_convert(model, **options):
+        calls.append((options, {k: v.clone() for k, v in model.state_dict().items()}))
+        model.fake_converted = True
+        return model
+
+    monkeypatch.setattr(hatplug, "convert", fake_convert)
+    path = ROOT / "recipes" / "ablations" / "plug_and_play.yaml"
+    result = main([str(path), "--smoke", "--out", str(tmp_path), "--arms", "swin_hat_random,swin_hat_warm"])
+    _check_outputs(result, ["swin", "swin_hat_random", "swin_hat_warm"])  # the warm-start source runs first
+    assert [options for options, _ in calls] == [{"ct_size": 2, "init": "random"}, {"ct_size": 2, "init": "identity"}]
+    swin_final = torch.load(tmp_path / "runs" / "swin" / "model.pt", weights_only=True)
+    warm_seen = calls[1][1]
+    assert all(torch.equal(warm_seen[k], v) for k, v in swin_final.items())
+    random_seen = calls[0][1]
+    assert not all(torch.equal(random_seen[k], v) for k, v in swin_final.items())
+    arm = yaml.safe_load((tmp_path / "arms" / "swin_hat_warm.yaml").read_text())
+    assert arm["model"]["convert"] == {"ct_size": 2, "init": "identity"}
+    assert arm["model"]["init_checkpoint"] == str(tmp_path / "runs" / "swin" / "model.pt")
+
+
+def test_spec_errors(tmp_path):
+    base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
+
+    def write(spec):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({"name": "bad", "base": str(base), **spec}))
+        return path
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_ablation(write({"arms": [{"name": "a"}], "smokey": {}}))
+    with pytest.raises(ValueError, match="arm 'a' has unknown keys"):
+        load_ablation(write({"arms": [{"name": "a", "overide": {}}]}))
+    with pytest.raises(ValueError, match="must be an earlier arm"):
+        load_ablation(write({"arms": [{"name": "a", "warm_start": "b"}, {"name": "b"}]}))
+    with pytest.raises(ValueError, match="unique"):
+        load_ablation(write({"arms": [{"name": "a"}, {"name": "a"}]}))
+    with pytest.raises(ValueError, match="no arms named"):
+        run_ablation(write({"arms": [{"name": "a"}]}), smoke=True, out=tmp_path / "out", arms=["z"])
+
+
+def test_every_ablation_resolves_in_both_modes():
+    for path in ABLATIONS:
+        for smoke in (False, True):
+            spec, arms = load_ablation(path, smoke=smoke, out=Path("/tmp/x"))
+            assert arms and all(a.config["model"]["model"] for a in arms)

@@ -1,0 +1,76 @@
+"""``python -m recipes``: LightningCLI runs, saved configs, fast_dev_run, exact resume, and DDP on CPU."""
+
+import csv
+
+import pytest
+import torch
+
+from recipes.cli import main
+
+from .helpers import TINY, tiny_config, run_recipes
+
+CHECKPOINT = TINY["trainer"]["callbacks"][0]
+
+
+def _fit(config, *extra):
+    return main(["fit", "--config", str(config), *extra])
+
+
+def _final(cli) -> dict:
+    return {k: cli.trainer.callback_metrics[k].item() for k in ("val/top1", "val/top5", "val/loss")}
+
+
+def test_run_writes_config_logs_and_checkpoints(tmp_path):
+    cli = _fit(tiny_config(tmp_path, trainer={"max_epochs": 1}))
+    log_dir = tmp_path / "tiny" / "version_0"
+    saved = (log_dir / "config.yaml").read_text()  # SaveConfigCallback: the YAML that ran, next to its results
+    assert "faster_vit_0_any_res" in saved and "SyntheticDataModule" in saved
+    assert "val/top1" in (log_dir / "metrics.csv").read_text()
+    assert list((tmp_path / "tiny" / "tb").rglob("events.out.tfevents.*"))
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    assert 0.0 <= _final(cli)["val/top1"] <= 1.0
+    # the saved config runs again as it is
+    again = main(["fit", "--config", str(log_dir / "config.yaml"), "--trainer.max_epochs", "1"])
+    assert _final(again) == _final(cli)
+
+
+def test_fast_dev_run_from_the_command_line(tmp_path):
+    result = run_recipes("fit", "--config", str(tiny_config(tmp_path)), "--trainer.fast_dev_run", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fast_dev_run" in result.stderr + result.stdout
+    assert not (tmp_path / "tiny" / "version_0" / "metrics.csv").exists()  # fast_dev_run logs nothing
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    """3 epochs straight vs. a run that crashes at the start of epoch 2 and is resumed from its epoch-1 checkpoint."""
+    straight = _fit(tiny_config(tmp_path, "straight"))
+    crash = {"class_path": "tests.recipes.helpers.CrashAtEpoch", "init_args": {"epoch": 2}}
+    crashing = tiny_config(tmp_path, "interrupted", trainer={"callbacks": [CHECKPOINT, crash]})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(crashing)
+    mid = sorted((tmp_path / "interrupted" / "version_0" / "checkpoints").glob("epoch=1-*.ckpt"))
+    assert len(mid) == 1
+    resumed = _fit(tiny_config(tmp_path, "interrupted"), "--ckpt_path", str(mid[0]))
+    assert resumed.trainer.current_epoch == straight.trainer.current_epoch == 3
+    assert _final(resumed) == _final(straight)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    single = tiny_config(tmp_path, "single", trainer={"max_epochs": 1})
+    ddp = tiny_config(tmp_path, "ddp", trainer={"max_epochs": 1, "strategy": "ddp", "devices": 2})
+    for config in (single, ddp):
+        result = run_recipes("fit", "--config", str(config))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in result.stderr + result.stdout or "distributed_backend=gloo" in result.stderr
+
+    def schema(name):
+        with open(tmp_path / name / "version_0" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        return set(rows[0]), rows
+
+    (single_columns, _), (ddp_columns, ddp_rows) = schema("single"), schema("ddp")
+    assert ddp_columns == single_columns
+    final = [r for r in ddp_rows if r.get("val/top1")][-1]
+    assert 0.0 <= float(final["val/top1"]) <= 1.0 and float(final["val/loss"]) > 0

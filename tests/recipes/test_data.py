@@ -1,0 +1,142 @@
+"""Data modules of the recipes: the synthetic task's guarantees, real-data layouts and their errors."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recipes.data import (
+    CIFARDataModule,
+    DatasetNotFoundError,
+    EpochShuffleSampler,
+    ImageFolderDataModule,
+    SameShapeDataset,
+    SyntheticDataModule,
+)
+from recipes.data.synthetic import _SPLITS
+
+
+def _objects(ds: SameShapeDataset, index: int) -> list[tuple[tuple[int, int], int]]:
+    """(cell, shape id) of every object of a sample, replaying the generator's draws."""
+    rng = np.random.default_rng([ds.seed, _SPLITS[ds.split], index])
+    cells = ds._place(rng)
+    return list(zip(cells, ds.draw_shapes(rng, index % 2)))
+
+
+def test_deterministic_and_split_disjoint():
+    a, b = SameShapeDataset(8, 32, seed=3), SameShapeDataset(8, 32, seed=3)
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(8))
+    val = SameShapeDataset(8, 32, seed=3, split="val")
+    assert not any(torch.equal(a[i][0], val[i][0]) for i in range(8))
+    assert not torch.equal(a[0][0], SameShapeDataset(8, 32, seed=4)[0][0])
+
+
+@pytest.mark.parametrize("num_objects", [2, 3])
+def test_labels_objects_and_cells(num_objects):
+    ds = SameShapeDataset(200, 64, grid=4, num_objects=num_objects, min_cell_distance=2, seed=0)
+    assert Counter(ds[i][1] for i in range(len(ds))) == {0: 100, 1: 100}
+    for i in range(len(ds)):
+        objects = _objects(ds, i)
+        shapes = [s for _, s in objects]
+        assert len(set(shapes)) == (num_objects - 1 if i % 2 else num_objects)
+        cells = [c for c, _ in objects]
+        for j, (r1, c1) in enumerate(cells):
+            for r2, c2 in cells[j + 1 :]:
+                assert max(abs(r1 - r2), abs(c1 - c2)) >= 2  # far apart: never in the same or adjacent cells
+
+
+def test_each_window_alone_carries_no_label_information():
+    """Shape and cell of any single object are distributed the same way whatever the label."""
+    ds = SameShapeDataset(6000, 32, grid=4, num_shapes=4, seed=1)
+    counts = {0: Counter(), 1: Counter()}
+    for i in range(len(ds)):
+        label = i % 2
+        for cell, shape in _objects(ds, i):
+            counts[label][("shape", shape)] += 1
+            counts[label][("row", cell[0])] += 1
+    for key in counts[0]:
+        p0, p1 = counts[0][key] / 6000, counts[1][key] / 6000
+        assert abs(p0 - p1) < 0.04, (key, p0, p1)
+
+
+def test_objects_stay_inside_their_cells():
+    ds = SameShapeDataset(20, 64, grid=4, noise=0.0, seed=0)
+    for i in range(20):
+        image, _ = ds.render(i)
+        ink = image.sum(0) > 0
+        cells = {c for c, _ in _objects(ds, i)}
+        for r in range(4):
+            for c in range(4):
+                block = ink[16 * r : 16 * (r + 1), 16 * c : 16 * (c + 1)]
+                assert block.any() == ((r, c) in cells)
+
+
+def test_colour_by_shape_and_cache():
+    ds = SameShapeDataset(4, 32, colour_by_shape=True, cache=True, noise=0.0)
+    first = ds[1]
+    assert ds[1] is first  # cached
+    colours = {tuple(np.round(px, 3)) for px in ds.render(1)[0].reshape(3, -1).T if px.sum() > 0}
+    assert len(colours) == 1  # label 1: both objects have the same shape, hence the same colour
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="cannot place 3 objects"):
+        SameShapeDataset(4, 32, grid=2, num_objects=3, min_cell_distance=2)
+    with pytest.raises(ValueError, match="num_shapes"):
+        SameShapeDataset(4, 32, num_shapes=7)
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        SyntheticDataModule(task="count")
+
+
+def test_epoch_shuffle_is_a_function_of_seed_and_epoch():
+    sampler = EpochShuffleSampler(range(50), seed=2)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert list(sampler) == first
+    sampler.set_epoch(2)
+    assert list(sampler) != first and sorted(sampler) == list(range(50))
+
+
+def test_datamodule_loaders():
+    dm = SyntheticDataModule(image_size=32, train_samples=20, val_samples=6, batch_size=4, grid=4)
+    dm.setup("fit")
+    assert dm.num_classes == 2
+    assert len(dm.train_dataloader()) == 5 and len(dm.val_dataloader()) == 2
+
+
+def test_missing_real_data_says_what_to_download(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"image-net\.org.*data\.root"):
+        ImageFolderDataModule(tmp_path).num_classes
+    with pytest.raises(DatasetNotFoundError, match=r"cifar-100-python.*cs\.toronto\.edu.*tar -xzf"):
+        CIFARDataModule(tmp_path, variant="cifar100").setup()
+    with pytest.raises(ValueError, match="variant"):
+        CIFARDataModule(tmp_path, variant="cifar1000")
+
+
+def test_image_folder_with_mixup(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "eel"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for k in range(4):
+                pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{k}.png")
+    dm = ImageFolderDataModule(tmp_path, image_size=32, batch_size=4, mixup=0.8, cutmix=1.0)
+    assert dm.num_classes == 3
+    dm.setup("fit")
+    images, target = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and target.shape == (4,)
+
+    class _Trainer:
+        training = True
+
+    dm.trainer = _Trainer()
+    mixed_images, soft = dm.on_after_batch_transfer((images, target), 0)
+    assert soft.shape == (4, 3) and torch.allclose(soft.sum(1), torch.ones(4))
+    _Trainer.training = False  # validation batches are never mixed
+    assert dm.on_after_batch_transfer((images, target), 0)[1] is target
+    val_images, _ = next(iter(dm.val_dataloader()))
+    assert val_images.shape == (4, 3, 32, 32)

@@ -1,0 +1,85 @@
+"""recipes.module.ImageClassifier: model building, loss, schedule, warm start and conversion hooks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hatplug
+from recipes.models import TINY_FASTERVIT, create_model
+from recipes.module import ImageClassifier, convert_model, warmup_cosine
+
+KWARGS = dict(img_size=64, **TINY_FASTERVIT)
+
+
+def test_builds_by_name_or_takes_a_module():
+    by_name = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=4)
+    assert by_name.model.num_classes == 4 and by_name.num_classes == 4
+    given = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), num_classes=3)
+    assert given(torch.randn(2, 3, 2, 2)).shape == (2, 3)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("no_such_model")
+
+
+def test_loss_hard_soft_and_smoothing():
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=4, label_smoothing=0.1)
+    logits, target = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    hard = module.loss(logits, target)
+    assert torch.allclose(hard, F.cross_entropy(logits, target, label_smoothing=0.1))
+    # a one-hot soft target (what Mixup gives with lambda = 1) is smoothed the same way
+    assert torch.allclose(module.loss(logits, F.one_hot(target, 4).float()), hard)
+
+
+def test_warmup_cosine_schedule():
+    values = [warmup_cosine(s, warmup_steps=5, total_steps=25, warmup_start=0.1, min_ratio=0.01) for s in range(26)]
+    assert values[0] == pytest.approx(0.1) and values[5] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:5], values[1:6]))
+    assert all(a >= b for a, b in zip(values[5:], values[6:]))
+    assert values[-1] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "lamb"])
+def test_optimizers(opt):
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, optimizer=opt, lr=1e-3, warmup_epochs=1)
+
+    class _Trainer:
+        estimated_stepping_batches = 20
+        max_epochs = 4
+
+    module.trainer = _Trainer()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert type(optimizer).__name__.lower() == opt
+    no_decay = [g for g in optimizer.param_groups if g["weight_decay"] == 0]
+    assert no_decay and any(p.ndim == 1 for g in no_decay for p in g["params"])
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(1e-3, rel=0.01) and lrs.index(max(lrs)) == 5  # 1 of 4 epochs of warm-up
+
+
+def test_warm_start_and_convert(tmp_path, monkeypatch):
+    source = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2)
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": source.state_dict()}, path)  # a Lightning-style checkpoint: keys "model.*"
+    calls = []
+
+    def fake_convert(model, **options):
+        calls.append((options, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(hatplug, "convert", fake_convert)
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, init_checkpoint=str(path),
+                             convert={"ct_size": 2, "init": "identity"})  # fmt: skip
+    (options, seen), = calls
+    assert options == {"ct_size": 2, "init": "identity"}
+    assert all(torch.equal(seen[k], v) for k, v in source.model.state_dict().items())  # loaded before converting
+    assert module.hparams.convert == {"ct_size": 2, "init": "identity"}
+
+
+def test_convert_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(hatplug, "convert")
+    with pytest.raises(RuntimeError, match="hatplug.convert is not available"):
+        convert_model(nn.Linear(2, 2), {"ct_size": 2})
