@@ -51,8 +51,10 @@ from .measure import count_params, gflops, throughput
 from .module import ImageClassifier
 from .report import plot_pareto, write_csv, write_markdown
 
-__all__ = ["AblationResult", "Arm", "deep_merge", "load_ablation", "main", "run_ablation"]
+__all__ = ["ABLATIONS", "AblationResult", "Arm", "deep_merge", "load_ablation", "main", "run_ablation"]
 
+ABLATIONS = Path(__file__).parent / "ablations"
+"""The ablation YAMLs shipped with the recipes."""
 DEFAULT_BENCHMARK = {"batch_size": 64, "warmup": 3, "iters": 10}
 _SPEC_KEYS = {"name", "description", "base", "overrides", "smoke", "benchmark", "smoke_benchmark", "arms"}
 _ARM_KEYS = {"name", "overrides", "smoke_overrides", "convert", "warm_start", "eval_scales"}
@@ -99,7 +101,7 @@ def _run_dir(out: Path, arm: str) -> Path:
 def load_ablation(path: str | Path, smoke: bool = False, out: str | Path = "runs/ablation") -> tuple[dict, list[Arm]]:
     """Read an ablation YAML and resolve every arm's config (see the module docstring).
 
-    >>> spec, arms = load_ablation("recipes/ablations/attention_type.yaml", smoke=True)
+    >>> spec, arms = load_ablation(ABLATIONS / "attention_type.yaml", smoke=True)
     >>> [a.name for a in arms]
     ['window_only', 'swin', 'twins', 'edgevit', 'hat']
     >>> arms[1].config["model"]["model_kwargs"]["mixer"]

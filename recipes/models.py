@@ -38,6 +38,10 @@ class MixerLevel(nn.Module):
         self.downsample = downsample
         self.grad_checkpointing = False  # FasterViT.set_grad_checkpointing sets it on every level
 
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        """The level without its downsample (FasterViT's ``forward_intermediates`` taps here)."""
+        return self.mixer(x)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.mixer(x)
         return x if self.downsample is None else self.downsample(x)

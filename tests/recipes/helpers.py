@@ -62,7 +62,10 @@ def tiny_config(tmp_path: Path, name: str = "tiny", **overrides) -> Path:
     config["trainer"]["default_root_dir"] = str(run_dir)
     config["trainer"]["logger"] = [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": ""}},
-        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(run_dir), "name": "tb"}},
+        {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(run_dir), "name": "tb"},
+        },
     ]
     config = deep_merge(config, overrides)
     path = tmp_path / f"{name}.yaml"
@@ -76,7 +79,6 @@ def run_recipes(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "recipes", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
-
 
 
 class CrashAtEpoch(pl.Callback):

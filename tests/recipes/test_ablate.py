@@ -23,7 +23,7 @@ def _check_outputs(result, expected_arms):
     assert list(csv_rows[0]) == COLUMNS
     # one plotted point per row, at (inference throughput, top-1) of that row
     assert [p[0] for p in result.points] == expected_arms
-    for (label, x, y), row in zip(result.points, csv_rows):
+    for (_, x, y), row in zip(result.points, csv_rows):
         assert x == pytest.approx(float(row["infer_imgs_per_sec"]), rel=1e-5)
         assert y == pytest.approx(float(row["top1"]), rel=1e-5)
     assert (out / "pareto.png").stat().st_size > 1000
@@ -34,6 +34,7 @@ def _check_outputs(result, expected_arms):
     return csv_rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ABLATIONS, ids=[p.stem for p in ABLATIONS])
 def test_smoke(path, tmp_path):
     spec, arms = load_ablation(path, smoke=True, out=tmp_path)

@@ -7,7 +7,7 @@ import torch
 
 from recipes.cli import main
 
-from .helpers import TINY, tiny_config, run_recipes
+from .helpers import TINY, run_recipes, tiny_config
 
 CHECKPOINT = TINY["trainer"]["callbacks"][0]
 
@@ -41,6 +41,7 @@ def test_fast_dev_run_from_the_command_line(tmp_path):
     assert not (tmp_path / "tiny" / "version_0" / "metrics.csv").exists()  # fast_dev_run logs nothing
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     """3 epochs straight vs. a run that crashes at the start of epoch 2 and is resumed from its epoch-1 checkpoint."""
     straight = _fit(tiny_config(tmp_path, "straight"))
@@ -57,6 +58,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     single = tiny_config(tmp_path, "single", trainer={"max_epochs": 1})
     ddp = tiny_config(tmp_path, "ddp", trainer={"max_epochs": 1, "strategy": "ddp", "devices": 2})

@@ -109,7 +109,7 @@ def test_datamodule_loaders():
 
 def test_missing_real_data_says_what_to_download(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"image-net\.org.*data\.root"):
-        ImageFolderDataModule(tmp_path).num_classes
+        _ = ImageFolderDataModule(tmp_path).num_classes
     with pytest.raises(DatasetNotFoundError, match=r"cifar-100-python.*cs\.toronto\.edu.*tar -xzf"):
         CIFARDataModule(tmp_path, variant="cifar100").setup()
     with pytest.raises(ValueError, match="variant"):

@@ -129,3 +129,9 @@ def test_fastervit_with_swapped_stage3(name):
     reference = fastervit_mixer("window", img_size=64, num_classes=3, **TINY_FASTERVIT)
     outside = {k for k in model.state_dict() if not k.startswith("levels.2.mixer.")}
     assert outside == {k for k in reference.state_dict() if not k.startswith("levels.2.mixer.")}
+
+
+def test_swapped_model_keeps_fastervit_features():
+    model = fastervit_mixer("twins", img_size=64, num_classes=3, **TINY_FASTERVIT)
+    features = model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
+    assert [tuple(f.shape[1:]) for f in features] == [(16, 16, 16), (32, 8, 8), (64, 4, 4), (128, 2, 2)]

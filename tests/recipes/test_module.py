@@ -73,7 +73,7 @@ def test_warm_start_and_convert(tmp_path, monkeypatch):
     monkeypatch.setattr(hatplug, "convert", fake_convert)
     module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, init_checkpoint=str(path),
                              convert={"ct_size": 2, "init": "identity"})  # fmt: skip
-    (options, seen), = calls
+    ((options, seen),) = calls
     assert options == {"ct_size": 2, "init": "identity"}
     assert all(torch.equal(seen[k], v) for k, v in source.model.state_dict().items())  # loaded before converting
     assert module.hparams.convert == {"ct_size": 2, "init": "identity"}
