@@ -732,16 +732,14 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
     >>> open(p, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
     True
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
 
     fits = growth_exponents(points)
     measured = [p for p in points if not p.skipped]
     sizes = sorted({p.img_size for p in measured})
-    fig, (ax_t, ax_c) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig = Figure(figsize=(12, 4.8))
+    ax_t, ax_c = fig.subplots(1, 2)
     for name in dict.fromkeys(p.model for p in points):
         pts = sorted((p for p in measured if p.model == name), key=lambda p: p.img_size)
         if not pts:
@@ -775,7 +773,6 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---- command line ------------------------------------------------------------------------------------

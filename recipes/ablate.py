@@ -1,6 +1,6 @@
 """Run every arm of an ablation and tabulate accuracy against cost.
 
-    python -m recipes.ablate recipes/ablations/attention_type.yaml [--smoke] [--out DIR] [--arms a,b]
+    python -m recipes.ablate recipes/ablations/attention_type.yaml [--smoke | --profile cpu] [--out DIR] [--arms a,b]
 
 An ablation YAML names a LightningCLI ``base`` config (relative to the YAML) and its ``arms``; each arm is that
 config plus ``overrides`` (deep-merged: mappings merge, everything else replaces)::
@@ -20,8 +20,13 @@ config plus ``overrides`` (deep-merged: mappings merge, everything else replaces
         eval_scales: [1.5, 2.0]               # also evaluate at 1.5x and 2x the training size: model rebuilt,
                                               # trained weights loaded, validation data drawn at that size
 
-Order of merging: base, ``overrides``, ``smoke`` (with ``--smoke``), the arm's ``overrides``, the arm's
-``smoke_overrides`` (with ``--smoke``). Each arm's resolved config is written to ``DIR/arms/<arm>.yaml`` and run
+Besides the full form, an ablation may have reduced *profiles* (:data:`PROFILES`): ``smoke`` (tiny models
+and data, seconds; what CI runs) and ``cpu`` (small models trained long enough to compare arms in a few minutes
+on a laptop CPU; ``make demo`` runs the plug-and-play one). A profile ``P`` is the spec keys ``P`` (merged into
+every arm) and ``P_benchmark``, and the arm key ``P_overrides``; ``--smoke`` is short for ``--profile smoke``.
+
+Order of merging: base, ``overrides``, ``P`` (with ``--profile P``), the arm's ``overrides``, the arm's
+``P_overrides`` (with ``--profile P``). Each arm's resolved config is written to ``DIR/arms/<arm>.yaml`` and run
 exactly as ``python -m recipes fit --config DIR/arms/<arm>.yaml`` would; its logs, checkpoints, the
 ``config.yaml`` LightningCLI saved and the final weights (``model.pt``) go to ``DIR/runs/<arm>/``.
 
@@ -38,6 +43,7 @@ import argparse
 import copy
 import importlib
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +55,18 @@ import yaml
 from .cli import main as cli_main
 from .measure import count_params, gflops, throughput
 from .module import ImageClassifier
-from .report import plot_pareto, write_csv, write_markdown
+from .report import markdown_table, plot_pareto, write_csv, write_markdown
 
-__all__ = ["ABLATIONS", "AblationResult", "Arm", "deep_merge", "load_ablation", "main", "run_ablation"]
+__all__ = ["ABLATIONS", "PROFILES", "AblationResult", "Arm", "deep_merge", "load_ablation", "main", "run_ablation"]
 
 ABLATIONS = Path(__file__).parent / "ablations"
 """The ablation YAMLs shipped with the recipes."""
+PROFILES = ("smoke", "cpu")
+"""Reduced forms an ablation YAML may define (see the module docstring)."""
 DEFAULT_BENCHMARK = {"batch_size": 64, "warmup": 3, "iters": 10}
-_SPEC_KEYS = {"name", "description", "base", "overrides", "smoke", "benchmark", "smoke_benchmark", "arms"}
-_ARM_KEYS = {"name", "overrides", "smoke_overrides", "convert", "warm_start", "eval_scales"}
+_SPEC_KEYS = {"name", "description", "base", "overrides", "benchmark", "arms"}
+_SPEC_KEYS |= {key for p in PROFILES for key in (p, f"{p}_benchmark")}
+_ARM_KEYS = {"name", "overrides", "convert", "warm_start", "eval_scales"} | {f"{p}_overrides" for p in PROFILES}
 
 
 def deep_merge(base: dict, override: dict | None) -> dict:
@@ -98,8 +107,21 @@ def _run_dir(out: Path, arm: str) -> Path:
     return out / "runs" / arm
 
 
-def load_ablation(path: str | Path, smoke: bool = False, out: str | Path = "runs/ablation") -> tuple[dict, list[Arm]]:
+def _profile(smoke: bool, profile: str | None) -> str | None:
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)} (or none for the full form)")
+    if smoke and profile not in (None, "smoke"):
+        raise ValueError(f"smoke=True is short for profile='smoke'; it cannot be combined with profile={profile!r}")
+    return "smoke" if smoke else profile
+
+
+def load_ablation(
+    path: str | Path, smoke: bool = False, out: str | Path = "runs/ablation", profile: str | None = None
+) -> tuple[dict, list[Arm]]:
     """Read an ablation YAML and resolve every arm's config (see the module docstring).
+
+    ``profile`` picks a reduced form (:data:`PROFILES`); ``smoke=True`` is short for ``profile="smoke"``. A
+    profile the YAML does not define is an error, not a silent full-size run.
 
     >>> spec, arms = load_ablation(ABLATIONS / "attention_type.yaml", smoke=True)
     >>> [a.name for a in arms]
@@ -107,15 +129,18 @@ def load_ablation(path: str | Path, smoke: bool = False, out: str | Path = "runs
     >>> arms[1].config["model"]["model_kwargs"]["mixer"]
     'swin'
     """
-    path, out = Path(path), Path(out)
+    path, out, profile = Path(path), Path(out), _profile(smoke, profile)
     spec = yaml.safe_load(path.read_text())
     unknown = {k for k in spec if not k.startswith("x-")} - _SPEC_KEYS  # x-*: free keys, e.g. for YAML anchors
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(_SPEC_KEYS)} (or x-*)")
+    if profile is not None and profile not in spec:
+        defined = [p for p in PROFILES if p in spec]
+        raise ValueError(f"{path} has no {profile!r} profile (it defines {defined}); add a {profile!r} key or pick one")
     base = yaml.safe_load((path.parent / spec["base"]).read_text())
     common = deep_merge(base, spec.get("overrides"))
-    if smoke:
-        common = deep_merge(common, spec.get("smoke"))
+    if profile is not None:
+        common = deep_merge(common, spec[profile])
     names = [a["name"] for a in spec["arms"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: arm names must be unique, got {names}")
@@ -127,8 +152,8 @@ def load_ablation(path: str | Path, smoke: bool = False, out: str | Path = "runs
         if any(f <= 0 for f in entry.get("eval_scales", [])):
             raise ValueError(f"{path}: arm {entry['name']!r} has a non-positive eval scale")
         config = deep_merge(common, entry.get("overrides"))
-        if smoke:
-            config = deep_merge(config, entry.get("smoke_overrides"))
+        if profile is not None:
+            config = deep_merge(config, entry.get(f"{profile}_overrides"))
         run_dir = _run_dir(out, entry["name"])
         trainer = config.setdefault("trainer", {})
         trainer["default_root_dir"] = str(run_dir)
@@ -139,6 +164,11 @@ def load_ablation(path: str | Path, smoke: bool = False, out: str | Path = "runs
                 "init_args": {"save_dir": str(run_dir), "name": "tb"},
             },
         ]
+        callbacks = trainer.setdefault("callbacks", [])
+        has_bar = any("ProgressBar" in str(c.get("class_path", "")) for c in callbacks if isinstance(c, dict))
+        if trainer.get("enable_progress_bar", True) and not has_bar:  # the bar says which arm and epoch is running
+            label = f"{spec['name']}: {entry['name']}"
+            callbacks.append({"class_path": "recipes.callbacks.LabelledProgressBar", "init_args": {"label": label}})
         model = config.setdefault("model", {})
         if "convert" in entry:
             model["convert"] = dict(entry["convert"])
@@ -210,7 +240,9 @@ def run_arm(arm: Arm, out: Path, bench: dict) -> list[dict]:
     config_path = out / "arms" / f"{arm.name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(arm.config, sort_keys=False))
-    cli = cli_main(["fit", "--config", str(config_path)])
+    with warnings.catch_warnings():  # args are passed on purpose: the runner's own argv is not LightningCLI's
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = cli_main(["fit", "--config", str(config_path)])
     results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     torch.save(cli.model.model.state_dict(), _run_dir(out, arm.name) / "model.pt")
     size = cli.datamodule.image_size
@@ -221,29 +253,34 @@ def run_arm(arm: Arm, out: Path, bench: dict) -> list[dict]:
 
 
 def run_ablation(
-    path: str | Path, smoke: bool = False, out: str | Path | None = None, arms: Sequence[str] | None = None
+    path: str | Path,
+    smoke: bool = False,
+    out: str | Path | None = None,
+    arms: Sequence[str] | None = None,
+    profile: str | None = None,
 ) -> AblationResult:
     """Run the arms of the ablation at ``path`` (all, or those named in ``arms``) and write the results.
 
-    Results are rewritten after every arm, so an interrupted ablation keeps what finished.
+    ``profile`` / ``smoke`` pick a reduced form as in :func:`load_ablation`. Results are rewritten after every
+    arm, so an interrupted ablation keeps what finished.
 
     Example (about 10 s on one CPU core)::
 
         result = run_ablation("recipes/ablations/attention_type.yaml", smoke=True, out="/tmp/attention")
         [row["arm"] for row in result.rows]  # ['window_only', 'swin', 'twins', 'edgevit', 'hat']
     """
-    path = Path(path)
+    path, profile = Path(path), _profile(smoke, profile)
     spec = yaml.safe_load(path.read_text())
-    out = Path(out or Path("runs") / "ablations" / (spec["name"] + ("-smoke" if smoke else "")))
-    spec, resolved = load_ablation(path, smoke=smoke, out=out)
+    out = Path(out or Path("runs") / "ablations" / (spec["name"] + (f"-{profile}" if profile else "")))
+    spec, resolved = load_ablation(path, out=out, profile=profile)
     if arms is not None:
         missing = set(arms) - {a.name for a in resolved}
         if missing:
             raise ValueError(f"{path}: no arms named {sorted(missing)}; it has {[a.name for a in resolved]}")
         needed = set(arms) | {a.warm_start for a in resolved if a.name in arms and a.warm_start}
         resolved = [a for a in resolved if a.name in needed]
-    bench = {**DEFAULT_BENCHMARK, **(spec.get("smoke_benchmark" if smoke else "benchmark") or {})}
-    title = spec["name"] + (" (smoke)" if smoke else "")
+    bench = {**DEFAULT_BENCHMARK, **(spec.get(f"{profile}_benchmark" if profile else "benchmark") or {})}
+    title = spec["name"] + (f" ({profile})" if profile else "")
     rows: list[dict] = []
     points: list[tuple[str, float, float]] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -260,12 +297,16 @@ def run_ablation(
 def main(argv: Sequence[str] | None = None) -> AblationResult:
     parser = argparse.ArgumentParser(prog="python -m recipes.ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("ablation", help="an ablation YAML, e.g. recipes/ablations/attention_type.yaml")
-    parser.add_argument("--smoke", action="store_true", help="tiny models and data, for CI")
-    parser.add_argument("--out", default=None, help="output folder (default runs/ablations/<name>[-smoke])")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--smoke", action="store_true", help="tiny models and data, for CI (= --profile smoke)")
+    form.add_argument("--profile", choices=PROFILES, default=None, help="a reduced form defined in the YAML")
+    parser.add_argument("--out", default=None, help="output folder (default runs/ablations/<name>[-<profile>])")
     parser.add_argument("--arms", default=None, help="comma-separated subset of arms (warm-start sources are added)")
     args = parser.parse_args(argv)
     arms = args.arms.split(",") if args.arms else None
-    return run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms)
+    result = run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms, profile=args.profile)
+    print(markdown_table(result.rows), flush=True)
+    return result
 
 
 if __name__ == "__main__":

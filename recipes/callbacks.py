@@ -8,8 +8,31 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
-__all__ = ["RNGStateCheckpoint"]
+__all__ = ["LabelledProgressBar", "RNGStateCheckpoint"]
+
+
+class LabelledProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with a label before the epoch, e.g. ``arm 2/9 swin_hat_random | epoch 3/4``.
+
+    The ablation runner gives every arm one, so the bar says which arm and which epoch is running.
+
+    >>> LabelledProgressBar("arm 2/9 swin_hat_random").label
+    'arm 2/9 swin_hat_random'
+    """
+
+    def __init__(self, label: str, refresh_rate: int = 1, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self.label = label
+
+    def describe(self, trainer: pl.Trainer) -> str:
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        return f"{self.label} | epoch {trainer.current_epoch + 1}{epochs}"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.describe(trainer))
 
 
 class RNGStateCheckpoint(pl.Callback):

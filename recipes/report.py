@@ -84,15 +84,14 @@ def plot_pareto(
     """Scatter accuracy against inference throughput, one labelled point per row, with the Pareto front.
 
     Returns the plotted points as ``(label, x, y)`` so that callers (and tests) can check them against the
-    tables.
+    tables. Drawn on a bare :class:`matplotlib.figure.Figure`, so no pyplot backend is chosen or changed (inline
+    plots in a notebook keep working).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     points = [(str(r["arm"]), float(r[x]), float(r[y])) for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.subplots()
     ax.scatter([p[1] for p in points], [p[2] for p in points], zorder=3)
     for label, px, py in points:
         ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -103,12 +102,12 @@ def plot_pareto(
             best = py
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", zorder=2, label="Pareto front")
-        ax.legend(loc="lower left")
-    ax.set_xlabel("inference throughput (images / s, measured here)")
-    ax.set_ylabel(f"validation {y} accuracy")
+        ax.legend(loc="best")
+    x_label = "inference throughput (images / s, measured here)" if x == "infer_imgs_per_sec" else x.replace("_", " ")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"validation {y} accuracy" if y.startswith("top") else y.replace("_", " "))
     ax.set_title(title or "accuracy vs throughput")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return points

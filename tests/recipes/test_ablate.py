@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import hatplug
-from recipes.ablate import load_ablation, main, run_ablation
+from recipes.ablate import PROFILES, load_ablation, main, run_ablation
 from recipes.report import COLUMNS, read_csv, read_markdown
 
 from .helpers import ROOT
@@ -98,11 +98,71 @@ def test_spec_errors(tmp_path):
     with pytest.raises(ValueError, match="unique"):
         load_ablation(write({"arms": [{"name": "a"}, {"name": "a"}]}))
     with pytest.raises(ValueError, match="no arms named"):
-        run_ablation(write({"arms": [{"name": "a"}]}), smoke=True, out=tmp_path / "out", arms=["z"])
+        run_ablation(write({"arms": [{"name": "a"}], "smoke": {}}), smoke=True, out=tmp_path / "out", arms=["z"])
 
 
-def test_every_ablation_resolves_in_both_modes():
+def test_profile_errors(tmp_path):
+    path = tmp_path / "p.yaml"
+    base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "base": str(base), "smoke": {}, "arms": [{"name": "a"}]}))
+    with pytest.raises(ValueError, match="has no 'cpu' profile .*defines \\['smoke'\\]"):
+        load_ablation(path, profile="cpu")
+    with pytest.raises(ValueError, match="unknown profile 'gpu'"):
+        load_ablation(path, profile="gpu")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        run_ablation(path, smoke=True, profile="cpu", out=tmp_path / "out")
+    with pytest.raises(SystemExit):  # argparse: --smoke and --profile are alternatives
+        main([str(path), "--smoke", "--profile", "cpu"])
+
+
+def test_profile_merge_order(tmp_path):
+    """base < overrides < profile < arm overrides < arm profile overrides; other profiles are ignored."""
+    path = tmp_path / "p.yaml"
+    base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
+    spec = {
+        "name": "p", "base": str(base),
+        "overrides": {"model": {"lr": 1.0, "weight_decay": 1.0}},
+        "cpu": {"model": {"lr": 2.0, "warmup_epochs": 7}}, "smoke": {"model": {"lr": 3.0}},
+        "arms": [{"name": "a", "overrides": {"model": {"lr": 4.0}}, "cpu_overrides": {"model": {"weight_decay": 5.0}},
+                  "smoke_overrides": {"model": {"weight_decay": 6.0}}}],
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(spec))
+    model = load_ablation(path, profile="cpu")[1][0].config["model"]
+    assert (model["lr"], model["weight_decay"], model["warmup_epochs"]) == (4.0, 5.0, 7)
+    model = load_ablation(path)[1][0].config["model"]
+    assert (model["lr"], model["weight_decay"], model["warmup_epochs"]) == (
+        4.0,
+        1.0,
+        yaml.safe_load(base.read_text())["model"]["warmup_epochs"],
+    )
+
+
+def test_every_ablation_resolves_in_every_form_it_defines():
     for path in ABLATIONS:
-        for smoke in (False, True):
-            spec, arms = load_ablation(path, smoke=smoke, out=Path("/tmp/x"))
+        spec = yaml.safe_load(path.read_text())
+        assert "smoke" in spec, f"{path.name} needs a smoke form for CI"
+        for profile in [None, *(p for p in PROFILES if p in spec)]:
+            spec, arms = load_ablation(path, profile=profile, out=Path("/tmp/x"))
             assert arms and all(a.config["model"]["model"] for a in arms)
+
+
+@pytest.mark.parametrize("profile", [None, "smoke", "cpu"])
+def test_plug_and_play_compares_like_with_like(profile):
+    """Each HAT arm trains the same base architecture, data and schedule as its base arm; only `convert` differs."""
+    spec, arms = load_ablation(ROOT / "recipes" / "ablations" / "plug_and_play.yaml", profile=profile)
+    by_name = {a.name: a.config for a in arms}
+    for name, config in by_name.items():
+        if "_hat_" not in name:
+            assert "convert" not in config["model"]
+            continue
+        base = by_name[name.split("_hat_")[0]]
+        model = {k: v for k, v in config["model"].items() if k not in ("convert", "init_checkpoint")}
+        assert model == base["model"] and config["data"] == base["data"]
+        assert _schedule(config["trainer"]) == _schedule(base["trainer"])
+
+
+def _schedule(trainer: dict) -> dict:
+    """A trainer config without what names the arm (its folder, loggers and progress-bar label)."""
+    kept = {k: v for k, v in trainer.items() if k not in ("default_root_dir", "logger", "callbacks")}
+    kept["callbacks"] = [c for c in trainer.get("callbacks", []) if "ProgressBar" not in c["class_path"]]
+    return kept
