@@ -9,12 +9,13 @@ are not multiples of the window, so that padding, the shift mask, the gate and p
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import hatplug
 
-from .conftest import FAMILIES, make_model, open_gates
+from .conftest import FAMILIES, make_model, open_gates, rel_diff
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -282,3 +283,73 @@ def test_carrier_tokens_of_a_converted_stage_match_reference():
         y, ct = swin_reference(stage.blocks[0], original.downsample(x), ct, v2=False)
         y, _ = swin_reference(stage.blocks[1], y, ct, v2=False)
         torch.testing.assert_close(stage(x), y, **TOL)
+
+
+def _swin_stage_1(init):
+    """Stage 1 of a small Swin, converted alone and in train mode: an 8x8 map (after PatchMerging) of 2x2
+    windows of 4x4, ct_size 2, one unshifted block with propagation; every parameter nudged off its init."""
+    torch.manual_seed(0)
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=64, embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
+        window_size=4, num_classes=2, drop_path_rate=0.0,  # no DropPath rescaling in train mode
+    )  # fmt: skip
+    stage = hatplug.convert(swin, init=init, stages=[1]).train().layers[1]
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return stage
+
+
+@pytest.mark.parametrize("init", ["identity", "random"])
+def test_converted_stage_in_train_mode_matches_reference_with_gradients(init):
+    """The whole stage (PatchMerging, tokenizer, HAT block, propagation) with autograd on, in train mode:
+    outputs, the input gradient and every parameter gradient against the loop reference."""
+    stage = _swin_stage_1(init)
+    blk = stage.blocks[0]
+    assert stage.training and blk.window_size == (4, 4) and blk.ct_size == 2 and blk.shift_size == (0, 0)
+    assert blk.propagation_scale is not None
+    names, params = zip(*stage.named_parameters())
+    x = torch.randn(3, 16, 16, 32, requires_grad=True)
+    y = stage(x)
+    assert y.shape == (3, 8, 8, 64)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), (x, *params))
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    merged = stage.downsample(x_ref)
+    ct = torch.stack([tokenizer(stage.carrier_tokenizer, m.permute(2, 0, 1)) for m in merged])
+    y_ref, _ = swin_reference(blk, merged, ct, v2=False)
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), (x_ref, *params), allow_unused=True)
+
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(grads[0], grads_ref[0], **TOL)
+    new_parts = {"carrier_tokenizer.pos_embed.weight", "blocks.0.hat_attn.qkv.weight", "blocks.0.propagation_scale"}
+    assert new_parts <= set(names) and ("blocks.0.attn.hat_gate" in names) == (init == "identity"), names
+    mismatched = {
+        n: "unused by the reference" if b is None else rel_diff(a, b)
+        for n, a, b in zip(names, grads[1:], grads_ref[1:])
+        if b is None or not a.abs().max() > 0 or rel_diff(a, b) > 1e-4
+    }
+    assert not mismatched, mismatched
+
+
+def test_propagation_places_each_windows_carrier_tokens_on_its_own_quadrants():
+    """Window ``w``'s CT ``k`` (row-major, as window_partition_nhwc and the tokenizer order them) lands on
+    quadrant ``k`` of window ``w``; a 2 x 3 window grid so that rows and columns cannot be confused."""
+    blk = _swin_stage_1("random").blocks[0]
+    B, Hp, Wp, C, n_h, n_w = 2, 8, 12, blk.propagation_scale.numel(), 2, 3
+    ct = torch.zeros(B * n_h * n_w, 4, C)
+    for b in range(B):
+        for w in range(n_h * n_w):
+            ct[b * n_h * n_w + w, :, 0] = 100 * b + w
+            ct[b * n_h * n_w + w, :, 1] = torch.arange(4.0)
+    with torch.no_grad():
+        blk.propagation_scale.fill_(1.0)
+        out = blk.propagate_into_map(torch.zeros(B, Hp, Wp, C), ct, Hp, Wp)
+    r, s = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
+    window = (r // 4) * n_w + s // 4
+    quadrant = (r % 4 // 2) * 2 + s % 4 // 2
+    for b in range(B):
+        assert torch.equal(out[b, ..., 0], (100 * b + window).float())
+        assert torch.equal(out[b, ..., 1], quadrant.float())
+    assert not out[..., 2:].any()
