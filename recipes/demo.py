@@ -16,6 +16,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+import torch
+
 from hatplug.bench import machine_info
 
 from .ablate import ABLATIONS, AblationResult, run_ablation
@@ -34,7 +36,7 @@ def summary(result: AblationResult, wall_s: float) -> str:
     rows = [{k: row.get(k, "") for k in SHOWN} for row in result.rows]
     lines = [
         f"plug-and-play ablation, cpu profile: {len(result.rows)} arms in {wall_s / 60:.1f} min",
-        f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads; {info['date']}",
+        f"machine: {info['cpu']}, {info['cores']} cores, torch threads: {info['torch_threads']}; {info['date']}",
         f"files: {result.out}/results.csv, results.md, pareto.png, arms/*.yaml, runs/<arm>/",
         "",
         markdown_table(rows),
@@ -46,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
     parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all nine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric"):  # keep the demo's output to progress and results
         logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
