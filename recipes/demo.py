@@ -1,6 +1,6 @@
 """``make demo``: the plug-and-play ablation on the built-in data set, on the CPU, and its results table.
 
-    python -m recipes.demo [--out runs/demo] [--arms swin,swin_hat_warm]
+    python -m recipes.demo [--out runs/demo] [--arms swin,swin_hat_warm] [--threads 1]
 
 Runs ``recipes/ablations/plug_and_play.yaml`` in its ``cpu`` profile (timm Swin, Twins-SVT and EdgeViT at a
 small width, each against its ``hatplug.convert`` from random init and warm-started from the trained base, on
@@ -48,10 +48,12 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
     parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--arms", default=None, help="comma-separated subset of arms (default: all nine)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see below)")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    # The demo's models are small (32-192 channels at 64 px): many short ops, where a second thread gains little
+    # and, when any other job holds a core, OpenMP's barrier waits made a 2-thread run 20-40x slower (measured on
+    # the 2-core CI machine: 0.16 vs 7 steps/s). One thread keeps the demo at about 5 minutes there.
+    torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric"):  # keep the demo's output to progress and results
         logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
