@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hatplug.layers import HATStage
+from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_
+from hatplug.layers.pos_embed import _tracing
 
 from .resize import summarise_keys
 
@@ -55,8 +57,21 @@ def stage_resolutions(resolution: int | Sequence[int], num_stages: int = 4) -> l
     return sizes
 
 
+STEM_CHUNK_BYTES = 32 * 2**20  # glibc's largest dynamic mmap threshold on 64-bit Linux
+
+
+def _nhwc_on_cpu(x: Tensor) -> Tensor:
+    """oneDNN runs FasterViT's 3x3 convs 1.5-1.8x faster on channels-last maps (torch 2.15, one AVX-512
+    core), so the folded inference path switches CPU maps to that layout once, at the stem."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 class PatchEmbed(nn.Module):
-    """Stem: two 3x3 stride-2 convs with BatchNorm (eps 1e-4) and ReLU; output stride 4."""
+    """Stem: two 3x3 stride-2 convs with BatchNorm (eps 1e-4) and ReLU; output stride 4.
+
+    In eval mode (without autograd or tracing) it runs with each BatchNorm folded into its conv (see
+    :mod:`hatplug.layers.fusion`) and, on CPU, returns a channels-last map.
+    """
 
     def __init__(self, in_chans: int = 3, in_dim: int = 64, dim: int = 96) -> None:
         super().__init__()
@@ -69,13 +84,61 @@ class PatchEmbed(nn.Module):
             nn.BatchNorm2d(dim, eps=1e-4),
             nn.ReLU(),
         )
+        self._folded = FoldedTensors()
+
+    def train(self, mode: bool = True) -> PatchEmbed:
+        self._folded.clear()
+        return super().train(mode)
+
+    def _fold(self) -> tuple[Tensor, ...]:
+        conv1, bn1, _, conv2, bn2, _ = self.conv_down
+        w1, b1 = fold_batchnorm(conv1.weight, conv1.bias, bn1)
+        w2, b2 = fold_batchnorm(conv2.weight, conv2.bias, bn2)
+        return w1, b1, w2, b2
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv_down(self.proj(x))
+        x = self.proj(x)
+        if not fusion_active(self, x):
+            return self.conv_down(x)
+        conv1, bn1, _, conv2, bn2, _ = self.conv_down
+        w1, b1, w2, b2 = self._folded.get(
+            (conv1.weight, conv1.bias, *_bn_state(bn1), conv2.weight, conv2.bias, *_bn_state(bn2)), self._fold
+        )
+        x = _nhwc_on_cpu(x)
+        chunk = self._batch_chunk(x) if x.device.type == "cpu" else x.shape[0]
+        if chunk < x.shape[0]:
+            return torch.cat([self._folded_forward(part, w1, b1, w2, b2) for part in x.split(chunk)])
+        return self._folded_forward(x, w1, b1, w2, b2)
+
+    def _folded_forward(self, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        conv1, conv2 = self.conv_down[0], self.conv_down[3]
+        return conv2._conv_forward(conv1._conv_forward(x, w1, b1).relu_(), w2, b2).relu_()
+
+    def _batch_chunk(self, x: Tensor) -> int:
+        """Images per chunk such that the first conv's output (the largest activation of the model, 51 MB
+        at batch 16 and 224 px) stays under :data:`STEM_CHUNK_BYTES`: glibc serves larger allocations
+        with fresh ``mmap`` pages, whose first-touch page faults (12.5k per forward at batch 16) made the
+        stem 1.4x slower on CPU (about 1 % of the whole forward). Each image is computed alone either way,
+        so chunking does not change the result (bit for bit)."""
+        conv1 = self.conv_down[0]
+        h, w = (
+            (n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[2:], conv1.padding, conv1.kernel_size, conv1.stride)
+        )
+        per_image = conv1.out_channels * h * w * x.element_size()
+        chunks = -(-x.shape[0] * per_image // STEM_CHUNK_BYTES)
+        return -(-x.shape[0] // max(chunks, 1))
+
+
+def _bn_state(bn: nn.BatchNorm2d) -> tuple[Tensor | None, ...]:
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
 class ConvBlock(nn.Module):
-    """Residual conv block of stages 1-2: conv3x3-BN-GELU-conv3x3-BN (+ layer scale, drop path)."""
+    """Residual conv block of stages 1-2: conv3x3-BN-GELU-conv3x3-BN (+ layer scale, drop path).
+
+    In eval mode (without autograd or tracing) both BatchNorms and the layer scale are folded into the
+    convs (see :mod:`hatplug.layers.fusion`); the map keeps its memory format.
+    """
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float | None = None) -> None:
         super().__init__()
@@ -86,8 +149,31 @@ class ConvBlock(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim, eps=1e-5)
         self.gamma = None if layer_scale is None else nn.Parameter(layer_scale * torch.ones(dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self._folded = FoldedTensors()
+
+    def train(self, mode: bool = True) -> ConvBlock:
+        self._folded.clear()
+        return super().train(mode)
+
+    def _fold(self) -> tuple[Tensor, ...]:
+        w1, b1 = fold_batchnorm(self.conv1.weight, self.conv1.bias, self.norm1)
+        w2, b2 = fold_batchnorm(self.conv2.weight, self.conv2.bias, self.norm2, self.gamma)
+        return w1, b1, w2, b2
 
     def forward(self, x: Tensor) -> Tensor:
+        if fusion_active(self, x) and isinstance(self.act1, nn.GELU):
+            sources = (
+                self.conv1.weight,
+                self.conv1.bias,
+                *_bn_state(self.norm1),
+                self.conv2.weight,
+                self.conv2.bias,
+                *_bn_state(self.norm2),
+                self.gamma,
+            )
+            w1, b1, w2, b2 = self._folded.get(sources, self._fold)
+            y = gelu_(self.conv1._conv_forward(x, w1, b1), self.act1.approximate)
+            return self.conv2._conv_forward(y, w2, b2).add_(x)  # x + y: the same sum, no new buffer
         y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
@@ -140,6 +226,15 @@ class HATLevel(HATStage):
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_blocks(x)
         return x if self.downsample is None else self.downsample(x)
+
+
+def _is_contiguous(x: Tensor) -> bool:
+    return not _tracing() and x.is_contiguous()
+
+
+def _same_layout(x: Tensor, contiguous: bool) -> Tensor:
+    """The maps a model returns are contiguous when its input was, whatever layout it ran in inside."""
+    return x.contiguous() if contiguous and not x.is_contiguous() else x
 
 
 def _take_over_weights(old: nn.Module, new: nn.Module) -> None:
@@ -351,18 +446,19 @@ class FasterViT(nn.Module):
         levels = self.levels[: max_index + 1] if stop_early else self.levels
         last_index = len(self.levels) - 1
         intermediates = []
+        contiguous = _is_contiguous(x)
         x = self.patch_embed(x)
         for i, level in enumerate(levels):
             x = level.forward_blocks(x)
             if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last_index else x)
+                intermediates.append(_same_layout(self.norm(x) if norm and i == last_index else x, contiguous))
             if i < len(levels) - 1:
                 x = level.downsample(x)
         if intermediates_only:
             return intermediates
         if len(levels) - 1 == last_index:
             x = self.norm(x)
-        return x, intermediates
+        return _same_layout(x, contiguous), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -463,10 +559,11 @@ class FasterViT(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, in_chans, H, W)`` -> normalised final map ``(B, num_features, H/32, W/32)``."""
+        contiguous = _is_contiguous(x)
         x = self.patch_embed(x)
         for level in self.levels:
             x = level(x)
-        return self.norm(x)
+        return _same_layout(self.norm(x), contiguous)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool and classify a map from :meth:`forward_features`; ``pre_logits`` stops before the head."""

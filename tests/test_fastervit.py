@@ -22,6 +22,7 @@ from hatplug.errors import (
     PretrainedWeightsNotFoundError,
     UnsafeCheckpointError,
 )
+from hatplug.layers.fusion import inference_fusion
 
 from .conftest import randomize_
 
@@ -285,7 +286,10 @@ def test_whole_model_is_fx_traceable():
     graph = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 96, 160)
     with torch.no_grad():
-        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+        with inference_fusion(False):  # the traced graph is the plain computation, bit for bit
+            torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+        # eager eval mode runs the folded form (hatplug.layers.fusion): equal up to float32 rounding
+        torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_aliases_of_one_tensor_must_agree(tmp_path):

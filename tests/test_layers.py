@@ -20,6 +20,7 @@ from hatplug.layers import (
     window_partition,
     window_reverse,
 )
+from hatplug.layers.fusion import inference_fusion
 
 
 def test_window_partition_matches_explicit_slicing():
@@ -215,4 +216,7 @@ def test_stage_is_fx_traceable_with_same_output():
     x = torch.randn(2, 16, 10, 20)
     graph = torch.fx.symbolic_trace(stage)
     with torch.no_grad():
-        torch.testing.assert_close(graph(x), stage(x), rtol=0, atol=0)
+        with inference_fusion(False):  # the traced graph is the plain computation, bit for bit
+            torch.testing.assert_close(graph(x), stage(x), rtol=0, atol=0)
+        # eager eval mode runs the folded form (hatplug.layers.fusion): equal up to float32 rounding
+        torch.testing.assert_close(graph(x), stage(x), rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from .attention import BiasedAttention, CarrierWindowAttention, gated_carrier_attention
 from .carrier import CarrierTokenizer, carrier_pool_geometry
+from .fusion import inference_fusion
 from .hat import (
     CarrierTokenGrid,
     CarrierTokenHalf,
@@ -40,6 +41,7 @@ __all__ = [
     "ceil_to_multiple",
     "gated_carrier_attention",
     "grouped_to_raster_index",
+    "inference_fusion",
     "join_carrier_tokens",
     "pad_to_windows",
     "propagate_carrier_tokens",

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fusion import fusion_active
 from .pos_embed import ContinuousPositionBias
 
 __all__ = ["BiasedAttention", "CarrierWindowAttention", "gated_carrier_attention"]
@@ -72,7 +73,8 @@ class BiasedAttention(nn.Module):
             else ContinuousPositionBias(num_heads, window_size, num_prefix_tokens, token_order)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def attend(self, x: Tensor) -> Tensor:
+        """The attention before the output projection: ``(B_, N, C)`` -> ``(B_, N, C)``."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, heads, N, hd)
@@ -80,8 +82,10 @@ class BiasedAttention(nn.Module):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj_drop(self.proj(self.attend(x)))
 
 
 def _add_window_bias(logits: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -165,6 +169,42 @@ def gated_carrier_attention(
     return out_ct, out_win
 
 
+def _pad_mask(bias: Tensor | None, mask: Tensor | None, pad: tuple[int, int, int, int]) -> Tensor | None:
+    """The additive mask of a ``[CTs; window]`` sequence: the window bias ``(1, h, N, N)`` plus the shift mask
+    ``(nW, 1, N, N)``, zero-padded for the carrier tokens' rows / columns (``pad`` as for ``F.pad``)."""
+    if bias is None and mask is None:
+        return None
+    if mask is None:
+        return F.pad(bias, pad)
+    if bias is None:
+        return F.pad(mask, pad)
+    return F.pad(bias + mask, pad)  # (nW, h, L, L')
+
+
+def _window_chunks(batch_windows: int, attn_mask: Tensor | None) -> list[tuple[int, int]]:
+    """Slices of the windows ``(B_ = B * nW, ...)``, batch-major, that one SDPA call can take with ``attn_mask``.
+
+    A per-window mask ``(nW, h | 1, L, L')`` does not broadcast over ``B_``; viewing the windows as
+    ``(B, nW, ...)`` would make the inputs 5D, which sends SDPA to its unfused math kernel (3x the time
+    here). Instead each image's windows get their own call of the fused kernel."""
+    if attn_mask is None or attn_mask.shape[0] == 1:
+        return [(0, batch_windows)]
+    nw = attn_mask.shape[0]
+    return [(i, i + nw) for i in range(0, batch_windows, nw)]
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _few_keys_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(softmax(q k^T) v, logsumexp(q k^T))`` for a handful of keys (the carrier tokens of a window):
+    plain batched matmuls, 0.66x the time of the fused kernel, whose cost per (window, head) does not shrink
+    with the number of keys."""
+    logits = torch.matmul(q, k.transpose(-2, -1))  # (B_, h, L, n)
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.matmul(logits.sub_(lse.unsqueeze(-1)).exp_(), v), lse
+
+
 class CarrierWindowAttention(nn.Module):
     """Window attention over ``[carrier tokens of the window; window tokens]``, built around a model's own
     projections, for the blocks that :func:`hatplug.convert` makes.
@@ -213,6 +253,9 @@ class CarrierWindowAttention(nn.Module):
         ``(B_, N, h * hd)``."""
         B_, n, N = windows.shape[0], ct_windows.shape[1], windows.shape[1]
         bias = self.window_bias()
+        if fusion_active(self, ct_windows, windows):
+            x = self._fused_attention(ct_windows, windows, bias, mask)
+            return x[:, :n], x[:, n:]
         if self.hat_gate is not None:
             drop = self.attn_drop if self.training and self.attn_drop.p > 0 else None
             carriers, window = self.project(ct_windows), self.project(windows)
@@ -224,7 +267,55 @@ class CarrierWindowAttention(nn.Module):
             ct_out, out = self.joint_attention(q, k, v, n, bias, mask).split([n, N], dim=2)
         return ct_out.transpose(1, 2).reshape(B_, n, -1), out.transpose(1, 2).reshape(B_, N, -1)
 
+    def _fused_attention(self, ct_windows: Tensor, windows: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
+        """Inference form of both modes in fused kernels; ``(B_, n + N, h * hd)``, heads merged, before ``proj``.
+
+        One qkv projection of ``[CTs; window]``. ``gated=False``: the joint softmax in one SDPA call.
+        ``gated=True``: the window-only softmax in SDPA's fused CPU kernel, which also returns its
+        log-sum-exp, the softmax over the window's few carrier-token keys in plain matmuls, and per head
+        ``lerp(window, joint, gate)`` with ``joint = window + w_ct * (ct - window)``, ``w_ct`` the CT keys'
+        share of the joint softmax (a sigmoid of the difference of the log-sum-exps): exactly the window
+        attention at ``gate = 0``. Results are written straight into the merged-heads layout. Equal to the
+        training form up to float32 rounding.
+        """
+        B_, n = windows.shape[0], ct_windows.shape[1]
+        q, k, v = self.project(torch.cat((ct_windows, windows), dim=1))  # (B_, h, L, hd)
+        h, L, hd = q.shape[1], q.shape[2], q.shape[3]
+        bias = None if bias is None else bias.to(q.dtype)
+        mask = None if mask is None else mask.to(q.dtype).unsqueeze(1)  # (nW, 1, N, N)
+        out = q.new_empty((B_, L, h, hd))
+        merged = out.transpose(1, 2)  # (B_, h, L, hd) view of the output
+        if self.hat_gate is None:
+            joint_mask = _pad_mask(bias, mask, (n, 0, n, 0))
+            for i, j in _window_chunks(B_, joint_mask):
+                merged[i:j] = F.scaled_dot_product_attention(q[i:j], k[i:j], v[i:j], attn_mask=joint_mask, scale=1.0)
+            return out.view(B_, L, h * hd)
+        gate = self.hat_gate.view(1, -1, 1, 1).to(q.dtype)
+        window_mask = _pad_mask(bias, mask, (0, 0, n, 0))  # CT queries: no bias and no mask on window keys
+        k_win, v_win = k[:, :, n:], v[:, :, n:]
+        if _FLASH_CPU is not None and q.device.type == "cpu":
+            o_ct, lse_ct = _few_keys_attention(q, k[:, :, :n], v[:, :, :n])
+            try:
+                for i, j in _window_chunks(B_, window_mask):
+                    o_win, lse_win = _FLASH_CPU(q[i:j], k_win[i:j], v_win[i:j], attn_mask=window_mask, scale=1.0)
+                    w_ct = torch.sigmoid(lse_ct[i:j] - lse_win).unsqueeze(-1).to(q.dtype).mul_(gate)
+                    torch.lerp(o_win, o_ct[i:j], w_ct, out=merged[i:j])
+                return out.view(B_, L, h * hd)
+            except (RuntimeError, TypeError):  # a build or dtype the private kernel does not take
+                pass
+        joint_mask = _pad_mask(bias, mask, (n, 0, n, 0))
+        for i, j in _window_chunks(B_, window_mask):
+            joint = F.scaled_dot_product_attention(q[i:j], k[i:j], v[i:j], attn_mask=joint_mask, scale=1.0)
+            window = F.scaled_dot_product_attention(q[i:j], k_win[i:j], v_win[i:j], attn_mask=window_mask, scale=1.0)
+            torch.lerp(window, joint, gate, out=merged[i:j])
+        return out.view(B_, L, h * hd)
+
     def forward(self, ct_windows: Tensor, windows: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if fusion_active(self, ct_windows, windows):
+            # inference: one output projection for the CTs and the window tokens together
+            n = ct_windows.shape[1]
+            x = self.proj_drop(self.proj(self._fused_attention(ct_windows, windows, self.window_bias(), mask)))
+            return x[:, :n], x[:, n:]
         ct_out, out = self.attend(ct_windows, windows, mask)
         return self.proj_drop(self.proj(ct_out)), self.proj_drop(self.proj(out))
 

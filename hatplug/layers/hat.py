@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import BiasedAttention
 from .carrier import CarrierTokenizer
-from .pos_embed import AbsolutePositionMLP
+from .fusion import FoldedTensors, fold_scale, fusion_active, mlp_hidden, passes_through, residual_linear
+from .pos_embed import AbsolutePositionMLP, _tracing
 from .windows import (
     ceil_to_multiple,
     grouped_to_raster_index,
@@ -34,6 +35,7 @@ from .windows import (
     upsample_index,
     window_partition,
     window_reverse,
+    window_reverse_nhwc,
 )
 
 __all__ = [
@@ -48,12 +50,31 @@ __all__ = [
 ]
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    """A 4D map stored channels-last (and not also contiguous, which tiny maps can be); False while tracing."""
+    return not _tracing() and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
     return None if value is None else nn.Parameter(value * torch.ones(dim))
 
 
 def _scale(x: Tensor, gamma: Tensor | None) -> Tensor:
     return x if gamma is None else gamma * x
+
+
+def _scaled_linear(linear: nn.Linear, gamma: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` of ``gamma * linear(.)``: the layer's own tensors when there is no layer scale."""
+    return (linear.weight, linear.bias) if gamma is None else fold_scale(linear.weight, linear.bias, gamma)
+
+
+def _folded_residual_pair(cache, proj: nn.Linear, gamma_attn, fc2: nn.Linear, gamma_mlp) -> tuple:
+    """``(w_attn, b_attn, w_mlp, b_mlp)``: an attention output projection and an MLP's last layer with their
+    layer scales folded in, from ``cache`` (a :class:`FoldedTensors`) while none of the sources changed."""
+    return cache.get(
+        (proj.weight, proj.bias, gamma_attn, fc2.weight, fc2.bias, gamma_mlp),
+        lambda: _scaled_linear(proj, gamma_attn) + _scaled_linear(fc2, gamma_mlp),
+    )
 
 
 def join_carrier_tokens(ct: Tensor, x: Tensor) -> Tensor:
@@ -138,11 +159,28 @@ class CarrierTokenHalf:
         self.hat_pos_embed = hat_pos_embed
         self.gamma1 = _layer_scale(dim, layer_scale)
         self.gamma2 = _layer_scale(dim, layer_scale)
+        self._hat_folded = FoldedTensors()
 
     def carrier_attention(self, ct: Tensor, pos: Tensor | None = None) -> Tensor:
-        """``(B, n_ct, C)`` -> ``(B, n_ct, C)``: add ``pos``, then attention and MLP with residuals and layer scales."""
+        """``(B, n_ct, C)`` -> ``(B, n_ct, C)``: add ``pos``, then attention and MLP with residuals and layer scales.
+
+        In eval mode (no autograd, no tracing) the layer scales are folded into the output projections and
+        each residual is accumulated by the projection's GEMM (:mod:`hatplug.layers.fusion`).
+        """
         if pos is not None:
             ct = ct + pos
+        hidden = mlp_hidden(self.hat_mlp)
+        if (
+            fusion_active(self, ct)
+            and hidden is not None
+            and isinstance(self.hat_attn, BiasedAttention)
+            and passes_through(self.hat_drop_path, self.hat_attn.proj_drop, self.hat_mlp.drop2)
+        ):
+            w_attn, b_attn, w_mlp, b_mlp = _folded_residual_pair(
+                self._hat_folded, self.hat_attn.proj, self.gamma1, self.hat_mlp.fc2, self.gamma2
+            )
+            ct = residual_linear(ct, self.hat_attn.attend(self.hat_norm1(ct)), w_attn, b_attn)
+            return residual_linear(ct, hidden(self.hat_norm2(ct)), w_mlp, b_mlp)
         ct = ct + self.hat_drop_path(_scale(self.hat_attn(self.hat_norm1(ct)), self.gamma1))
         ct = ct + self.hat_drop_path(_scale(self.hat_mlp(self.hat_norm2(ct)), self.gamma2))
         return ct
@@ -253,6 +291,7 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         self.mlp = Mlp(dim, hidden, drop=drop)
         self.gamma3 = _layer_scale(dim, layer_scale)
         self.gamma4 = _layer_scale(dim, layer_scale)
+        self._folded = FoldedTensors()
 
         self.hat_attn = None
         if ct_grid is not None:
@@ -287,10 +326,57 @@ class HATBlock(CarrierTokenHalf, nn.Module):
                     "ct_upsample_index", upsample_index(ct_grid.ct_size, window_size), persistent=False
                 )
 
+    def train(self, mode: bool = True) -> HATBlock:
+        self._folded.clear()
+        if self.hat_attn is not None:
+            self._hat_folded.clear()
+        return super().train(mode)
+
+    def _fused_forward(self, x: Tensor, ct: Tensor | None, hidden) -> tuple[Tensor, Tensor | None]:
+        """Eval-mode forward: the same function as :meth:`forward` up to float32 rounding, with the layer
+        scales folded into ``attn.proj`` / ``mlp.fc2``, the residuals accumulated by those GEMMs, and the
+        position embedding added while the carrier tokens are joined (one pass instead of two)."""
+        w_attn, b_attn, w_mlp, b_mlp = _folded_residual_pair(
+            self._folded, self.attn.proj, self.gamma3, self.mlp.fc2, self.gamma4
+        )
+        pos = self.pos_embed()
+        if self.hat_attn is None:
+            x = x + pos
+        else:
+            C = ct.shape[-1]
+            if self.ct_block_perm is not None:
+                ct = ct[:, self.ct_block_perm]
+            ct = self.carrier_attention(ct, self.hat_pos_embed() if self.hat_pos_embed is not None else None)
+            n = self.ct_per_window
+            seq = x.new_empty((x.shape[0], n + x.shape[1], C))
+            seq[:, :n] = ct.view(x.shape[0], n, C)
+            torch.add(x, pos, out=seq[:, n:])  # (B*nW, ct*ct + ws*ws, C)
+            x = seq
+        x = residual_linear(x, self.attn.attend(self.norm1(x)), w_attn, b_attn)
+        x = residual_linear(x, hidden(self.norm2(x)), w_mlp, b_mlp)
+        return self._split_carrier_tokens(x, ct)
+
+    def _split_carrier_tokens(self, x: Tensor, ct: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Take the carrier tokens back out of the windows (``ct`` only gives the batch and channel sizes) and,
+        in a stage's last block, propagate them into the window tokens."""
+        if self.hat_attn is None:
+            return x, ct
+        B, _, C = ct.shape
+        ct_windows, x = split_carrier_tokens(x, self.ct_per_window)
+        if self.propagate:
+            x = propagate_carrier_tokens(x, ct_windows, self.ct_upsample_index, self.gamma1)
+        return x, ct_windows.reshape(B, -1, C)
+
     def forward(self, x: Tensor, ct: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        hidden = mlp_hidden(self.mlp)
+        if (
+            hidden is not None
+            and fusion_active(self, x, ct)
+            and passes_through(self.drop_path, self.attn.proj_drop, self.mlp.drop2)
+        ):
+            return self._fused_forward(x, ct, hidden)
         x = x + self.pos_embed()  # (B*nW, ws*ws, C)
         if self.hat_attn is not None:
-            B, _, C = ct.shape
             if self.ct_block_perm is not None:
                 ct = ct[:, self.ct_block_perm]
             ct = self.carrier_attention(ct, self.hat_pos_embed() if self.hat_pos_embed is not None else None)
@@ -298,13 +384,7 @@ class HATBlock(CarrierTokenHalf, nn.Module):
 
         x = x + self.drop_path(_scale(self.attn(self.norm1(x)), self.gamma3))
         x = x + self.drop_path(_scale(self.mlp(self.norm2(x)), self.gamma4))
-
-        if self.hat_attn is not None:
-            ct_windows, x = split_carrier_tokens(x, self.ct_per_window)
-            ct = ct_windows.reshape(B, -1, C)
-            if self.propagate:
-                x = propagate_carrier_tokens(x, ct_windows, self.ct_upsample_index, self.gamma1)
-        return x, ct
+        return self._split_carrier_tokens(x, ct)
 
 
 class HATStage(nn.Module):
@@ -382,6 +462,7 @@ class HATStage(nn.Module):
         torch._assert(x.shape[2] == H, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         torch._assert(x.shape[3] == W, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         Hp, Wp = self.padded_resolution
+        channels_last = _is_channels_last(x)
         x = pad_to_windows(x, Hp - H, Wp - W)
         ct = self.global_tokenizer(x) if self.global_tokenizer is not None else None
         x = window_partition(x, self.window_size)  # (B*nW, ws*ws, C)
@@ -390,7 +471,12 @@ class HATStage(nn.Module):
                 x, ct = checkpoint(blk, x, ct, use_reentrant=False)
             else:
                 x, ct = blk(x, ct)
-        x = window_reverse(x, self.window_size, Hp, Wp)
+        if channels_last:  # the output keeps the input's memory format, as a conv's does
+            x = window_reverse_nhwc(x, (self.window_size, self.window_size), Hp, Wp).permute(0, 3, 1, 2)
+        else:
+            x = window_reverse(x, self.window_size, Hp, Wp)
         if Hp != H or Wp != W:
-            x = x[:, :, :H, :W].contiguous()
+            x = x[:, :, :H, :W].contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            )
         return x

@@ -1,0 +1,248 @@
+"""Inference-time reparameterisation: BatchNorm and layer scales folded into the preceding conv / linear.
+
+In eval mode a conv followed by BatchNorm (running statistics) and an optional per-channel scale is one
+affine map, ``s * (BN(conv(x)))  = conv'(x)`` with ``w' = w * s * gamma / sqrt(var + eps)`` per output
+channel; the same holds for a linear followed by a layer-scale ``gamma``: ``gamma * (W x + b) = (gamma W) x
++ gamma b``. Modules that use this keep their parameters, buffers and state-dict keys exactly as they are
+(official checkpoints load unchanged) and derive the folded tensors on demand, cached like the position
+biases (:class:`~hatplug.layers.CachedBias`): the cache key is the identity, in-place version, dtype and
+device of every source tensor, so an optimiser step, ``load_state_dict``, ``.to()`` or new BatchNorm
+statistics make the next call fold again, and ``train()`` drops the cache.
+
+The folded path is taken only where it computes the same function up to float32 rounding and nothing can
+observe the difference: eval mode, no tracer or compiler recording the forward (those see the plain
+modules and fuse on their own), and no autograd through the weights or the input. In training the plain
+modules run, so training is bit-identical with or without this. ``inference_fusion(False)`` switches it
+off globally (A/B measurements, debugging), together with the other inference-only forms that use
+:func:`fusion_active`: FasterViT's conv levels in channels-last on CPU and its stem in batch chunks
+(``fastervit.model``), HAT blocks that accumulate residuals in the projection GEMMs and apply GELU in
+place, and the fused-kernel attention of converted blocks (:class:`~hatplug.layers.CarrierWindowAttention`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .pos_embed import _tracing
+
+__all__ = [
+    "FoldedTensors",
+    "fold_batchnorm",
+    "fold_scale",
+    "fusion_active",
+    "gelu_",
+    "inference_fusion",
+    "inference_fusion_enabled",
+    "mlp_hidden",
+    "passes_through",
+    "residual_linear",
+]
+
+_ENABLED = True
+
+
+def inference_fusion_enabled() -> bool:
+    """Whether eval-mode modules may run their folded (reparameterised) form."""
+    return _ENABLED
+
+
+@contextmanager
+def inference_fusion(enabled: bool) -> Iterator[None]:
+    """Switch inference-time folding on or off inside a ``with`` block (globally, not per thread).
+
+    >>> import fastervit, torch
+    >>> model = fastervit.create_model("faster_vit_0_any_res", resolution=[64, 64]).eval()
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> with torch.no_grad(), inference_fusion(False):
+    ...     plain = model(x)
+    >>> with torch.no_grad():
+    ...     torch.allclose(model(x), plain, rtol=1e-4, atol=1e-5)
+    True
+    """
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED = previous
+
+
+def fusion_active(module: nn.Module, *inputs: Tensor | None) -> bool:
+    """True where ``module`` may run its folded form: fusion enabled, eval mode, no tracer/compiler, and no
+    autograd through its parameters or ``inputs``."""
+    if not _ENABLED or module.training or _tracing():
+        return False
+    if torch.is_grad_enabled():
+        if any(t is not None and t.requires_grad for t in inputs):
+            return False
+        if any(p.requires_grad for p in module.parameters()):
+            return False
+    return True
+
+
+def _channel_view(v: Tensor, ndim: int) -> Tensor:
+    return v.view(-1, *([1] * (ndim - 1)))
+
+
+def fold_batchnorm(
+    weight: Tensor, bias: Tensor | None, bn: nn.modules.batchnorm._BatchNorm, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(w', b')`` such that ``scale * bn(conv(x; weight, bias)) == conv(x; w', b')`` with ``bn`` in eval mode.
+
+    Args:
+        weight: ``(out, ...)`` weight of the conv (or linear) before ``bn``.
+        bias: its ``(out,)`` bias, or ``None``.
+        bn: a BatchNorm with running statistics.
+        scale: optional per-channel factor applied after ``bn`` (a layer scale), ``(out,)``.
+
+    >>> conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4).eval()
+    >>> _ = bn.running_var.uniform_(0.5, 2.0), bn.running_mean.normal_()
+    >>> w, b = fold_batchnorm(conv.weight, conv.bias, bn)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> torch.allclose(bn(conv(x)), torch.nn.functional.conv2d(x, w, b), atol=1e-5)
+    True
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics normalises with batch statistics: it cannot be folded")
+    # folded in (at least) float32, as BatchNorm computes its statistics, then stored in the weight's dtype
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    factor = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    if bn.weight is not None:
+        factor = factor * bn.weight.to(dtype)
+    mean = bn.running_mean.to(dtype)
+    shift = -mean if bias is None else bias.to(dtype) - mean
+    shift = shift * factor
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    if scale is not None:
+        factor, shift = factor * scale.to(dtype), shift * scale.to(dtype)
+    folded = weight.to(dtype) * _channel_view(factor, weight.ndim)
+    return folded.to(weight.dtype), shift.to(weight.dtype)
+
+
+def fold_scale(weight: Tensor, bias: Tensor | None, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(w', b')`` with ``scale * linear(x; weight, bias) == linear(x; w', b')`` (a layer scale folded into the
+    projection before it; also for convs, ``scale`` per output channel).
+
+    >>> lin, gamma = nn.Linear(4, 3), torch.rand(3)
+    >>> w, b = fold_scale(lin.weight, lin.bias, gamma)
+    >>> x = torch.randn(5, 4)
+    >>> torch.allclose(gamma * lin(x), torch.nn.functional.linear(x, w, b))
+    True
+    """
+    scale = scale.to(weight.dtype)
+    return weight * _channel_view(scale, weight.ndim), None if bias is None else bias * scale
+
+
+class FoldedTensors:
+    """Cache of tensors derived from some source tensors (parameters, BN statistics).
+
+    ``get(sources, compute)`` returns ``compute()``'s tuple, recomputed whenever a source changed: the key
+    is each source's storage address, in-place version counter, shape, dtype and device. The result is
+    computed outside inference mode and without autograd, so it is a plain constant usable anywhere.
+    Not a module and not a buffer: it never appears in ``state_dict``.
+    """
+
+    __slots__ = ("_key", "_value")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[Tensor | None, ...] | None = None
+
+    @staticmethod
+    def _key_of(sources: Sequence[Tensor | None], extra: tuple) -> tuple:
+        return extra + tuple(
+            None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in sources
+        )
+
+    def get(
+        self,
+        sources: Sequence[Tensor | None],
+        compute: Callable[[], tuple[Tensor | None, ...]],
+        extra: tuple = (),
+    ) -> tuple[Tensor | None, ...]:
+        key = self._key_of(sources, extra)
+        if self._value is None or self._key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                value = compute()
+            self._key, self._value = key, value
+        return self._value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+    def __deepcopy__(self, memo: dict) -> FoldedTensors:
+        return FoldedTensors()  # the copy has other storages: it folds again on first use
+
+    def __getstate__(self) -> dict:
+        return {"derived": None}  # pickling (torch.save(model)) stores no derived tensors
+
+    def __setstate__(self, state: dict) -> None:
+        self._key = self._value = None
+
+
+def passes_through(*modules: nn.Module) -> bool:
+    """Whether each module (dropout, drop path, identity) is the identity as it stands: in eval mode, or with
+    a zero rate. A folded path that skips them must check this (MC dropout re-enables dropout in eval)."""
+    for m in modules:
+        if not m.training or isinstance(m, nn.Identity):
+            continue
+        if getattr(m, "p", getattr(m, "drop_prob", None)) != 0:
+            return False
+    return True
+
+
+_GELU_ = getattr(torch._C._nn, "gelu_", None)
+
+
+def gelu_(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU in place on a fresh activation (saves allocating, and first touching, a second buffer of its
+    size); exactly ``F.gelu``'s values. A channels-last map goes through its dense NHWC view: torch 2.15
+    runs GELU on channels-last strides through a slower non-vectorised loop (1.5x the time) whose values
+    differ from the NCHW ones in the last bit, while the dense view gives exactly the NCHW values."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return gelu_(x.permute(0, 2, 3, 1), approximate).permute(0, 3, 1, 2)
+    if _GELU_ is None or not x.is_contiguous():
+        return F.gelu(x, approximate=approximate)
+    return _GELU_(x, approximate=approximate)
+
+
+def mlp_hidden(mlp: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """For a timm ``Mlp`` (``fc1, act, drop1, norm, fc2, drop2``): the part before ``fc2`` (with an exact
+    ``nn.GELU`` applied in place), or ``None`` for any other module."""
+    if not all(hasattr(mlp, name) for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2")):
+        return None
+    act = mlp.act
+    if type(act) is nn.GELU:
+        return lambda x: mlp.norm(mlp.drop1(gelu_(mlp.fc1(x), act.approximate)))
+    return lambda x: mlp.norm(mlp.drop1(act(mlp.fc1(x))))
+
+
+def residual_linear(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x + F.linear(h, weight, bias)`` for a residual branch that ends in a linear layer.
+
+    ``F.linear`` copies the bias into a new output and lets the GEMM accumulate into it, and the residual
+    add is one more pass over the output; here the residual and the bias are summed in that first pass
+    and the GEMM accumulates into the sum (``addmm_``), which saves a full read and write of the tokens.
+    The same terms are added in another order, so results agree to float32 rounding. Falls back to the
+    plain expression where the dtypes differ or autocast is on.
+
+    >>> x, h, lin = torch.randn(2, 5, 4), torch.randn(2, 5, 8), nn.Linear(8, 4)
+    >>> torch.allclose(residual_linear(x, h, lin.weight, lin.bias), x + lin(h), atol=1e-6)
+    True
+    """
+    if (
+        torch.is_autocast_enabled(x.device.type)
+        or not (x.dtype == h.dtype == weight.dtype)
+        or x.shape[:-1] != h.shape[:-1]
+        or x.shape[-1] != weight.shape[0]
+    ):
+        return x + F.linear(h, weight, bias)
+    out = (x + bias if bias is not None else x.clone()).contiguous()
+    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), weight.t())
+    return out

@@ -1,0 +1,209 @@
+"""Inference-time folding (hatplug.layers.fusion): where it runs, that it computes the same function, and that
+its cache follows every change of the weights while the state dict stays the official one."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import fastervit
+import fastervit.model as fv_model
+from hatplug.layers import HATBlock, HATStage
+from hatplug.layers.fusion import (
+    FoldedTensors,
+    fold_batchnorm,
+    fusion_active,
+    gelu_,
+    inference_fusion,
+    residual_linear,
+)
+
+from .conftest import randomize_
+
+SMALL = dict(depths=[1, 2, 2, 1], dim=16, in_dim=8, num_classes=10)
+# a CT stage with layer scales and propagation, and conv blocks with a layer scale, as FasterViT-3..6 have
+SCALED = dict(SMALL, layer_scale=1e-5, layer_scale_conv=1e-5, do_propagation=True)
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _model(**overrides):
+    cfg = dict(SCALED, resolution=[64, 80], window_size=[7, 7, 3, 2], **overrides)
+    return randomize_(fastervit.create_model("faster_vit_0_any_res", **cfg)).eval()
+
+
+def _plain(model, x):
+    with torch.no_grad(), inference_fusion(False):
+        return model(x)
+
+
+def test_folded_eval_forward_matches_the_plain_one():
+    model = _model()
+    x = torch.randn(3, 3, 64, 80)
+    with torch.inference_mode():
+        fused = model(x)
+        features = model.forward_features(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
+    torch.testing.assert_close(fused, _plain(model, x), **TOL)
+    with torch.no_grad(), inference_fusion(False):
+        torch.testing.assert_close(features, model.forward_features(x), **TOL)
+        for ours, plain in zip(maps, model.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(ours, plain, **TOL)
+    # the maps come back in the input's layout although the conv levels ran channels-last inside
+    assert features.is_contiguous() and all(m.is_contiguous() for m in maps)
+
+
+def test_state_dict_and_training_are_untouched():
+    model = _model()
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 80))  # fills the caches
+    assert list(model.state_dict()) == keys
+    assert not any("fold" in k for k in keys)
+    # training runs the plain modules: the same numbers with folding on or off
+    model.train()
+    x = torch.randn(2, 3, 64, 80)
+    torch.manual_seed(3)
+    with inference_fusion(True):
+        a = model(x)
+    torch.manual_seed(3)
+    with inference_fusion(False):
+        b = model(x)
+    assert torch.equal(a, b)
+
+
+def test_cache_follows_weight_and_statistics_changes():
+    model = _model()
+    x = torch.randn(2, 3, 64, 80)
+    block = model.levels[0].blocks[0]
+    with torch.no_grad():
+        before = model(x)
+        cached = block._folded._value
+        assert torch.equal(model(x), before) and block._folded._value is cached  # reused
+        block.norm1.running_var.mul_(2.0)  # new BN statistics
+        after_stats = model(x)
+        assert block._folded._value is not cached
+        torch.testing.assert_close(after_stats, _plain(model, x), **TOL)
+        model.levels[2].blocks[0].attn.proj.weight.add_(0.1)  # a folded linear
+        model.levels[2].blocks[0].gamma3.mul_(3.0)  # and its layer scale
+        after_weights = model(x)
+        torch.testing.assert_close(after_weights, _plain(model, x), **TOL)
+    assert not torch.allclose(before, after_stats) and not torch.allclose(after_stats, after_weights)
+    # a forward in training mode updates the BN statistics; eval folds them again
+    model.train()
+    assert block._folded._value is None  # train() drops the cache
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), **TOL)
+    # loading a checkpoint into a model that has folded already
+    twin = _model()
+    with torch.no_grad():
+        twin(x)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+
+
+def test_copies_and_pickles_fold_again():
+    model = _model()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(x)
+        clone = copy.deepcopy(model)
+        assert clone.levels[0].blocks[0]._folded._value is None
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+    restored = pickle.loads(pickle.dumps(model))  # torch.save(model) pickles: no derived tensors go along
+    assert restored.levels[0].blocks[0]._folded._value is None
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+    assert FoldedTensors().__getstate__() == {"derived": None}
+
+
+def test_autograd_and_mc_dropout_take_the_plain_path():
+    model = _model()
+    x = torch.randn(2, 3, 64, 80)
+    # eval mode with gradients (e.g. fine-tuning with frozen BN statistics): every parameter gets a gradient
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    block = model.levels[0].blocks[0]
+    assert not fusion_active(block, x)
+    with torch.no_grad():
+        assert fusion_active(block, x)
+        with inference_fusion(False):
+            assert not fusion_active(block, x)
+    # Monte-Carlo dropout: dropout re-enabled in eval must not be folded away
+    mc = _model(drop_rate=0.5)
+    for m in mc.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = mc.levels[2](torch.randn(2, 64, 4, 5))
+        torch.manual_seed(0)
+        with inference_fusion(False):
+            b = mc.levels[2](torch.randn(2, 64, 4, 5))
+    assert torch.equal(a, b)
+
+
+def test_stem_batch_chunks_change_nothing(monkeypatch):
+    model = _model()
+    x = torch.randn(5, 3, 64, 80)
+    with torch.no_grad():
+        whole = model.patch_embed(x)
+        monkeypatch.setattr(fv_model, "STEM_CHUNK_BYTES", 8 * 32 * 40 * 4 * 2)  # two images per chunk
+        assert model.patch_embed._batch_chunk(x) == 2
+        chunked = model.patch_embed(x)
+    assert torch.equal(chunked, whole)
+    assert chunked.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_hat_stage_keeps_the_input_memory_format():
+    stage = HATStage(16, depth=2, num_heads=2, input_resolution=(10, 13), window_size=7, do_propagation=True).eval()
+    x = torch.randn(2, 16, 10, 13)
+    with torch.no_grad():
+        plain = stage(x)
+        nhwc = stage(x.contiguous(memory_format=torch.channels_last))
+    assert plain.is_contiguous()
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    torch.testing.assert_close(nhwc, plain, **TOL)  # the CT depthwise conv rounds differently in NHWC
+
+
+@pytest.mark.parametrize("propagate", [False, True])
+def test_hat_block_folds_layer_scales(propagate):
+    from hatplug.layers import CarrierTokenGrid
+
+    grid = CarrierTokenGrid(windows=(2, 2), ct_size=2)
+    blk = HATBlock(32, num_heads=2, window_size=7, ct_grid=grid, layer_scale=0.5, propagate=propagate)
+    blk = randomize_(blk).eval()
+    x, ct = torch.randn(2 * 4, 49, 32), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        fused = blk(x, ct)
+        with inference_fusion(False):
+            plain = blk(x, ct)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_fold_helpers():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    bn = randomize_(torch.nn.BatchNorm2d(6)).eval()
+    gamma = torch.rand(6)
+    w, b = fold_batchnorm(conv.weight, conv.bias, bn, gamma)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.nn.functional.conv2d(x, w, b, padding=1), gamma.view(1, -1, 1, 1) * bn(conv(x)), **TOL
+        )
+    # half-precision weights are folded in float32
+    w16, _ = fold_batchnorm(conv.weight.half(), conv.bias.half(), bn.half())
+    assert w16.dtype == torch.float16
+    y = torch.randn(4, 8, 16)
+    assert torch.equal(gelu_(y.clone()), torch.nn.functional.gelu(y))
+    y4 = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gelu_(y4.clone()), torch.nn.functional.gelu(y4.contiguous()))
+    lin, h, r = torch.nn.Linear(16, 8), torch.randn(3, 5, 16), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(residual_linear(r, h, lin.weight, lin.bias), r + lin(h), **TOL)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert residual_linear(r, h, lin.weight, lin.bias).dtype == torch.float32  # the plain expression
