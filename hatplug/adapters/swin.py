@@ -16,6 +16,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from torch import Tensor, nn
 
 from ..layers import CarrierWindowAttention, window_partition_nhwc, window_reverse_nhwc
+from ..layers.fusion import fusion_active, mlp_hidden, passes_through, residual_linear
 from .base import BlockAdapter, CarrierBlock, ConversionSettings, padded_grid
 
 __all__ = ["SwinAdapter", "SwinCarrierAttention", "SwinHATBlock", "shifted_window_mask"]
@@ -126,7 +127,13 @@ class SwinHATBlock(CarrierBlock):
         x = x + self.drop_path1(out)
         ct_windows = ct_windows + self.drop_path1(ct_out)
 
-        if self.post_norm:
+        hidden = None if self.post_norm else mlp_hidden(self.mlp)
+        if hidden is not None and fusion_active(self, x, ct) and passes_through(self.drop_path2, self.mlp.drop2):
+            # eval: the residual accumulated by fc2's GEMM, GELU in place (hatplug.layers.fusion)
+            fc2 = self.mlp.fc2
+            x = residual_linear(x, hidden(self.norm2(x)), fc2.weight, fc2.bias)
+            ct_windows = residual_linear(ct_windows, hidden(self.norm2(ct_windows)), fc2.weight, fc2.bias)
+        elif self.post_norm:
             x = x + self.drop_path2(self.norm2(self.mlp(x)))
             ct_windows = ct_windows + self.drop_path2(self.norm2(self.mlp(ct_windows)))
         else:
