@@ -48,6 +48,7 @@ from torch import nn
 import fastervit
 import hatplug  # noqa: F401  (registers hatplug's own models with timm)
 from hatplug.errors import HatplugError
+from hatplug.layers.fusion import inference_fusion
 
 __all__ = [
     "PRESETS",
@@ -288,16 +289,38 @@ class SweepPoint:
         }
 
 
+UNFUSED_SUFFIX = ":unfused"
+
+
+class _Unfused(nn.Module):
+    """Runs a model with inference-time folding off (:func:`hatplug.layers.fusion.inference_fusion`), i.e.
+    exactly as the plain modules compute it: the "before" of a folding A/B measured in the same run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with inference_fusion(False):
+            return self.model(x)
+
+
 def build_model(name: str, img_size: int | None = None) -> nn.Module:
     """Create ``name`` through timm (FasterViT and hatplug models included), for ``img_size`` if given.
 
     FasterViT variants are built for ``[img_size, img_size]`` (their stages are sized at construction);
     timm transformers get ``img_size=``; fully convolutional timm models (ConvNeXt, ResNet), which take
     no ``img_size``, are built as they are since they run at any size. Returns the model in eval mode.
+    A name ending in ``:unfused`` gives the model running with inference-time folding switched off
+    (the plain modules, as before folding existed), to measure folding against it in one run.
 
     >>> build_model("faster_vit_0_any_res", img_size=320).img_size
     (320, 320)
+    >>> type(build_model("faster_vit_0_224:unfused")).__name__
+    '_Unfused'
     """
+    if name.endswith(UNFUSED_SUFFIX):
+        return _Unfused(build_model(name[: -len(UNFUSED_SUFFIX)], img_size)).eval()
     if img_size is None:
         return timm.create_model(name).eval()
     if name.split(".")[0] in fastervit.list_models():
@@ -311,6 +334,7 @@ def build_model(name: str, img_size: int | None = None) -> nn.Module:
 
 
 def _check_names(models: Sequence[str]) -> None:
+    models = [m[: -len(UNFUSED_SUFFIX)] if m.endswith(UNFUSED_SUFFIX) else m for m in models]
     unknown = [m for m in models if not timm.is_model(m)]
     if unknown:
         hints = []
@@ -812,7 +836,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="a published configuration (see below)")
-    p.add_argument("--models", type=_csv_list, help="comma-separated timm model names (throughput mode)")
+    p.add_argument(
+        "--models",
+        type=_csv_list,
+        help="comma-separated timm model names (throughput mode); NAME:unfused runs NAME with inference-time "
+        "folding off (hatplug.layers.fusion), for a before/after in one run",
+    )
     p.add_argument("--baseline", help="model the ratio column refers to (default: the first model)")
     p.add_argument("--peers", type=_csv_list, help="models to print extra ratio columns against")
     p.add_argument("--batch-size", type=int, help="default 16 (throughput), 1 (sweep)")
