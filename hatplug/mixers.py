@@ -36,6 +36,8 @@ from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from .layers import AbsolutePositionMLP, BiasedAttention, HATBlock, HATStage
+from .layers.hat import _drop_path_rates as _rates
+from .layers.hat import _layer_scale, _scale
 from .layers.windows import ceil_to_multiple, pad_to_windows, window_partition, window_reverse
 from .models.edgevit import LGLBlock
 
@@ -51,18 +53,6 @@ __all__ = [
     "create_mixer",
     "shift_attention_mask",
 ]
-
-
-def _rates(drop_path: float | Sequence[float], depth: int) -> list[float]:
-    return list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
-
-
-def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
-    return None if value is None else nn.Parameter(value * torch.ones(dim))
-
-
-def _scale(x: Tensor, gamma: Tensor | None) -> Tensor:
-    return x if gamma is None else gamma * x
 
 
 class _PaddedStage(nn.Module):

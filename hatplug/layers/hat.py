@@ -55,6 +55,11 @@ def _is_channels_last(x: Tensor) -> bool:
     return not _tracing() and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def _drop_path_rates(drop_path: float | Sequence[float], depth: int) -> list[float]:
+    """One stochastic-depth rate per block: ``drop_path`` as given, or one rate repeated ``depth`` times."""
+    return list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
+
+
 def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
     return None if value is None else nn.Parameter(value * torch.ones(dim))
 
@@ -439,7 +444,7 @@ class HATStage(nn.Module):
         if hat and windows[0] * windows[1] > 1:
             ct_grid = CarrierTokenGrid(windows, ct_size, official_ct_order)
             self.global_tokenizer = CarrierTokenizer(dim, self.padded_resolution, window_size, ct_size)
-        rates = list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
+        rates = _drop_path_rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             HATBlock(
                 dim,
