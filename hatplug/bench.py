@@ -30,6 +30,7 @@ import csv
 import datetime
 import difflib
 import gc
+import importlib
 import math
 import os
 import platform
@@ -312,7 +313,10 @@ def build_model(name: str, img_size: int | None = None) -> nn.Module:
     timm transformers get ``img_size=``; fully convolutional timm models (ConvNeXt, ResNet), which take
     no ``img_size``, are built as they are since they run at any size. Returns the model in eval mode.
     A name ending in ``:unfused`` gives the model running with inference-time folding switched off
-    (the plain modules, as before folding existed), to measure folding against it in one run.
+    (the plain modules, as before folding existed), to measure folding against it in one run. Any other
+    name of the form ``package.module:function`` measures a model that timm does not know (another
+    implementation, your own network): the function is imported and called as ``function(img_size=...)``
+    (without arguments when ``img_size`` is ``None``) and must return an ``nn.Module``.
 
     >>> build_model("faster_vit_0_any_res", img_size=320).img_size
     (320, 320)
@@ -321,6 +325,12 @@ def build_model(name: str, img_size: int | None = None) -> nn.Module:
     """
     if name.endswith(UNFUSED_SUFFIX):
         return _Unfused(build_model(name[: -len(UNFUSED_SUFFIX)], img_size)).eval()
+    if ":" in name:
+        factory = _factory(name)
+        model = factory() if img_size is None else factory(img_size=img_size)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name} returned {type(model).__name__}, not an nn.Module")
+        return model.eval()
     if img_size is None:
         return timm.create_model(name).eval()
     if name.split(".")[0] in fastervit.list_models():
@@ -333,9 +343,27 @@ def build_model(name: str, img_size: int | None = None) -> nn.Module:
         return timm.create_model(name).eval()
 
 
+def _factory(name: str):
+    """The callable named by ``package.module:function``, with an error that says what is missing."""
+    module_name, _, attr = name.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{name!r}: a model outside timm is given as 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{name!r}: cannot import {module_name!r} ({exc}); put its directory on PYTHONPATH") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"{name!r}: module {module_name!r} has no function {attr!r}")
+    return factory
+
+
 def _check_names(models: Sequence[str]) -> None:
     models = [m[: -len(UNFUSED_SUFFIX)] if m.endswith(UNFUSED_SUFFIX) else m for m in models]
-    unknown = [m for m in models if not timm.is_model(m)]
+    for name in models:
+        if ":" in name:
+            _factory(name)
+    unknown = [m for m in models if ":" not in m and not timm.is_model(m)]
     if unknown:
         hints = []
         for name in unknown:
@@ -840,7 +868,8 @@ def _parser() -> argparse.ArgumentParser:
         "--models",
         type=_csv_list,
         help="comma-separated timm model names (throughput mode); NAME:unfused runs NAME with inference-time "
-        "folding off (hatplug.layers.fusion), for a before/after in one run",
+        "folding off (hatplug.layers.fusion), for a before/after in one run; package.module:function measures "
+        "the model that function(img_size=...) returns (a model timm does not know)",
     )
     p.add_argument("--baseline", help="model the ratio column refers to (default: the first model)")
     p.add_argument("--peers", type=_csv_list, help="models to print extra ratio columns against")

@@ -115,6 +115,33 @@ def test_benchmark_rejects_bad_arguments():
         benchmark(["test_vitt"], **TINY)
 
 
+def test_models_outside_timm_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_peers.py").write_text(
+        "import torch.nn as nn\n"
+        "SIZES = []\n"
+        "def tiny(img_size=None):\n"
+        "    SIZES.append(img_size)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+        "def not_a_model(img_size=None):\n"
+        "    return 'model'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = benchmark(["test_convnext", "my_peers:tiny"], **TINY)
+    assert [r.model for r in rows] == ["test_convnext", "my_peers:tiny"]
+    assert rows[1].param_count == pytest.approx((3 * 4 * 9 + 4 + 4 * 2 + 2) / 1e6)
+    assert rows[1].ratio_vs_baseline > 0 and len(rows[1].samples_per_sec_runs) == TINY["repeats"]
+    import my_peers
+
+    calls = my_peers.SIZES
+    assert calls == [TINY["img_size"]]  # called once, with the run's input size
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+        benchmark(["no_such_module:tiny"], **TINY)
+    with pytest.raises(ValueError, match="has no function 'missing'"):
+        benchmark(["my_peers:missing"], **TINY)
+    with pytest.raises(TypeError, match="returned str, not an nn.Module"):
+        benchmark(["my_peers:not_a_model"], **TINY)
+
+
 @pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
 def test_growth_exponent_recovers_power_law(power):
     pixels = [s * s for s in (224, 320, 448, 640, 800, 1024)]
