@@ -9,6 +9,10 @@ drift of a shared machine (other processes, thermal state) hits all peers alike:
   image at a small batch, cost per pixel normalised to the smallest size, and the fitted growth
   exponent ``t ~ pixels**k`` (``k = 1``: linear in pixels, ``k = 2``: quadratic, global attention).
 
+Sizes are a square side (``224``) or height x width (``800x1333``), in ``--img-size`` and ``--sweep``
+alike. ``--models`` takes timm names (FasterViT and hatplug models are registered) and, for a model timm
+does not know, ``package.module:function`` (called as ``function(img_size=...)``).
+
 Presets bundle the settings we publish in BENCHMARKS.md; any flag given beside a preset overrides it::
 
     python -m hatplug.bench --preset cpu                     # FasterViT-0/1/2 vs Swin-T, ConvNeXt-T
@@ -64,13 +68,56 @@ __all__ = [
     "main",
     "plot_sweep",
     "resolution_sweep",
+    "size_label",
     "results_to_csv",
+    "parse_size",
     "results_to_markdown",
     "sweep_to_csv",
     "sweep_to_markdown",
 ]
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Size = int | tuple[int, int]
+"""An input size: a square side, or ``(height, width)``."""
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _canonical(size: Size) -> Size:
+    """A square ``(h, h)`` becomes ``h``, so the same size is written and deduplicated one way."""
+    h, w = _hw(size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image sizes must be positive, got {size!r}")
+    return h if h == w else (h, w)
+
+
+def size_label(size: Size) -> str:
+    """``"224"`` for a square side, ``"224x448"`` for height x width (the form ``--img-size`` takes).
+
+    >>> size_label(224), size_label((224, 448)), size_label((320, 320))
+    ('224', '224x448', '320')
+    """
+    h, w = _hw(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def parse_size(text: str) -> Size:
+    """``"224"`` -> ``224``; ``"224x448"`` -> ``(224, 448)`` (height x width).
+
+    >>> parse_size("224"), parse_size("800x1333"), parse_size("320x320")
+    (224, (800, 1333), 320)
+    """
+    parts = text.strip().lower().split("x")
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError(text)
+        return _canonical((int(parts[0]), int(parts[-1])))
+    except ValueError as exc:
+        raise ValueError(f"bad image size {text!r}: give a side (224) or height x width (224x448)") from exc
+
 
 SWIN_T, SWIN_S = "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224"
 PRESETS: dict[str, dict] = {
@@ -187,7 +234,7 @@ class BenchResult:
     model: str
     samples_per_sec_runs: list[float]
     batch_size: int
-    img_size: int
+    img_size: Size
     param_count: float  # millions
     device: str
     amp: str
@@ -223,7 +270,7 @@ class BenchResult:
             "infer_samples_per_sec": f"{self.samples_per_sec:.2f}",
             "infer_step_time": f"{self.step_time_ms:.2f}",
             "infer_batch_size": str(self.batch_size),
-            "infer_img_size": str(self.img_size),
+            "infer_img_size": size_label(self.img_size),
             "param_count": f"{self.param_count:.2f}",
             "device": self.device,
             "amp": self.amp,
@@ -247,7 +294,7 @@ class SweepPoint:
     """
 
     model: str
-    img_size: int
+    img_size: Size
     batch_size: int
     ms_per_image_runs: list[float] = field(default_factory=list)
     param_count: float = float("nan")
@@ -260,7 +307,8 @@ class SweepPoint:
 
     @property
     def pixels(self) -> int:
-        return self.img_size * self.img_size
+        h, w = _hw(self.img_size)
+        return h * w
 
     @property
     def ms_per_image(self) -> float:
@@ -275,7 +323,7 @@ class SweepPoint:
         measured = not self.skipped
         return {
             "model": self.model,
-            "img_size": str(self.img_size),
+            "img_size": size_label(self.img_size),
             "pixels": str(self.pixels),
             "infer_batch_size": str(self.batch_size),
             "ms_per_image": f"{self.ms_per_image:.2f}" if measured else "",
@@ -306,10 +354,11 @@ class _Unfused(nn.Module):
             return self.model(x)
 
 
-def build_model(name: str, img_size: int | None = None) -> nn.Module:
+def build_model(name: str, img_size: Size | None = None) -> nn.Module:
     """Create ``name`` through timm (FasterViT and hatplug models included), for ``img_size`` if given.
 
-    FasterViT variants are built for ``[img_size, img_size]`` (their stages are sized at construction);
+    ``img_size`` is a square side or ``(height, width)``. FasterViT variants are built for that resolution
+    (their stages are sized at construction);
     timm transformers get ``img_size=``; fully convolutional timm models (ConvNeXt, ResNet), which take
     no ``img_size``, are built as they are since they run at any size. Returns the model in eval mode.
     A name ending in ``:unfused`` gives the model running with inference-time folding switched off
@@ -320,6 +369,8 @@ def build_model(name: str, img_size: int | None = None) -> nn.Module:
 
     >>> build_model("faster_vit_0_any_res", img_size=320).img_size
     (320, 320)
+    >>> build_model("faster_vit_0_any_res", img_size=(224, 448)).img_size
+    (224, 448)
     >>> type(build_model("faster_vit_0_224:unfused")).__name__
     '_Unfused'
     """
@@ -333,8 +384,9 @@ def build_model(name: str, img_size: int | None = None) -> nn.Module:
         return model.eval()
     if img_size is None:
         return timm.create_model(name).eval()
+    img_size = _canonical(img_size)
     if name.split(".")[0] in fastervit.list_models():
-        return fastervit.create_model(name, resolution=[img_size, img_size]).eval()
+        return fastervit.create_model(name, resolution=list(_hw(img_size))).eval()
     try:
         return timm.create_model(name, img_size=img_size).eval()
     except TypeError as exc:
@@ -403,8 +455,8 @@ def _prepare(model: nn.Module, device: torch.device, channels_last: bool, compil
     return torch.compile(model) if compile else model
 
 
-def _random_input(batch_size: int, img_size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+def _random_input(batch_size: int, img_size: Size, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(batch_size, 3, *_hw(img_size), device=device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -433,7 +485,7 @@ def benchmark(
     models: Sequence[str],
     *,
     batch_size: int = 16,
-    img_size: int = 224,
+    img_size: Size = 224,
     device: str | torch.device = "cpu",
     amp: str = "none",
     channels_last: bool = False,
@@ -446,13 +498,13 @@ def benchmark(
     """Measure inference throughput of several models, interleaved, and rate them against a baseline.
 
     Every model is built (random weights, eval mode), warmed up with ``warmup`` forwards, then timed
-    ``repeats`` times for ``iters`` forwards of a random ``(batch_size, 3, img_size, img_size)`` batch
+    ``repeats`` times for ``iters`` forwards of a random ``(batch_size, 3, height, width)`` batch
     under ``torch.inference_mode`` (and autocast when ``amp`` is ``"fp16"``/``"bf16"``). Each repeat
     visits all models, starting one model later than the previous repeat.
 
     Args:
         models: timm names (FasterViT and hatplug models are registered on import of this module).
-        batch_size, img_size: input shape.
+        batch_size, img_size: input shape; ``img_size`` is a square side or ``(height, width)``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; CUDA timings are synchronised.
         amp: ``"none"``, ``"fp16"`` or ``"bf16"`` autocast.
         channels_last: NHWC weights and inputs.
@@ -476,6 +528,7 @@ def benchmark(
     if repeats < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
     _check_names(models)
+    img_size = _canonical(img_size)
     dev = _resolve_device(device)
     torch.manual_seed(0)
     built = {name: _prepare(build_model(name, img_size), dev, channels_last, compile) for name in models}
@@ -518,7 +571,7 @@ def _skip_reason(exc: BaseException) -> str:
 
 def resolution_sweep(
     models: Sequence[str],
-    sizes: Sequence[int],
+    sizes: Sequence[Size],
     *,
     batch_size: int = 1,
     device: str | torch.device = "cpu",
@@ -529,7 +582,9 @@ def resolution_sweep(
     repeats: int = 5,
     iters: int = 8,
 ) -> list[SweepPoint]:
-    """Latency per image of each model rebuilt for each square input size, all interleaved.
+    """Latency per image of each model rebuilt for each input size, all interleaved.
+
+    A size is a square side or ``(height, width)``; sizes are ordered by their pixel count.
 
     Every model is built for every size first (see :func:`build_model`) and warmed up; then each of
     the ``repeats`` visits every (size, model) pair round-robin, so drift of a shared machine cancels
@@ -543,12 +598,12 @@ def resolution_sweep(
         One :class:`SweepPoint` per (size, model), sizes ascending, with ``cost_per_pixel_rel`` filled in
         (per-repeat ratios to the model's smallest measured size, median over repeats).
 
-    >>> pts = resolution_sweep(["faster_vit_0_any_res"], [64, 96], warmup=0, repeats=1, iters=1)
+    >>> pts = resolution_sweep(["faster_vit_0_any_res"], [96, (64, 96), 64], warmup=0, repeats=1, iters=1)
     >>> [(p.img_size, p.skipped) for p in pts], pts[0].cost_per_pixel_rel
-    ([(64, ''), (96, '')], 1.0)
+    ([(64, ''), ((64, 96), ''), (96, '')], 1.0)
     """
     models = list(dict.fromkeys(models))
-    sizes = sorted(set(int(s) for s in sizes))
+    sizes = sorted({_canonical(s) for s in sizes}, key=lambda s: (_hw(s)[0] * _hw(s)[1], _hw(s)))
     if not models or not sizes:
         raise ValueError(f"need at least one model and one size, got models={models} sizes={sizes}")
     if repeats < 1 or iters < 1 or warmup < 0:
@@ -558,7 +613,8 @@ def resolution_sweep(
     common = dict(batch_size=batch_size, device=str(dev), amp=amp, channels_last=channels_last, compiled=compile)
     torch.manual_seed(0)
     inputs = {size: _random_input(batch_size, size, dev, channels_last) for size in sizes}
-    size_iters = {size: max(1, round(iters * sizes[0] ** 2 / size**2)) for size in sizes}
+    pixels = {size: _hw(size)[0] * _hw(size)[1] for size in sizes}
+    size_iters = {size: max(1, round(iters * pixels[sizes[0]] / pixels[size])) for size in sizes}
     points = [SweepPoint(model=name, img_size=size, **common) for size in sizes for name in models]
     built: dict[int, nn.Module] = {}  # index into points -> model
     for i, point in enumerate(points):
@@ -587,7 +643,7 @@ def resolution_sweep(
 def _fill_relative_cost(points: Sequence[SweepPoint]) -> None:
     """Cost per pixel relative to the model's smallest measured size, paired repeat by repeat."""
     reference: dict[str, SweepPoint] = {}
-    for p in sorted(points, key=lambda p: p.img_size):
+    for p in sorted(points, key=lambda p: p.pixels):
         if p.skipped:
             continue
         ref = reference.setdefault(p.model, p)
@@ -747,7 +803,7 @@ def sweep_to_markdown(points: Sequence[SweepPoint]) -> str:
     """
     header = ["model", "img", "pixels", "ms/image", "ms/MP", "cost/pixel rel.", "skipped"]
     rows = []
-    for p in sorted(points, key=lambda p: (p.model, p.img_size)):
+    for p in sorted(points, key=lambda p: (p.model, p.pixels)):
         row = p.as_row()
         rows.append(
             [row[c] for c in ("model", "img_size", "pixels", "ms_per_image", "ms_per_megapixel")]
@@ -756,11 +812,11 @@ def sweep_to_markdown(points: Sequence[SweepPoint]) -> str:
     table = _markdown_table(header, rows, [False, True, True, True, True, True, False])
     fits = growth_exponents(points)
     last = {}
-    for p in sorted(points, key=lambda p: p.img_size):
+    for p in sorted(points, key=lambda p: p.pixels):
         if not p.skipped:
             last[p.model] = p
     fit_rows = [
-        [name, f"{k:.3f}", f"{last[name].img_size}" if name in last else "", _rel(last.get(name))]
+        [name, f"{k:.3f}", size_label(last[name].img_size) if name in last else "", _rel(last.get(name))]
         for name, k in fits.items()
     ]
     fit_table = _markdown_table(
@@ -776,7 +832,7 @@ def _rel(point: SweepPoint | None) -> str:
 
 
 def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str = "") -> None:
-    """Save a PNG of a sweep: latency per image (log) and relative cost per pixel against input side (log).
+    """Save a PNG of a sweep: latency per image (log) and relative cost per pixel against input size (log).
 
     >>> import tempfile, os
     >>> pts = [SweepPoint("m", s, 1, ms_per_image_runs=[s * s / 1e3]) for s in (100, 200)]
@@ -785,23 +841,27 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
     True
     """
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator, ScalarFormatter
 
     fits = growth_exponents(points)
     measured = [p for p in points if not p.skipped]
-    sizes = sorted({p.img_size for p in measured})
+    ticks: dict[float, list[str]] = {}  # x position (square root of the pixel count) -> size labels there
+    for p in sorted(measured, key=lambda p: p.pixels):
+        ticks.setdefault(math.sqrt(p.pixels), [])
+        if size_label(p.img_size) not in ticks[math.sqrt(p.pixels)]:
+            ticks[math.sqrt(p.pixels)].append(size_label(p.img_size))
     fig = Figure(figsize=(12, 4.8))
     ax_t, ax_c = fig.subplots(1, 2)
     for name in dict.fromkeys(p.model for p in points):
-        pts = sorted((p for p in measured if p.model == name), key=lambda p: p.img_size)
+        pts = sorted((p for p in measured if p.model == name), key=lambda p: p.pixels)
         if not pts:
             continue
         label = f"{name} (k = {fits[name]:.2f})"
-        side = [p.img_size for p in pts]
+        side = [math.sqrt(p.pixels) for p in pts]
         ax_t.plot(side, [p.ms_per_image for p in pts], marker="o", label=label)
         ax_c.plot(side, [p.cost_per_pixel_rel for p in pts], marker="o", label=label)
     ax_c.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="linear in pixels (k = 1)")
-    smallest = sizes[0] if sizes else 1
+    smallest = "/".join(next(iter(ticks.values()))) if ticks else "1"
     ax_t.set_yscale("log")  # latency spans decades; relative cost per pixel stays within a few x
     ax_t.yaxis.set_major_formatter(ScalarFormatter())
     ax_t.yaxis.set_minor_formatter(NullFormatter())
@@ -811,10 +871,10 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
         (ax_c, f"time per pixel, relative to {smallest} px"),
     ):
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_major_locator(FixedLocator(list(ticks)))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("input side (pixels, square image)")
+        ax.xaxis.set_major_formatter(FixedFormatter(["\n".join(labels) for labels in ticks.values()]))
+        ax.set_xlabel("input size (side, or height x width; placed at the square root of the pixel count)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_title("Latency per image")
@@ -834,16 +894,22 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _int_list(text: str) -> list[int]:
+def _size(text: str) -> Size:
     try:
-        return [int(t) for t in _csv_list(text)]
+        return parse_size(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _size_list(text: str) -> list[Size]:
+    return [_size(t) for t in _csv_list(text)]
 
 
 def _describe(preset: dict) -> str:
     def show(value) -> str:
-        return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        if isinstance(value, list):
+            return ",".join(size_label(v) if isinstance(v, tuple) else str(v) for v in value)
+        return size_label(value) if isinstance(value, tuple) else str(value)
 
     flags = []
     for key, value in preset.items():
@@ -874,7 +940,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="model the ratio column refers to (default: the first model)")
     p.add_argument("--peers", type=_csv_list, help="models to print extra ratio columns against")
     p.add_argument("--batch-size", type=int, help="default 16 (throughput), 1 (sweep)")
-    p.add_argument("--img-size", type=int, help="square input side, default 224 (throughput mode)")
+    p.add_argument(
+        "--img-size", type=_size, help="input side (224) or height x width (224x448), default 224 (throughput mode)"
+    )
     p.add_argument("--device", help="cpu (default), cuda, cuda:N")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype, default none (fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC layout")
@@ -888,7 +956,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed forwards per model before timing")
     p.add_argument("--repeats", type=int, help="timed repeats (median reported), interleaved over models")
     p.add_argument("--iters", type=int, help="forwards per timed repeat")
-    p.add_argument("--sweep", type=_int_list, help="resolution sweep over these square sides, e.g. 224,320,448")
+    p.add_argument(
+        "--sweep", type=_size_list, help="resolution sweep over these sizes (sides or HxW), e.g. 224,320,448,224x448"
+    )
     p.add_argument("--sweep-models", type=_csv_list, help="models of the sweep")
     p.add_argument("--csv", type=Path, help="write the results as CSV")
     p.add_argument("--markdown", type=Path, help="write the report (header + tables) as markdown")
@@ -918,7 +988,7 @@ def _settings_line(s: dict, sweep: bool) -> str:
         f"batch={s['batch_size']}",
     ]
     if not sweep:
-        parts.append(f"img={s['img_size']}")
+        parts.append(f"img={size_label(s['img_size'])}")
     parts += [f"warmup={s['warmup']}", f"repeats={s['repeats']}", f"iters={s['iters']}"]
     if sweep:
         parts.append("(iters scaled by smallest_pixels/pixels per size, min 1)")

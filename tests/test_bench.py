@@ -248,3 +248,52 @@ def test_gpu_preset_without_gpu_fails_clearly(capsys):
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
     with pytest.raises(bench.DeviceUnavailableError, match="--preset cpu"):
         benchmark(["test_vit"], device="cuda", **TINY)
+
+
+def test_sizes_parse_and_label():
+    assert bench.parse_size("224") == 224
+    assert bench.parse_size(" 800x1333 ") == (800, 1333)
+    assert bench.parse_size("320X320") == 320  # a square is one size however it is written
+    assert bench.size_label((224, 448)) == "224x448" and bench.size_label(224) == "224"
+    for bad in ("224x", "x224", "abc", "0", "1x2x3", "-5", "224x-1"):
+        with pytest.raises(ValueError, match="height x width"):
+            bench.parse_size(bad)
+    with pytest.raises(SystemExit):
+        bench._parser().parse_args(["--img-size", "224x"])
+
+
+def test_non_square_throughput_and_sweep(tmp_path, monkeypatch):
+    (tmp_path / "shape_peers.py").write_text(
+        "import torch.nn as nn\n"
+        "SEEN = set()\n"
+        "class Probe(nn.Conv2d):\n"
+        "    def forward(self, x):\n"
+        "        SEEN.add(tuple(x.shape[2:]))\n"
+        "        return super().forward(x)\n"
+        "def probe(img_size=None):\n"
+        "    return nn.Sequential(Probe(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shape_peers
+
+    rows = benchmark(["shape_peers:probe", "faster_vit_0_any_res"], **{**TINY, "img_size": (64, 96)})
+    seen = shape_peers.SEEN
+    assert seen == {(64, 96)}
+    assert [r.as_row()["infer_img_size"] for r in rows] == ["64x96", "64x96"]
+
+    points = resolution_sweep(["faster_vit_0_any_res"], [(96, 64), 64, (64, 96), 96], warmup=0, repeats=2, iters=2)
+    assert [p.img_size for p in points] == [64, (64, 96), (96, 64), 96]  # by pixels, then height x width
+    assert [p.pixels for p in points] == [64 * 64, 64 * 96, 64 * 96, 96 * 96]
+    assert not any(p.skipped for p in points) and points[0].cost_per_pixel_rel == 1.0
+    text = sweep_to_markdown(points)
+    assert {r[1] for r in _markdown_rows(text)} == {"64", "64x96", "96x64", "96"}
+    assert "| faster_vit_0_any_res | " in text and "| 96 |" in text  # the largest size in the fit table
+    plot_sweep(points, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    out = tmp_path / "r.csv"
+    argv = ["--models", "shape_peers:probe", "--img-size", "32x48", "--batch-size", "1", "--warmup", "0"]
+    assert bench.main([*argv, "--repeats", "1", "--iters", "1", "--csv", str(out)]) == 0
+    with open(out, newline="") as f:
+        assert next(csv.DictReader(f))["infer_img_size"] == "32x48"
+    assert (32, 48) in shape_peers.SEEN
