@@ -376,7 +376,7 @@ def build_model(name: str, img_size: Size | None = None) -> nn.Module:
     """
     if name.endswith(UNFUSED_SUFFIX):
         return _Unfused(build_model(name[: -len(UNFUSED_SUFFIX)], img_size)).eval()
-    if ":" in name:
+    if _is_import_path(name):
         factory = _factory(name)
         model = factory() if img_size is None else factory(img_size=img_size)
         if not isinstance(model, nn.Module):
@@ -395,11 +395,15 @@ def build_model(name: str, img_size: Size | None = None) -> nn.Module:
         return timm.create_model(name).eval()
 
 
+def _is_import_path(name: str) -> bool:
+    """``package.module:function`` (not a timm hub name such as ``hf-hub:timm/...``)."""
+    module_name, sep, attr = name.rpartition(":")
+    return bool(sep) and attr.isidentifier() and all(part.isidentifier() for part in module_name.split("."))
+
+
 def _factory(name: str):
     """The callable named by ``package.module:function``, with an error that says what is missing."""
     module_name, _, attr = name.rpartition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{name!r}: a model outside timm is given as 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -413,9 +417,9 @@ def _factory(name: str):
 def _check_names(models: Sequence[str]) -> None:
     models = [m[: -len(UNFUSED_SUFFIX)] if m.endswith(UNFUSED_SUFFIX) else m for m in models]
     for name in models:
-        if ":" in name:
+        if _is_import_path(name):
             _factory(name)
-    unknown = [m for m in models if ":" not in m and not timm.is_model(m)]
+    unknown = [m for m in models if not _is_import_path(m) and not timm.is_model(m)]
     if unknown:
         hints = []
         for name in unknown:
@@ -423,7 +427,7 @@ def _check_names(models: Sequence[str]) -> None:
             hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise ValueError(
             f"unknown model name(s): {'; '.join(hints)}. Names are timm's (timm.list_models()), "
-            "FasterViT's (fastervit.list_models()) or hatplug's."
+            "FasterViT's (fastervit.list_models()) or hatplug's, or 'package.module:function' for another model."
         )
 
 

@@ -140,6 +140,8 @@ def test_models_outside_timm_by_import_path(tmp_path, monkeypatch):
         benchmark(["my_peers:missing"], **TINY)
     with pytest.raises(TypeError, match="returned str, not an nn.Module"):
         benchmark(["my_peers:not_a_model"], **TINY)
+    with pytest.raises(ValueError, match="unknown model name.*package.module:function"):
+        benchmark(["hf-hub:timm/vit_tiny_patch16_224"], **TINY)  # a hub name, not an import path
 
 
 @pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
