@@ -8,6 +8,7 @@ need not be a multiple of the window: stage maps are zero-padded to whole window
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -26,13 +27,48 @@ from .resize import summarise_keys
 __all__ = ["FasterViT", "stage_resolutions"]
 
 
-def _to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(s) for s in size)
+def _positive_int(value, what: str) -> int:
+    """``value`` as an int (Python or NumPy/torch integer), refusing floats, strings and bools."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if value < 1:
+        raise ValueError(f"{what} must be positive, got {value}")
+    return value
+
+
+def _to_2tuple(size: int | Sequence[int], what: str = "resolution") -> tuple[int, int]:
+    """An image size as ``(H, W)`` of positive ints: an int, or a sequence of two ints."""
+    if _is_integer(size):
+        side = _positive_int(size, what)
+        return (side, side)
+    if isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
+        raise TypeError(f"{what} must be an int or [H, W] of ints, got {size!r}")
     if len(size) != 2:
-        raise ValueError(f"resolution must be an int or [H, W], got {size!r}")
-    return size
+        raise ValueError(f"{what} must be an int or [H, W], got {list(size)!r}")
+    return _positive_int(size[0], f"{what}[0]"), _positive_int(size[1], f"{what}[1]")
+
+
+def _is_integer(value) -> bool:
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
+
+
+def _window_sizes(window_size: int | Sequence[int], num_stages: int) -> list[int]:
+    """One positive window side per stage from an int or a per-stage sequence."""
+    if _is_integer(window_size):
+        window_size = [window_size] * num_stages
+    elif isinstance(window_size, (str, bytes)) or not isinstance(window_size, Sequence):
+        raise TypeError(f"window_size must be an int or one int per stage, got {window_size!r}")
+    if len(window_size) != num_stages:
+        raise ValueError(f"window_size has {len(window_size)} entries but the model has {num_stages} stages")
+    return [_positive_int(w, f"window_size[{i}]") for i, w in enumerate(window_size)]
 
 
 def _conv_out(size: int) -> int:
@@ -308,9 +344,10 @@ class FasterViT(nn.Module):
         if img_size is not None:  # timm's name for the input size
             resolution = img_size
         num_stages = len(depths)
-        window_size = [window_size] * num_stages if isinstance(window_size, int) else list(window_size)
+        window_size = _window_sizes(window_size, num_stages)
+        ct_size = _positive_int(ct_size, "ct_size")
         hat = [True] * num_stages if hat is None else list(hat)
-        for name, value in (("window_size", window_size), ("num_heads", num_heads), ("hat", hat)):
+        for name, value in (("num_heads", num_heads), ("hat", hat)):
             if len(value) != num_stages:
                 raise ValueError(f"{name} has {len(value)} entries but depths has {num_stages} stages")
         self.img_size = _to_2tuple(resolution)
@@ -447,6 +484,7 @@ class FasterViT(nn.Module):
         last_index = len(self.levels) - 1
         intermediates = []
         contiguous = _is_contiguous(x)
+        self._check_input(x)
         x = self.patch_embed(x)
         for i, level in enumerate(levels):
             x = level.forward_blocks(x)
@@ -523,13 +561,8 @@ class FasterViT(nn.Module):
             torch.Size([1, 1000])
         """
         num_stages = len(self.window_size)
-        img_size = self.img_size if img_size is None else _to_2tuple(img_size)
-        if window_size is None:
-            window_size = list(self.window_size)
-        else:
-            window_size = [window_size] * num_stages if isinstance(window_size, int) else list(window_size)
-            if len(window_size) != num_stages:
-                raise ValueError(f"window_size has {len(window_size)} entries but the model has {num_stages} stages")
+        img_size = self.img_size if img_size is None else _to_2tuple(img_size, "img_size")
+        window_size = list(self.window_size) if window_size is None else _window_sizes(window_size, num_stages)
         sizes = stage_resolutions(img_size, num_stages)
         rebuilt = {}
         for i, args in self._hat_level_args.items():
@@ -557,8 +590,27 @@ class FasterViT(nn.Module):
         self.window_size = window_size
         update_model_input_size(self, img_size, window_size=window_size)
 
+    def _check_input(self, x: Tensor) -> None:
+        """A clear error for an input the model was not built for (skipped while tracing or compiling)."""
+        if _tracing():
+            return
+        if x.dim() != 4:
+            raise ValueError(
+                f"FasterViT takes a batch of images (B, C, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+                + ("; for one image add the batch dimension: model(x[None])" if x.dim() == 3 else "")
+            )
+        if tuple(x.shape[-2:]) != tuple(self.img_size):
+            H, W = self.img_size
+            h, w = x.shape[-2:]
+            raise ValueError(
+                f"this FasterViT was built for {H}x{W} inputs (its HAT stages have a fixed window layout), got "
+                f"{h}x{w}: call model.set_input_size([{h}, {w}]) (same weights), or create the model with "
+                f"resolution=[{h}, {w}] (an *_any_res variant for sizes other than the checkpoint's)"
+            )
+
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, in_chans, H, W)`` -> normalised final map ``(B, num_features, H/32, W/32)``."""
+        self._check_input(x)
         contiguous = _is_contiguous(x)
         x = self.patch_embed(x)
         for level in self.levels:

@@ -268,7 +268,7 @@ def test_set_input_size_and_back_keeps_the_function():
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(x_new), fresh(x_new), rtol=0, atol=0)
-        with pytest.raises(AssertionError, match="rebuild it for the new input size"):
+        with pytest.raises(ValueError, match=r"built for 128x192 inputs .*set_input_size\(\[96, 128\]\)"):
             model(x_old)
 
     model.set_input_size([96, 128])
@@ -310,3 +310,48 @@ def test_set_input_size_keeps_dtype_mode_and_gradient_checkpointing():
     assert model.levels[2].grad_checkpointing and model.training
     model(torch.randn(2, 3, 128, 160, dtype=torch.float64)).sum().backward()
     assert model.levels[2].blocks[0].hat_attn.qkv.weight.grad is not None
+
+
+def test_bad_geometry_is_refused_and_a_failed_resize_changes_nothing():
+    model = _any_res(size=[64, 64]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    for bad, error, message in [
+        (0, ValueError, r"img_size must be positive, got 0"),
+        ([64, -8], ValueError, r"img_size\[1\] must be positive"),
+        ("96", TypeError, r"img_size must be an int or \[H, W\] of ints, got '96'"),
+        ([64.7, 64], TypeError, r"img_size\[0\] must be an integer, got 64.7"),
+        ([64, 64, 3], ValueError, r"img_size must be an int or \[H, W\]"),
+    ]:
+        with pytest.raises(error, match=message):
+            model.set_input_size(bad)
+    with pytest.raises(ValueError, match=r"window_size\[2\] must be positive"):
+        model.set_input_size(window_size=[7, 7, 0, 3])
+    with pytest.raises(ValueError, match=r"ct_size=2 .*window is 1x1: lower ct_size"):
+        model.set_input_size([224, 224], window_size=1)
+    assert model.img_size == (64, 64) and model.window_size == WINDOWS
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+    for kwargs, error, message in [
+        ({"resolution": "64"}, TypeError, "resolution must be an int or"),
+        ({"resolution": 64.5}, TypeError, "resolution must be an int or"),
+        ({"window_size": 0}, ValueError, r"window_size\[0\] must be positive"),
+        ({"window_size": 7.5}, TypeError, "window_size must be an int or one int per stage"),
+        ({"ct_size": 0}, ValueError, "ct_size must be positive"),
+        ({"ct_size": [2, 2]}, TypeError, "ct_size must be an integer"),
+        ({"ct_size": 8, "resolution": 224}, ValueError, r"ct_size=8 .*window is 7x7"),
+    ]:
+        with pytest.raises(error, match=message):
+            fastervit.create_model("faster_vit_0_any_res", **kwargs)
+
+
+def test_wrong_input_says_which_size_the_model_was_built_for():
+    model = _any_res(size=[64, 64]).eval()
+    with pytest.raises(ValueError, match=r"built for 64x64 inputs .*got 96x80: call model.set_input_size\(\[96, 80"):
+        model(torch.randn(1, 3, 96, 80))
+    with pytest.raises(ValueError, match=r"got a 3-D tensor .*model\(x\[None\]\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="built for 64x64 inputs"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32))

@@ -442,6 +442,11 @@ class HATStage(nn.Module):
         ct_grid = None
         self.global_tokenizer = None
         if hat and windows[0] * windows[1] > 1:
+            if not 1 <= ct_size <= window_size:
+                raise ValueError(
+                    f"ct_size={ct_size} carrier tokens per window side need 1 <= ct_size <= window_size, and this "
+                    f"stage's window is {window_size}x{window_size}: lower ct_size or raise window_size"
+                )
             ct_grid = CarrierTokenGrid(windows, ct_size, official_ct_order)
             self.global_tokenizer = CarrierTokenizer(dim, self.padded_resolution, window_size, ct_size)
         rates = _drop_path_rates(drop_path, depth)
