@@ -102,6 +102,14 @@ def _refuse_resize(*args, **kwargs) -> None:
     )
 
 
+def _refuse_model_resize(*args, **kwargs) -> None:
+    raise ConversionError(
+        "a converted model cannot change its input size or window (its carrier-token stages are built for one "
+        "geometry), so the model was left unchanged: call set_input_size on the original model and convert it "
+        "again (hatplug.save / hatplug.load carry trained weights over to a fresh conversion)"
+    )
+
+
 def _copy_plain_attributes(source: nn.Module, target: CarrierStage) -> None:
     """Give the rewritten stage the stage's plain attributes (``input_resolution``, ``grad_checkpointing``...)
     that the parent's code may read, kept through ``copy.deepcopy`` (a GraphModule rebuilds itself on copy)."""
@@ -237,8 +245,19 @@ def convert(
     """
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
-    if not isinstance(ct_size, int) or ct_size < 1:
+    if not isinstance(ct_size, int) or isinstance(ct_size, bool) or ct_size < 1:
         raise ValueError(f"ct_size must be a positive int, got {ct_size!r}")
+    for name, flag in (("propagate", propagate), ("inplace", inplace)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if stages is not None and (
+        isinstance(stages, (str, bytes))
+        or not isinstance(stages, Sequence)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in stages)
+    ):
+        raise ValueError(f"stages must be a list of stage indices (ints) or None, got {stages!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() takes an nn.Module (e.g. timm.create_model(...)), got {type(model).__name__}")
     if getattr(model, CONVERSION_ATTR, None) is not None:
         raise ConversionError(f"{type(model).__name__} was converted already (see hatplug.report(model))")
     if not any(find_adapter(m) is not None for m in model.modules()):
@@ -306,6 +325,14 @@ def convert(
                 }
             )
 
+    if not converted:
+        reasons = sorted({f"stage {b['stage']}: {b['reason']}" for b in skipped})
+        raise ConversionError(
+            f"no block of {type(model).__name__} was converted, every candidate was skipped: {'; '.join(reasons)}. "
+            "Change ct_size / stages so that at least one block qualifies."
+        )
+    if any(block["carrier_tokens"] == "stage stream" for block in converted) and hasattr(model, "set_input_size"):
+        model.set_input_size = _refuse_model_resize  # before timm's resize touches the patch embedding
     for family, indices in per_block.items():
         notes.append(
             f"{family} (stages {', '.join(map(str, indices))}): the model's own forward loops over the blocks, with "

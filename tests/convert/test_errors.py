@@ -89,10 +89,39 @@ def test_bad_arguments_and_repeated_conversion():
         hatplug.save(model, "unused.safetensors")
 
 
-def test_ct_size_larger_than_the_window_is_skipped_with_its_reason():
-    report = hatplug.report(hatplug.convert(make_model(FAMILIES["swin"], 64), ct_size=5))
-    assert not report.converted
-    assert any("smaller than ct_size=5" in r.reason for r in report.skipped)
+def test_converting_nothing_is_an_error_that_gives_the_reasons():
+    model = make_model(FAMILIES["swin"], 64)
+    with pytest.raises(ConversionError, match=r"no block of SwinTransformer was converted.*smaller than ct_size=5"):
+        hatplug.convert(model, ct_size=5)  # every window is 4x4
+    with pytest.raises(ConversionError, match=r"stage 0 not selected \(stages=\[\]\)"):
+        hatplug.convert(model, stages=[])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConversionError):
+        hatplug.convert(model, ct_size=5, inplace=True)
+    assert getattr(model, "hatplug_conversion", None) is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # left as it was
+    hatplug.convert(model)  # and still convertible
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ct_size": True}, "ct_size must be a positive int"),
+        ({"propagate": "no"}, "propagate must be True or False"),
+        ({"inplace": 1}, "inplace must be True or False"),
+        ({"stages": 0}, "stages must be a list of stage indices"),
+        ({"stages": [True]}, "stages must be a list of stage indices"),
+        ({"stages": "01"}, "stages must be a list of stage indices"),
+    ],
+)
+def test_argument_types_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hatplug.convert(make_model(FAMILIES["swin"], 64), **kwargs)
+
+
+def test_convert_needs_a_module():
+    with pytest.raises(TypeError, match=r"takes an nn.Module.*got str"):
+        hatplug.convert("swin_tiny_patch4_window7_224")
 
 
 def test_load_checks_the_base_model(tmp_path):
@@ -116,3 +145,6 @@ def test_resizing_a_converted_swin_says_what_to_do_and_deepcopy_keeps_the_stages
         assert torch.isfinite(hat(x)).all()
     with pytest.raises(ConversionError, match="call set_input_size on the original model and convert it again"):
         hat.set_input_size((96, 96))
+    assert tuple(hat.patch_embed.img_size) == (64, 64)  # refused before timm touched anything
+    with torch.no_grad():
+        assert torch.isfinite(hat(x)).all()
