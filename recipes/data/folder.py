@@ -91,7 +91,7 @@ class ImageFolderDataModule(MixupDataModule):
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         )  # fmt: skip
         self.train_set = ImageFolder(self._split_dir("train"), transform=train_tf)
-        self.val_set = ImageFolder(self._split_dir("val"), transform=val_tf)
+        self.val_set = _labelled_like(ImageFolder(self._split_dir("val"), transform=val_tf), self.train_set)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -104,3 +104,21 @@ class ImageFolderDataModule(MixupDataModule):
         return DataLoader(
             self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
         )
+
+
+def _labelled_like(val: ImageFolder, train: ImageFolder) -> ImageFolder:
+    """``val`` with the labels of ``train``'s class folders. ImageFolder numbers the class folders of each split
+    on its own, so a val/ with fewer classes than train/ would otherwise score its images against the wrong
+    labels; a val/ class that train/ does not have cannot be scored at all and is refused."""
+    unknown = sorted(set(val.classes) - set(train.classes))
+    if unknown:
+        raise DatasetNotFoundError(
+            f"{val.root} has class folders that {train.root} does not: {unknown}. The validation classes must be "
+            "training classes (the same folder names); remove or rename those folders."
+        )
+    if val.class_to_idx != {c: train.class_to_idx[c] for c in val.classes}:
+        remap = {val.class_to_idx[c]: train.class_to_idx[c] for c in val.classes}
+        val.samples = [(path, remap[target]) for path, target in val.samples]
+        val.imgs, val.targets = val.samples, [target for _, target in val.samples]
+        val.classes, val.class_to_idx = list(train.classes), dict(train.class_to_idx)
+    return val

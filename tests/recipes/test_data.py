@@ -1,6 +1,7 @@
 """Data modules of the recipes: the synthetic task's guarantees, real-data layouts and their errors."""
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,22 @@ def test_image_folder_with_mixup(tmp_path):
     assert dm.on_after_batch_transfer((images, target), 0)[1] is target
     val_images, _ = next(iter(dm.val_dataloader()))
     assert val_images.shape == (4, 3, 32, 32)
+
+
+def test_image_folder_val_labels_follow_train_classes(tmp_path):
+    def write(split: str, classes: tuple[str, ...]) -> None:
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / split / cls / "0.png")
+
+    write("train", ("a", "b", "c"))
+    write("val", ("a", "c"))  # val/ numbered alone would call "c" class 1
+    dm = ImageFolderDataModule(tmp_path, image_size=8, batch_size=2, auto_augment=None)
+    dm.setup("fit")
+    labels = {Path(path).parent.name: target for path, target in dm.val_set.samples}
+    assert labels == {"a": 0, "c": 2} == {c: dm.train_set.class_to_idx[c] for c in ("a", "c")}
+    assert dm.val_set.targets == [0, 2] and dm.val_set.class_to_idx == dm.train_set.class_to_idx
+
+    write("val", ("zebra",))
+    with pytest.raises(DatasetNotFoundError, match=r"does not: \['zebra'\].*training classes"):
+        dm.setup("fit")
