@@ -980,6 +980,22 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         for flag in ("sweep_models", "plot"):
             if flag in given:
                 parser.error(f"--{flag.replace('_', '-')} needs --sweep (or --preset sweep)")
+        unknown = [p for p in given.get("peers", ()) if p not in settings["models"]]
+        if unknown:
+            parser.error(f"--peers {','.join(unknown)}: not among the benchmarked models {settings['models']}")
+        if "peers" not in given and settings.get("peers"):  # a preset's columns for the models still benchmarked
+            settings["peers"] = [p for p in settings["peers"] if p in settings["models"]]
+    else:
+        moved = (("models", "--sweep-models"), ("img_size", "--sweep"), ("baseline", None), ("peers", None))
+        for flag, instead in moved:
+            if flag in given:
+                hint = f"; use {instead}" if instead else " (a sweep rates each model against its own smallest size)"
+                parser.error(f"--{flag.replace('_', '-')} is not used with --sweep{hint}")
+    for key in ("batch_size", "repeats", "iters", "threads"):
+        if key in given and given[key] < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1, got {given[key]}")
+    if "warmup" in given and given["warmup"] < 0:
+        parser.error(f"--warmup must be at least 0, got {given['warmup']}")
     return settings
 
 

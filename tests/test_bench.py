@@ -299,3 +299,29 @@ def test_non_square_throughput_and_sweep(tmp_path, monkeypatch):
     with open(out, newline="") as f:
         assert next(csv.DictReader(f))["infer_img_size"] == "32x48"
     assert (32, 48) in shape_peers.SEEN
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sweep", "64", "--models", "test_vit"], "--models is not used with --sweep; use --sweep-models"),
+        (["--sweep", "64", "--img-size", "64"], "--img-size is not used with --sweep; use --sweep"),
+        (["--sweep", "64", "--baseline", "test_vit"], "--baseline is not used with --sweep"),
+        (["--models", "test_vit,test_convnext", "--peers", "swin_foo"], "--peers swin_foo: not among"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--repeats", "-1"], "--repeats must be at least 1"),
+        (["--warmup", "-1"], "--warmup must be at least 0"),
+    ],
+)
+def test_cli_refuses_arguments_it_would_ignore_or_cannot_use(argv, message, capsys):
+    parser = bench._parser()
+    with pytest.raises(SystemExit):
+        bench._resolve(parser.parse_args(argv), parser)
+    assert message in capsys.readouterr().err
+
+
+def test_cli_preset_peer_columns_follow_the_models():
+    parser = bench._parser()
+    s = bench._resolve(parser.parse_args(["--preset", "cpu", "--models", "faster_vit_0_224,convnext_tiny"]), parser)
+    assert s["peers"] == ["convnext_tiny"]
