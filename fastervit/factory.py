@@ -166,6 +166,13 @@ def _create(
             "forward_intermediates (feature_cls='getter', the default), since a level's feature map is the "
             "output of its blocks before the downsample, which no single module returns"
         )
+    if "out_indices" in kwargs and not kwargs.get("features_only"):
+        raise ValueError("out_indices selects feature maps: pass it together with features_only=True")
+    if pretrained and checkpoint_path is not None:
+        raise ValueError(
+            "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "
+            "published weights)"
+        )
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     kwargs = {**arch, **kwargs}
     default = kwargs.pop("resolution")
@@ -184,7 +191,13 @@ def _create(
                 model.load_report = load_adapted(model, checkpoint_path, strict, filter_fn=checkpoint_filter_fn)
             else:
                 model.load_report = load_checkpoint(
-                    model, checkpoint_path, strict=strict, filter_fn=checkpoint_filter_fn
+                    model,
+                    checkpoint_path,
+                    strict=strict,
+                    filter_fn=checkpoint_filter_fn,
+                    mismatch_hint="If the checkpoint was trained at another resolution or window size, pass "
+                    "adapt_geometry=True (resizes the position biases, re-initialises carrier-token tensors that "
+                    "do not fit, and reports which); otherwise strict=False loads the matching tensors anyway.",
                 )
         return model
 

@@ -70,6 +70,13 @@ def read_checkpoint(path: str | Path) -> object:
             raise CheckpointError(
                 f"{path} is not a readable safetensors file ({exc}); re-download or re-export it"
             ) from exc
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a pickle
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither a torch.save file nor .safetensors; it starts with "
+            f"{head!r}); nothing was loaded"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -175,12 +182,16 @@ def _fill_aliases(state: dict[str, Tensor], own: dict[str, Tensor], report: Load
     return state
 
 
+_STRICT_HINT = "Pass strict=False to load the matching tensors anyway (the rest keep their init)."
+
+
 def load_checkpoint(
     model: nn.Module,
     checkpoint: str | Path | Mapping[str, Tensor],
     strict: bool = True,
     filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None,
     ignore_missing: Callable[[str], bool] | None = None,
+    mismatch_hint: str | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` and say exactly what happened.
 
@@ -196,6 +207,7 @@ def load_checkpoint(
             rest, and return the report.
         filter_fn: maps the checkpoint's state dict onto the model's layout first (timm-style).
         ignore_missing: keys for which absence is expected (e.g. a replaced classifier).
+        mismatch_hint: what the strict mismatch error suggests (default: ``strict=False``).
 
     Returns:
         A :class:`LoadReport`.
@@ -235,9 +247,7 @@ def load_checkpoint(
     if not report.ok:
         message = f"checkpoint {source} does not match {type(model).__name__}:\n{report}"
         if strict:
-            raise CheckpointMismatchError(
-                message + "\nPass strict=False to load the matching tensors anyway (the rest keep their init)."
-            )
+            raise CheckpointMismatchError(message + "\n" + (mismatch_hint or _STRICT_HINT))
         _logger.warning(message)
     model.load_state_dict(to_load, strict=False)
     return report

@@ -147,7 +147,7 @@ def test_shape_mismatch_is_reported_with_both_shapes(tmp_path):
 def test_other_window_geometry_is_caught_by_derived_buffers(tmp_path):
     source = fastervit.create_model("faster_vit_0_224", window_size=[7, 7, 14, 7], **SMALL)
     path = write_official_checkpoint(source, tmp_path / "w14.pth")
-    with pytest.raises(CheckpointMismatchError, match="relative_position_index"):
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)relative_position_index.*pass adapt_geometry=True"):
         fastervit.create_model("faster_vit_0_224", checkpoint_path=path, **SMALL)
 
 
@@ -188,6 +188,11 @@ def test_truncated_corrupt_and_missing_files(tmp_path):
             fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / name, **SMALL)
     with pytest.raises(CheckpointError, match="not found"):
         fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / "nope.pth")
+    (tmp_path / "notes.json").write_text('{"lr": 0.1}')
+    for name in ("garbage.pth", "notes.json"):  # not pickles at all: not "unsafe", just not checkpoints
+        with pytest.raises(CheckpointError, match=f"{name} is not a PyTorch checkpoint") as err:
+            hatplug.load_checkpoint(model, tmp_path / name)
+        assert not isinstance(err.value, UnsafeCheckpointError)
     torch.save({"state_dict": {"w": torch.zeros(1)}, "config": "x"}, tmp_path / "ok.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="not a dict"):
@@ -231,6 +236,13 @@ def test_pretrained_from_local_cache_and_with_new_head(monkeypatch, tmp_path):
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(ValueError, match="did you mean faster_vit_0_224"):
         fastervit.create_model("faster_vit_0_244")
+
+
+def test_conflicting_or_ignored_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="out_indices selects feature maps: pass it together with features_only=True"):
+        fastervit.create_model("faster_vit_0_224", out_indices=(3,), **SMALL)
+    with pytest.raises(ValueError, match="got pretrained=True and checkpoint_path: pass one"):
+        fastervit.create_model("faster_vit_0_224", pretrained=True, checkpoint_path=tmp_path / "x.pth")
 
 
 def test_img_size_and_resolution_are_one_setting():
@@ -281,8 +293,9 @@ def test_timm_contract():
 
 
 def test_whole_model_is_fx_traceable():
-    model = randomize_(fastervit.create_model("faster_vit_3_any_res", resolution=[96, 160], window_size=[7, 7, 3, 3],
-                                              **SMALL)).eval()
+    model = randomize_(
+        fastervit.create_model("faster_vit_3_any_res", resolution=[96, 160], window_size=[7, 7, 3, 3], **SMALL)
+    ).eval()
     graph = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 96, 160)
     with torch.no_grad():

@@ -44,6 +44,8 @@ def save(model: nn.Module, path: str | Path) -> Path:
             "torch.save(model.state_dict(), path) for others"
         )
     path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save to {path}: the folder {path.parent} does not exist (create it first)")
     # clones: safetensors refuses tensors that share memory (aliases) and non-contiguous views
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "model": info["model"], "config": json.dumps(info["config"])}
@@ -80,5 +82,11 @@ def load(path: str | Path, base_model: nn.Module) -> nn.Module:
             f"{saved_model} the file was converted from"
         )
     model = convert(base_model, **config)
-    load_checkpoint(model, load_file(str(path), device="cpu"), strict=True)
+    load_checkpoint(
+        model,
+        load_file(str(path), device="cpu"),
+        strict=True,
+        mismatch_hint="base_model must be built as the model that was converted and saved (the same timm name and "
+        "arguments: num_classes, img_size, embed_dim, depths...); nothing was loaded",
+    )
     return model

@@ -128,8 +128,10 @@ def test_load_checks_the_base_model(tmp_path):
     path = hatplug.save(hatplug.convert(make_model(FAMILIES["swin"], 64)), tmp_path / "swin.safetensors")
     with pytest.raises(CheckpointError, match="holds a converted SwinTransformer, but base_model is a Twins"):
         hatplug.load(path, make_model(FAMILIES["twins"], 128))
-    with pytest.raises(hatplug.CheckpointMismatchError):  # same class, other geometry
-        hatplug.load(path, make_model(FAMILIES["swin"], 32))
+    with pytest.raises(hatplug.CheckpointMismatchError, match="base_model must be built as the model that was"):
+        hatplug.load(path, make_model(FAMILIES["swin"], 32))  # same class, other geometry
+    with pytest.raises(CheckpointError, match="the folder .*no_such_dir does not exist"):
+        hatplug.save(hatplug.convert(make_model(FAMILIES["swin"], 64)), tmp_path / "no_such_dir" / "x.safetensors")
     torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         hatplug.load(tmp_path / "plain.pt", make_model(FAMILIES["swin"], 64))
