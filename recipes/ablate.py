@@ -107,6 +107,51 @@ def _run_dir(out: Path, arm: str) -> Path:
     return out / "runs" / arm
 
 
+def _ablation_path(path: str | Path) -> Path:
+    """``path`` itself, or for a bare name such as ``attention_type`` the YAML shipped in :data:`ABLATIONS`."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = ABLATIONS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    available = sorted(p.stem for p in ABLATIONS.glob("*.yaml"))
+    raise FileNotFoundError(f"no ablation YAML at {path}; give a path or one of the shipped ablations {available}")
+
+
+def _check_spec(path: Path, spec: object) -> None:
+    """The shape of an ablation YAML, checked before anything is merged (see the module docstring)."""
+
+    def fail(problem: str) -> None:
+        raise ValueError(f"{path}: {problem} (see python -m recipes.ablate --help and recipes/ablations/*.yaml)")
+
+    if not isinstance(spec, dict):
+        fail(f"an ablation is a mapping with keys {sorted(_SPEC_KEYS)}, got {type(spec).__name__}")
+    for key in ("name", "base", "arms"):
+        if key not in spec:
+            fail(f"missing the required key {key!r}")
+    if not isinstance(spec["name"], str) or not isinstance(spec["base"], str):
+        fail("'name' and 'base' must be strings")
+    if not (path.parent / spec["base"]).is_file():
+        fail(f"base config {spec['base']!r} not found (looked for {path.parent / spec['base']})")
+    for key in ("overrides", *PROFILES):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            fail(f"{key!r} must be a mapping of config overrides, got {spec[key]!r}")
+    if not isinstance(spec["arms"], list) or not spec["arms"]:
+        fail("'arms' must be a non-empty list of arms, each a mapping with a 'name'")
+    for i, arm in enumerate(spec["arms"]):
+        if not isinstance(arm, dict) or not isinstance(arm.get("name"), str):
+            fail(f"arm {i} must be a mapping with a string 'name', got {arm!r}")
+        for key in ("overrides", "convert", *(f"{p}_overrides" for p in PROFILES)):
+            if arm.get(key) is not None and not isinstance(arm[key], dict):
+                fail(f"arm {arm['name']!r}: {key!r} must be a mapping, got {arm[key]!r}")
+        scales = arm.get("eval_scales", [])
+        if not isinstance(scales, list) or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) for f in scales
+        ):
+            fail(f"arm {arm['name']!r}: 'eval_scales' must be a list of numbers, got {scales!r}")
+
+
 def _profile(smoke: bool, profile: str | None) -> str | None:
     if profile is not None and profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)} (or none for the full form)")
@@ -129,8 +174,9 @@ def load_ablation(
     >>> arms[1].config["model"]["model_kwargs"]["mixer"]
     'swin'
     """
-    path, out, profile = Path(path), Path(out), _profile(smoke, profile)
+    path, out, profile = _ablation_path(path), Path(out), _profile(smoke, profile)
     spec = yaml.safe_load(path.read_text())
+    _check_spec(path, spec)
     unknown = {k for k in spec if not k.startswith("x-")} - _SPEC_KEYS  # x-*: free keys, e.g. for YAML anchors
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(_SPEC_KEYS)} (or x-*)")
@@ -269,8 +315,9 @@ def run_ablation(
         result = run_ablation("recipes/ablations/attention_type.yaml", smoke=True, out="/tmp/attention")
         [row["arm"] for row in result.rows]  # ['window_only', 'swin', 'twins', 'edgevit', 'hat']
     """
-    path, profile = Path(path), _profile(smoke, profile)
+    path, profile = _ablation_path(path), _profile(smoke, profile)
     spec = yaml.safe_load(path.read_text())
+    _check_spec(path, spec)
     out = Path(out or Path("runs") / "ablations" / (spec["name"] + (f"-{profile}" if profile else "")))
     spec, resolved = load_ablation(path, out=out, profile=profile)
     if arms is not None:
@@ -296,14 +343,18 @@ def run_ablation(
 
 def main(argv: Sequence[str] | None = None) -> AblationResult:
     parser = argparse.ArgumentParser(prog="python -m recipes.ablate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("ablation", help="an ablation YAML, e.g. recipes/ablations/attention_type.yaml")
+    parser.add_argument(
+        "ablation", help="an ablation YAML, e.g. recipes/ablations/attention_type.yaml, or a shipped one's name"
+    )
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--smoke", action="store_true", help="tiny models and data, for CI (= --profile smoke)")
     form.add_argument("--profile", choices=PROFILES, default=None, help="a reduced form defined in the YAML")
     parser.add_argument("--out", default=None, help="output folder (default runs/ablations/<name>[-<profile>])")
     parser.add_argument("--arms", default=None, help="comma-separated subset of arms (warm-start sources are added)")
     args = parser.parse_args(argv)
-    arms = args.arms.split(",") if args.arms else None
+    arms = None if args.arms is None else [a for a in args.arms.split(",") if a]
+    if arms == []:
+        parser.error("--arms is empty; name at least one arm, or leave --arms out to run them all")
     result = run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms, profile=args.profile)
     print(markdown_table(result.rows), flush=True)
     return result

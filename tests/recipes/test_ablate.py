@@ -101,6 +101,35 @@ def test_spec_errors(tmp_path):
         run_ablation(write({"arms": [{"name": "a"}], "smoke": {}}), smoke=True, out=tmp_path / "out", arms=["z"])
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "an ablation is a mapping"),
+        ("name: x\narms: [{name: a}]\n", "missing the required key 'base'"),
+        ("name: x\nbase: BASE\n", "missing the required key 'arms'"),
+        ("base: BASE\narms: [{name: a}]\n", "missing the required key 'name'"),
+        ("name: x\nbase: nowhere.yaml\narms: [{name: a}]\n", "base config 'nowhere.yaml' not found"),
+        ("name: x\nbase: BASE\narms: [a, b]\n", "arm 0 must be a mapping with a string 'name'"),
+        ("name: x\nbase: BASE\narms: [{overrides: {}}]\n", "arm 0 must be a mapping with a string 'name'"),
+        ("name: x\nbase: BASE\narms: []\n", "'arms' must be a non-empty list"),
+        ("name: x\nbase: BASE\narms: [{name: a, eval_scales: [x]}]\n", "'eval_scales' must be a list of numbers"),
+        ("name: x\nbase: BASE\noverrides: [1, 2]\narms: [{name: a}]\n", "'overrides' must be a mapping"),
+    ],
+)
+def test_spec_shape_errors_name_the_problem(text, message, tmp_path):
+    base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("BASE", str(base)))
+    with pytest.raises(ValueError, match=message):
+        load_ablation(path)
+
+
+def test_a_shipped_ablation_by_name_and_a_missing_one():
+    assert [a.name for a in load_ablation("attention_type", smoke=True)[1]][:2] == ["window_only", "swin"]
+    with pytest.raises(FileNotFoundError, match=r"no ablation YAML at attention_typ; .*'attention_type'"):
+        load_ablation("attention_typ")
+
+
 def test_profile_errors(tmp_path):
     path = tmp_path / "p.yaml"
     base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
