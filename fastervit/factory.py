@@ -134,6 +134,8 @@ def pretrained_file(name: str) -> Path:
 
 
 def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"a FasterViT model name is a string such as 'faster_vit_0_224', got {name!r}")
     name = name.split(".")[0]  # timm-style "name.tag"
     if name not in _VARIANTS:
         close = difflib.get_close_matches(name, list(_VARIANTS), n=3)
@@ -168,6 +170,8 @@ def _create(
         )
     if "out_indices" in kwargs and not kwargs.get("features_only"):
         raise ValueError("out_indices selects feature maps: pass it together with features_only=True")
+    if "out_indices" in kwargs and not isinstance(kwargs["out_indices"], int) and not kwargs["out_indices"]:
+        raise ValueError("out_indices is empty: list the levels to return, e.g. (1, 2, 3), or leave it out for all")
     if pretrained and checkpoint_path is not None:
         raise ValueError(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "
@@ -209,8 +213,10 @@ def _create(
         **kwargs,
     )
     inner = getattr(model, "model", model)  # the FasterViT inside a features_only wrapper
-    if model is not inner and hasattr(inner, "load_report"):
-        model.load_report = inner.load_report
+    if model is not inner:
+        if hasattr(inner, "load_report"):
+            model.load_report = inner.load_report
+        model.set_input_size = inner.set_input_size  # the wrapper holds no geometry of its own
     return model
 
 

@@ -355,3 +355,17 @@ def test_wrong_input_says_which_size_the_model_was_built_for():
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="built for 64x64 inputs"):
         model.forward_intermediates(torch.randn(1, 3, 32, 32))
+
+
+def test_features_only_model_can_change_its_input_size():
+    feats = fastervit.create_model(
+        ANY_RES, resolution=[64, 64], features_only=True, window_size=WINDOWS, **SMALL
+    ).eval()
+    feats.set_input_size([96, 96])  # stage 3 keeps its 2x2 windows, so the weights are the same
+    with torch.no_grad():
+        maps = feats(torch.randn(1, 3, 96, 96))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(24, 24), (12, 12), (6, 6), (3, 3)]
+    with pytest.raises(ValueError, match="out_indices is empty"):
+        fastervit.create_model(ANY_RES, features_only=True, out_indices=(), **SMALL)
+    with pytest.raises(TypeError, match="model name is a string"):
+        fastervit.create_model(None)
