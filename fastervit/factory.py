@@ -170,8 +170,16 @@ def _create(
         )
     if "out_indices" in kwargs and not kwargs.get("features_only"):
         raise ValueError("out_indices selects feature maps: pass it together with features_only=True")
-    if "out_indices" in kwargs and not isinstance(kwargs["out_indices"], int) and not kwargs["out_indices"]:
-        raise ValueError("out_indices is empty: list the levels to return, e.g. (1, 2, 3), or leave it out for all")
+    if "out_indices" in kwargs and not isinstance(kwargs["out_indices"], int):
+        chosen = list(kwargs["out_indices"])
+        if not chosen:
+            raise ValueError("out_indices is empty: list the levels to return, e.g. (1, 2, 3), or leave it out for all")
+        levels = [i % 4 if isinstance(i, int) and -4 <= i < 4 else i for i in chosen]
+        if levels != sorted(set(levels)):
+            raise ValueError(
+                f"out_indices={tuple(chosen)} must name distinct levels in increasing order (the maps come back in "
+                "level order, and feature_info must list them the same way), e.g. (1, 2, 3)"
+            )
     if pretrained and checkpoint_path is not None:
         raise ValueError(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "

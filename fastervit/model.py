@@ -346,6 +346,10 @@ class FasterViT(nn.Module):
         num_stages = len(depths)
         window_size = _window_sizes(window_size, num_stages)
         ct_size = _positive_int(ct_size, "ct_size")
+        dim, in_dim = _positive_int(dim, "dim"), _positive_int(in_dim, "in_dim")
+        in_chans = _positive_int(in_chans, "in_chans")
+        if not _is_integer(num_classes) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, features only), got {num_classes!r}")
         hat = [True] * num_stages if hat is None else list(hat)
         for name, value in (("num_heads", num_heads), ("hat", hat)):
             if len(value) != num_stages:

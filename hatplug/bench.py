@@ -432,7 +432,12 @@ def _check_names(models: Sequence[str]) -> None:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceUnavailableError(f"{device!r} is not a device name: use cpu, cuda or cuda:N ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceUnavailableError(f"device {str(device)!r}: hatplug.bench measures cpu and cuda devices only")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device {str(device)!r} requested but torch.cuda.is_available() is False "

@@ -325,3 +325,10 @@ def test_cli_preset_peer_columns_follow_the_models():
     parser = bench._parser()
     s = bench._resolve(parser.parse_args(["--preset", "cpu", "--models", "faster_vit_0_224,convnext_tiny"]), parser)
     assert s["peers"] == ["convnext_tiny"]
+
+
+def test_device_names_are_checked():
+    cases = [("gpu", "not a device name: use cpu, cuda or cuda:N"), ("meta", "cpu and cuda devices only")]
+    for device, message in cases:
+        with pytest.raises(bench.DeviceUnavailableError, match=message):
+            benchmark(["test_vit"], device=device, **TINY)

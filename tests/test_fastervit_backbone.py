@@ -369,3 +369,19 @@ def test_features_only_model_can_change_its_input_size():
         fastervit.create_model(ANY_RES, features_only=True, out_indices=(), **SMALL)
     with pytest.raises(TypeError, match="model name is a string"):
         fastervit.create_model(None)
+
+
+def test_feature_indices_and_sizes_are_checked():
+    for out_indices in ((2, 0), (1, 1), (-1, 0)):
+        with pytest.raises(ValueError, match="distinct levels in increasing order"):
+            fastervit.create_model(ANY_RES, features_only=True, out_indices=out_indices, **SMALL)
+    feats = fastervit.create_model(ANY_RES, features_only=True, out_indices=(0, -1), **SMALL)
+    assert feats.feature_info.channels() == [32, 256]
+    for kwargs, message in [
+        ({"num_classes": -1}, "num_classes must be an int >= 0"),
+        ({"num_classes": "10"}, "num_classes must be an int >= 0"),
+        ({"dim": 0}, "dim must be positive"),
+        ({"in_chans": 0}, "in_chans must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fastervit.create_model(ANY_RES, **{**SMALL, **kwargs})

@@ -62,7 +62,17 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a readable safetensors file written by hatplug.save ({exc})") from exc
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} was not written by hatplug.save (no '{FORMAT}' metadata)")
-    return {"model": metadata["model"], **json.loads(metadata["config"])}
+    try:
+        config = json.loads(metadata["config"])
+        model = metadata["model"]
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: its hatplug.save metadata is damaged ({type(exc).__name__}: {exc})") from exc
+    allowed = {"ct_size", "stages", "init", "propagate"}
+    if not isinstance(config, dict) or set(config) - allowed:
+        raise CheckpointError(
+            f"{path}: its conversion config {config!r} is not one hatplug.save writes (keys {sorted(allowed)})"
+        )
+    return {"model": model, **config}
 
 
 def load(path: str | Path, base_model: nn.Module) -> nn.Module:

@@ -150,3 +150,19 @@ def test_resizing_a_converted_swin_says_what_to_do_and_deepcopy_keeps_the_stages
     assert tuple(hat.patch_embed.img_size) == (64, 64)  # refused before timm touched anything
     with torch.no_grad():
         assert torch.isfinite(hat(x)).all()
+
+
+def test_load_names_damaged_save_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    from hatplug.conversion.io import FORMAT
+
+    cases = {
+        "no_model": {"format": FORMAT, "config": "{}"},
+        "bad_json": {"format": FORMAT, "model": "SwinTransformer", "config": "{not json"},
+        "odd_key": {"format": FORMAT, "model": "SwinTransformer", "config": '{"ct_size": 2, "foo": 1}'},
+    }
+    for name, metadata in cases.items():
+        save_file({"w": torch.zeros(1)}, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        with pytest.raises(CheckpointError, match=f"{name}.safetensors: its (hatplug.save metadata|conversion config)"):
+            hatplug.load(tmp_path / f"{name}.safetensors", make_model(FAMILIES["swin"], 64))
