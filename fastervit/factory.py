@@ -180,6 +180,11 @@ def _create(
                 f"out_indices={tuple(chosen)} must name distinct levels in increasing order (the maps come back in "
                 "level order, and feature_info must list them the same way), e.g. (1, 2, 3)"
             )
+    for flag, value in (("pretrained", pretrained), ("strict", strict), ("adapt_geometry", adapt_geometry)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if adapt_geometry and not pretrained and checkpoint_path is None:
+        raise ValueError("adapt_geometry=True adapts weights being loaded: pass checkpoint_path or pretrained=True")
     if pretrained and checkpoint_path is not None:
         raise ValueError(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "

@@ -243,6 +243,10 @@ def test_conflicting_or_ignored_arguments_are_refused(tmp_path):
         fastervit.create_model("faster_vit_0_224", out_indices=(3,), **SMALL)
     with pytest.raises(ValueError, match="got pretrained=True and checkpoint_path: pass one"):
         fastervit.create_model("faster_vit_0_224", pretrained=True, checkpoint_path=tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="adapt_geometry=True adapts weights being loaded"):
+        fastervit.create_model("faster_vit_0_224", adapt_geometry=True, **SMALL)
+    with pytest.raises(ValueError, match="strict must be True or False, got 'no'"):
+        fastervit.create_model("faster_vit_0_224", strict="no", **SMALL)
 
 
 def test_img_size_and_resolution_are_one_setting():
