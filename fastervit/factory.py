@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from hatplug.checkpoint import LoadReport, load_checkpoint
@@ -174,7 +175,7 @@ def _create(
         chosen = list(kwargs["out_indices"])
         if not chosen:
             raise ValueError("out_indices is empty: list the levels to return, e.g. (1, 2, 3), or leave it out for all")
-        levels = [i % 4 if isinstance(i, int) and -4 <= i < 4 else i for i in chosen]
+        levels, _ = feature_take_indices(len(kwargs.get("depths", arch["depths"])), chosen)  # negatives resolved
         if levels != sorted(set(levels)):
             raise ValueError(
                 f"out_indices={tuple(chosen)} must name distinct levels in increasing order (the maps come back in "

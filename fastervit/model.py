@@ -27,14 +27,20 @@ from .resize import summarise_keys
 __all__ = ["FasterViT", "stage_resolutions"]
 
 
-def _positive_int(value, what: str) -> int:
-    """``value`` as an int (Python or NumPy/torch integer), refusing floats, strings and bools."""
+def _is_integer(value) -> bool:
+    """A Python, NumPy or torch integer (``operator.index`` takes it), not a bool."""
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
+        operator.index(value)
     except TypeError:
-        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
+        return False
+    return not isinstance(value, bool)
+
+
+def _positive_int(value, what: str) -> int:
+    """``value`` as an int, refusing floats, strings, bools and values below 1."""
+    if not _is_integer(value):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    value = operator.index(value)
     if value < 1:
         raise ValueError(f"{what} must be positive, got {value}")
     return value
@@ -50,14 +56,6 @@ def _to_2tuple(size: int | Sequence[int], what: str = "resolution") -> tuple[int
     if len(size) != 2:
         raise ValueError(f"{what} must be an int or [H, W], got {list(size)!r}")
     return _positive_int(size[0], f"{what}[0]"), _positive_int(size[1], f"{what}[1]")
-
-
-def _is_integer(value) -> bool:
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return not isinstance(value, bool)
 
 
 def _window_sizes(window_size: int | Sequence[int], num_stages: int) -> list[int]:

@@ -86,6 +86,11 @@ def _hw(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def _pixels(size: Size) -> int:
+    h, w = _hw(size)
+    return h * w
+
+
 def _canonical(size: Size) -> Size:
     """A square ``(h, h)`` becomes ``h``, so the same size is written and deduplicated one way."""
     h, w = _hw(size)
@@ -307,8 +312,7 @@ class SweepPoint:
 
     @property
     def pixels(self) -> int:
-        h, w = _hw(self.img_size)
-        return h * w
+        return _pixels(self.img_size)
 
     @property
     def ms_per_image(self) -> float:
@@ -612,7 +616,7 @@ def resolution_sweep(
     ([(64, ''), ((64, 96), ''), (96, '')], 1.0)
     """
     models = list(dict.fromkeys(models))
-    sizes = sorted({_canonical(s) for s in sizes}, key=lambda s: (_hw(s)[0] * _hw(s)[1], _hw(s)))
+    sizes = sorted({_canonical(s) for s in sizes}, key=lambda s: (_pixels(s), _hw(s)))
     if not models or not sizes:
         raise ValueError(f"need at least one model and one size, got models={models} sizes={sizes}")
     if repeats < 1 or iters < 1 or warmup < 0:
@@ -622,8 +626,7 @@ def resolution_sweep(
     common = dict(batch_size=batch_size, device=str(dev), amp=amp, channels_last=channels_last, compiled=compile)
     torch.manual_seed(0)
     inputs = {size: _random_input(batch_size, size, dev, channels_last) for size in sizes}
-    pixels = {size: _hw(size)[0] * _hw(size)[1] for size in sizes}
-    size_iters = {size: max(1, round(iters * pixels[sizes[0]] / pixels[size])) for size in sizes}
+    size_iters = {size: max(1, round(iters * _pixels(sizes[0]) / _pixels(size))) for size in sizes}
     points = [SweepPoint(model=name, img_size=size, **common) for size in sizes for name in models]
     built: dict[int, nn.Module] = {}  # index into points -> model
     for i, point in enumerate(points):
@@ -856,9 +859,9 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
     measured = [p for p in points if not p.skipped]
     ticks: dict[float, list[str]] = {}  # x position (square root of the pixel count) -> size labels there
     for p in sorted(measured, key=lambda p: p.pixels):
-        ticks.setdefault(math.sqrt(p.pixels), [])
-        if size_label(p.img_size) not in ticks[math.sqrt(p.pixels)]:
-            ticks[math.sqrt(p.pixels)].append(size_label(p.img_size))
+        labels = ticks.setdefault(math.sqrt(p.pixels), [])
+        if size_label(p.img_size) not in labels:
+            labels.append(size_label(p.img_size))
     fig = Figure(figsize=(12, 4.8))
     ax_t, ax_c = fig.subplots(1, 2)
     for name in dict.fromkeys(p.model for p in points):

@@ -96,17 +96,11 @@ class CarrierStage(torch.fx.GraphModule):
 
 
 def _refuse_resize(*args, **kwargs) -> None:
-    raise ConversionError(
-        "a converted stage cannot change its input size or window: call set_input_size on the original model "
-        "and convert it again (hatplug.save / hatplug.load carry trained weights over to a fresh conversion)"
-    )
-
-
-def _refuse_model_resize(*args, **kwargs) -> None:
+    """``set_input_size`` of a converted model and of its rewritten stages: refused before anything changes."""
     raise ConversionError(
         "a converted model cannot change its input size or window (its carrier-token stages are built for one "
-        "geometry), so the model was left unchanged: call set_input_size on the original model and convert it "
-        "again (hatplug.save / hatplug.load carry trained weights over to a fresh conversion)"
+        "geometry), so nothing was changed: call set_input_size on the original model and convert it again "
+        "(hatplug.save / hatplug.load carry trained weights over to a fresh conversion)"
     )
 
 
@@ -332,7 +326,7 @@ def convert(
             "Change ct_size / stages so that at least one block qualifies."
         )
     if any(block["carrier_tokens"] == "stage stream" for block in converted) and hasattr(model, "set_input_size"):
-        model.set_input_size = _refuse_model_resize  # before timm's resize touches the patch embedding
+        model.set_input_size = _refuse_resize  # before timm's resize touches the patch embedding
     for family, indices in per_block.items():
         notes.append(
             f"{family} (stages {', '.join(map(str, indices))}): the model's own forward loops over the blocks, with "
