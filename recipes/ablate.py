@@ -57,7 +57,17 @@ from .measure import count_params, gflops, throughput
 from .module import ImageClassifier
 from .report import markdown_table, plot_pareto, write_csv, write_markdown
 
-__all__ = ["ABLATIONS", "PROFILES", "AblationResult", "Arm", "deep_merge", "load_ablation", "main", "run_ablation"]
+__all__ = [
+    "ABLATIONS",
+    "PROFILES",
+    "AblationResult",
+    "Arm",
+    "deep_merge",
+    "default_out",
+    "load_ablation",
+    "main",
+    "run_ablation",
+]
 
 ABLATIONS = Path(__file__).parent / "ablations"
 """The ablation YAMLs shipped with the recipes."""
@@ -160,13 +170,19 @@ def _profile(smoke: bool, profile: str | None) -> str | None:
     return "smoke" if smoke else profile
 
 
+def default_out(spec: dict, profile: str | None = None) -> Path:
+    """Where an ablation's results go unless told: ``runs/ablations/<name>[-<profile>]``."""
+    return Path("runs") / "ablations" / (spec["name"] + (f"-{profile}" if profile else ""))
+
+
 def load_ablation(
-    path: str | Path, smoke: bool = False, out: str | Path = "runs/ablation", profile: str | None = None
+    path: str | Path, smoke: bool = False, out: str | Path | None = None, profile: str | None = None
 ) -> tuple[dict, list[Arm]]:
     """Read an ablation YAML and resolve every arm's config (see the module docstring).
 
     ``profile`` picks a reduced form (:data:`PROFILES`); ``smoke=True`` is short for ``profile="smoke"``. A
-    profile the YAML does not define is an error, not a silent full-size run.
+    profile the YAML does not define is an error, not a silent full-size run. Arms' runs go under ``out``,
+    by default :func:`default_out` of the ablation.
 
     >>> spec, arms = load_ablation(ABLATIONS / "attention_type.yaml", smoke=True)
     >>> [a.name for a in arms]
@@ -174,9 +190,10 @@ def load_ablation(
     >>> arms[1].config["model"]["model_kwargs"]["mixer"]
     'swin'
     """
-    path, out, profile = _ablation_path(path), Path(out), _profile(smoke, profile)
+    path, profile = _ablation_path(path), _profile(smoke, profile)
     spec = yaml.safe_load(path.read_text())
     _check_spec(path, spec)
+    out = Path(out) if out is not None else default_out(spec, profile)
     unknown = {k for k in spec if not k.startswith("x-")} - _SPEC_KEYS  # x-*: free keys, e.g. for YAML anchors
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(_SPEC_KEYS)} (or x-*)")
@@ -315,11 +332,9 @@ def run_ablation(
         result = run_ablation("recipes/ablations/attention_type.yaml", smoke=True, out="/tmp/attention")
         [row["arm"] for row in result.rows]  # ['window_only', 'swin', 'twins', 'edgevit', 'hat']
     """
-    path, profile = _ablation_path(path), _profile(smoke, profile)
-    spec = yaml.safe_load(path.read_text())
-    _check_spec(path, spec)
-    out = Path(out or Path("runs") / "ablations" / (spec["name"] + (f"-{profile}" if profile else "")))
+    profile = _profile(smoke, profile)
     spec, resolved = load_ablation(path, out=out, profile=profile)
+    out = Path(out) if out is not None else default_out(spec, profile)
     if arms is not None:
         missing = set(arms) - {a.name for a in resolved}
         if missing:
