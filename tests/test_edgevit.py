@@ -197,9 +197,17 @@ def test_create_model_contract():
         assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, 384)
         model.reset_classifier(0)
         assert model(x).shape == (1, 384)
-        model.reset_classifier(5, global_pool="")
-        assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, 384, 4, 3)
+        model.reset_classifier(0, global_pool="")
+        assert model(x).shape == (1, 384, 4, 3)
+        with pytest.raises(ValueError, match="num_classes=0 to get the map"):
+            model.reset_classifier(5)  # keeps global_pool=''
+        model.reset_classifier(5, global_pool="avg")
+        assert model(x).shape == (1, 5)
     assert model.get_classifier().out_features == 5
+    with pytest.raises(ValueError, match="cannot take"):
+        timm.create_model("edgevit_xs", num_classes=10, global_pool="")
+    with pytest.raises(ValueError, match="'avg' or ''"):
+        timm.create_model("edgevit_xs", global_pool="max")
 
 
 def test_pretrained_without_file_raises():

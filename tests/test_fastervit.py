@@ -288,6 +288,19 @@ def test_timm_contract():
         assert model(x).shape == (2, 5)
         model.reset_classifier(0)
         assert model(x).shape == (2, model.num_features)
+        model.reset_classifier(0, "")  # timm: no pooling returns the map
+        assert model(x).shape == features.shape
+        with pytest.raises(ValueError, match="num_classes=0 to get the map"):
+            model.reset_classifier(5)  # keeps global_pool=''
+        model.reset_classifier(3, "catavgmax")
+        assert model(x).shape == (2, 3) and model.head.in_features == 2 * model.num_features
+    unpooled = fastervit.create_model("faster_vit_0_224", num_classes=0, global_pool="", **SMALL).eval()
+    with torch.no_grad():
+        assert unpooled(x).shape == features.shape
+    with pytest.raises(ValueError, match="cannot take"):
+        fastervit.create_model("faster_vit_0_224", num_classes=10, global_pool="", **SMALL)
+    with pytest.raises(ValueError, match="not a pooling type"):
+        fastervit.create_model("faster_vit_0_224", global_pool="mean", **SMALL)
     assert model.pretrained_cfg["url"].endswith("fastervit_0_224_1k.pth.tar")
     assert all("cpb_mlp" in n for n in model.no_weight_decay()) and model.no_weight_decay()
     model.set_grad_checkpointing(True)
