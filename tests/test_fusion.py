@@ -53,6 +53,34 @@ def test_folded_eval_forward_matches_the_plain_one():
     assert features.is_contiguous() and all(m.is_contiguous() for m in maps)
 
 
+def test_hooks_on_submodules_fire_in_eval_mode():
+    """A folded path skips its submodules' calls: where one has a hook (a feature or attention probe), its
+    module runs the plain form, with the same result."""
+    model = _model()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(x)
+    seen = []
+    probes = [model.patch_embed.conv_down[0], model.levels[0].blocks[0].norm1, model.levels[2].blocks[0].mlp.fc1,
+              model.levels[2].blocks[0].hat_attn]  # fmt: skip
+    handles = [m.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__)) for m in probes]
+    with torch.no_grad():
+        hooked = model(x)
+    assert sorted(seen) == sorted(type(m).__name__ for m in probes)
+    torch.testing.assert_close(hooked, expected, **TOL)
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(m))
+    try:
+        with torch.no_grad():
+            globally = model(x)
+    finally:
+        handle.remove()
+    assert {id(m) for m in probes} <= {id(m) for m in seen}  # a global hook sees the submodules too
+    torch.testing.assert_close(globally, expected, **TOL)
+
+
 def test_state_dict_and_training_are_untouched():
     model = _model()
     keys = list(model.state_dict())

@@ -197,13 +197,33 @@ class BlockAdapter:
     def stage_path(self, model: nn.Module, path: str) -> str:
         """Path of the module whose forward runs the block's stage: by default the owner of the nearest
         ``nn.Sequential`` / ``nn.ModuleList`` holding the block, or that container itself when the model
-        owns it directly (e.g. EdgeViT's ``blocks1``)."""
+        owns it directly or its owner runs other containers of blocks too (a model that owns its stages'
+        block lists, e.g. EdgeViT's ``blocks1`` .. ``blocks4``, also inside a timm feature wrapper)."""
         parts = path.split(".")
         for i in range(len(parts) - 1, 0, -1):
             container = model.get_submodule(".".join(parts[:i]))
             if isinstance(container, (nn.Sequential, nn.ModuleList)):
-                return ".".join(parts[: i - 1]) if i > 1 else ".".join(parts[:i])
+                owner = model.get_submodule(".".join(parts[: i - 1]))
+                siblings = [
+                    c
+                    for c in owner.children()
+                    if c is not container
+                    and isinstance(c, (nn.Sequential, nn.ModuleList))
+                    and any(self.matches(m) for m in c.modules())
+                ]
+                return ".".join(parts[:i]) if siblings or i == 1 else ".".join(parts[: i - 1])
         raise ValueError(f"{path} is not inside an nn.Sequential / nn.ModuleList; override stage_path")
+
+    @staticmethod
+    def owner_of(model: nn.Module, path: str, marker: str) -> tuple[nn.Module, str]:
+        """``(module, rest)``: the module at the part of ``path`` before the first component starting with
+        ``marker`` (the model itself, or the model inside a timm feature wrapper such as
+        ``FeatureGetterNet.model``), and the path from there."""
+        parts = path.split(".")
+        for i, part in enumerate(parts):
+            if part.startswith(marker):
+                return model.get_submodule(".".join(parts[:i])), ".".join(parts[i:])
+        return model, path
 
     def make_tokenizer(self, block: nn.Module, settings: ConversionSettings) -> nn.Module:
         """The stage's carrier-token initialiser, fed with the first converted block's input."""

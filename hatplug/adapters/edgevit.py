@@ -43,7 +43,9 @@ class EdgeViTCarrierAttention(CarrierWindowAttention):
             self.sampler = attn.sampler
             self.LocalProp = attn.LocalProp
             self.norm = attn.norm
-            self.hat_gate = nn.Parameter(torch.zeros(attn.num_heads, device=attn.qkv.weight.device))
+            self.hat_gate = nn.Parameter(
+                torch.zeros(attn.num_heads, device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+            )
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B_, L = x.shape[0], x.shape[1]
@@ -115,14 +117,17 @@ class EdgeViTHATBlock(CarrierBlock):
         ct_windows = self.carrier_windows(ct, n_h, n_w)  # (B*nW, ct*ct, C)
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         ct_out, out = self.attn(self.norm1(ct_windows), self.norm1(x), (H, W), self.window_size)
-        x = x + self.drop_path1(out)
+        # the carrier tokens before the map: the map's last op must be the block's last, since fx feature
+        # extraction (timm's create_feature_extractor) takes a module's output from its last op
         ct_windows = ct_windows + self.drop_path1(ct_out)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
         ct_windows = ct_windows + self.drop_path2(self.mlp(self.norm2(ct_windows)))
+        ct_out = ct_windows.reshape(B, -1, C)
+        x = x + self.drop_path1(out)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
         x = x.view(B, H, W, C)
         if self.propagation_scale is not None:
             x = self.propagate_into_map(x, ct_windows, Hp, Wp)
-        return x.permute(0, 3, 1, 2).reshape(B, C, H, W), ct_windows.reshape(B, -1, C)
+        return x.permute(0, 3, 1, 2).reshape(B, C, H, W), ct_out
 
 
 class EdgeViTAdapter(BlockAdapter):
@@ -143,6 +148,7 @@ class EdgeViTAdapter(BlockAdapter):
         return (self.window, self.window)
 
     def window_grid(self, model: nn.Module, path: str, block: nn.Module) -> tuple[int, int] | None:
+        model, path = self.owner_of(model, path, "blocks")  # the EdgeViT, also inside a feature wrapper
         if not isinstance(model, EdgeViT) or not path.startswith("blocks"):
             return None
         stage = int(path.split(".")[0][len("blocks") :]) - 1

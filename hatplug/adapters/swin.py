@@ -127,22 +127,24 @@ class SwinHATBlock(CarrierBlock):
         x = x + self.drop_path1(out)
         ct_windows = ct_windows + self.drop_path1(ct_out)
 
+        # the carrier tokens before the map: the map's last op must be the block's last, since fx feature
+        # extraction (timm's create_feature_extractor) takes a module's output from its last op
+        ct_windows = self._mlp(ct_windows, ct)
+        ct_out = ct_windows.reshape(B, -1, C)
+        x = self._mlp(x, ct)
+        if self.propagation_scale is not None:
+            x = self.propagate_into_map(x, ct_windows, Hp, Wp)
+        return x, ct_out
+
+    def _mlp(self, x: Tensor, ct: Tensor) -> Tensor:
+        """The block's MLP with its residual, on tokens or carrier tokens (``ct``: the block's CT input)."""
         hidden = None if self.post_norm else mlp_hidden(self.mlp)
         if hidden is not None and fusion_active(self, x, ct) and passes_through(self.drop_path2, self.mlp.drop2):
             # eval: the residual accumulated by fc2's GEMM, GELU in place (hatplug.layers.fusion)
-            fc2 = self.mlp.fc2
-            x = residual_linear(x, hidden(self.norm2(x)), fc2.weight, fc2.bias)
-            ct_windows = residual_linear(ct_windows, hidden(self.norm2(ct_windows)), fc2.weight, fc2.bias)
-        elif self.post_norm:
-            x = x + self.drop_path2(self.norm2(self.mlp(x)))
-            ct_windows = ct_windows + self.drop_path2(self.norm2(self.mlp(ct_windows)))
-        else:
-            x = x + self.drop_path2(self.mlp(self.norm2(x)))
-            ct_windows = ct_windows + self.drop_path2(self.mlp(self.norm2(ct_windows)))
-
-        if self.propagation_scale is not None:
-            x = self.propagate_into_map(x, ct_windows, Hp, Wp)
-        return x, ct_windows.reshape(B, -1, C)
+            return residual_linear(x, hidden(self.norm2(x)), self.mlp.fc2.weight, self.mlp.fc2.bias)
+        if self.post_norm:
+            return x + self.drop_path2(self.norm2(self.mlp(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class SwinAdapter(BlockAdapter):

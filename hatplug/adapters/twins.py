@@ -75,7 +75,8 @@ class TwinsAdapter(BlockAdapter):
         return ".".join(path.split(".")[:2])  # blocks.{k}.{j}.attn -> blocks.{k}
 
     def window_grid(self, model: nn.Module, path: str, block: nn.Module) -> tuple[int, int] | None:
-        embeds = getattr(model, "patch_embeds", None)
+        owner, path = self.owner_of(model, path, "blocks")  # the Twins model, also inside a feature wrapper
+        embeds = getattr(owner, "patch_embeds", None)
         if embeds is None or not path.startswith("blocks."):
             return None
         embed = embeds[int(path.split(".")[1])]

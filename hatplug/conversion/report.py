@@ -35,6 +35,8 @@ class ConversionReport:
         converted: the converted blocks, in model order.
         skipped: the supported blocks left as they were, each with its reason.
         notes: family-specific remarks (e.g. where carrier tokens are made per block).
+        dropped: names of the original parameters the converted model no longer has (a twin that does not
+            need some of its block's modules, e.g. EdgeViT's sparse-attention parts at ``init="random"``).
         params_before, params_after, params_new: parameter counts before and after the conversion, and
             of the parts it added.
     """
@@ -44,6 +46,7 @@ class ConversionReport:
     converted: list[BlockRecord] = field(default_factory=list)
     skipped: list[BlockRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
     params_new: int = 0
@@ -66,6 +69,8 @@ class ConversionReport:
             f"{self.params_before:,} -> {self.params_after:,} (+{self.params_new:,} new, "
             f"{100 * self.params_new / max(self.params_before, 1):.1f}%)"
         )
+        if self.dropped:
+            lines.append(f"dropped {len(self.dropped)} original parameters: {', '.join(self.dropped)}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -101,6 +106,7 @@ def report(model: nn.Module) -> ConversionReport:
         converted=[record(e) for e in info["converted"]],
         skipped=[record(e) for e in info["skipped"]],
         notes=list(info["notes"]),
+        dropped=list(info.get("dropped", ())),
         params_before=info["params_before"],
         params_after=sum(p.numel() for p in model.parameters()),
         params_new=info["params_new"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 from collections.abc import Sequence
 
 import torch.fx
@@ -57,6 +58,11 @@ def unsupported_message(model: nn.Module) -> str:
     if attention:
         more = f" and {len(attention) - 5} more" if len(attention) > 5 else ""
         lines.append(f"It has attention modules that no adapter knows: {', '.join(attention[:5])}{more}.")
+    if isinstance(model, torch.fx.GraphModule):
+        lines.append(
+            "It is an fx graph (e.g. timm features_only with feature_cls='fx'), whose blocks are inlined: convert "
+            "the model first, then extract features from the converted model (timm's create_feature_extractor)."
+        )
     lines.append("Supported block families:")
     for adapter in registered_adapters():
         kinds = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in adapter.source_types)
@@ -93,6 +99,37 @@ class CarrierStage(torch.fx.GraphModule):
         for module in self.modules():
             if isinstance(module, CarrierBlock):
                 module.grad_checkpointing = bool(enable)
+
+
+def _adopt_mode(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give the modules a conversion adds ``old``'s train / eval mode; those ``new`` took over keep theirs."""
+    modes = {id(m): m.training for m in old.modules()}
+    for module in new.modules():
+        module.training = modes.get(id(module), old.training)
+    return new
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` replaces ``old`` with the same inputs and outputs: it takes over ``old``'s hooks (the same
+    dicts, so that the handles the user holds still remove them)."""
+    for name in _HOOK_DICTS:
+        if getattr(old, name, None):
+            setattr(new, name, getattr(old, name))
 
 
 def _refuse_resize(*args, **kwargs) -> None:
@@ -155,11 +192,13 @@ def _rewrite_stage(
         )
 
     first = calls[0]
-    stage.add_module("carrier_tokenizer", adapter.make_tokenizer(relative[first.target], settings))
+    tokenizer = adapter.make_tokenizer(relative[first.target], settings)
+    stage.add_module("carrier_tokenizer", tokenizer.train(relative[first.target].training))
     with graph.inserting_before(first):
         ct = graph.create_node("call_module", "carrier_tokenizer", (first.args[0],), name="carrier_tokens")
     for i, node in enumerate(calls):
-        twin = adapter.build(relative[node.target], settings, propagate=propagate and i == len(calls) - 1)
+        block = relative[node.target]
+        twin = _adopt_mode(adapter.build(block, settings, propagate=propagate and i == len(calls) - 1), block)
         _set_submodule(stage, node.target, twin)
         prefix = node.name
         with graph.inserting_after(node):
@@ -184,7 +223,66 @@ def _rewrite_stage(
         rewritten.register_buffer(name, buf, persistent=name not in stage._non_persistent_buffers_set)
     _copy_plain_attributes(stage, rewritten)
     rewritten.training = stage.training
+    _move_hooks(stage, rewritten)  # same inputs and outputs: timm's FeatureHookNet hooks its stages
     _set_submodule(model, stage_path, rewritten)
+
+
+def _check_hooks_kept(model: nn.Module, named_before: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a conversion that dropped a module holding hooks the converted model no longer runs."""
+    live = {id(getattr(m, name)) for m in model.modules() for name in _HOOK_DICTS if getattr(m, name, None)}
+    alive = {id(m) for m in model.modules()}
+    lost = [
+        path or "(the model)"
+        for path, m in named_before
+        if id(m) not in alive and any(getattr(m, n, None) and id(getattr(m, n)) not in live for n in _HOOK_DICTS)
+    ]
+    if lost:
+        raise ConversionError(
+            f"hooks registered on {lost} would be lost: the conversion replaces these modules with HAT versions "
+            "whose inputs and outputs differ. Remove the hooks (handle.remove()), convert, and register them on "
+            "the converted model; for timm features_only models use the default feature_cls, not 'hook'"
+        )
+
+
+class _GroupMatcher:
+    """``group_matcher`` of a converted model: the model's own rules, with each rewritten stage's
+    ``carrier_tokenizer`` put in the group of the stage's first block (timm's layer-wise lr decay would
+    otherwise give it the head's rate). An object rather than a closure, so that the model still pickles."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, coarse: bool = False) -> dict:
+        model = self.model
+        matcher = type(model).group_matcher(model, coarse=coarse)
+        converted = [b["path"] for b in getattr(model, CONVERSION_ATTR)["converted"]]
+        for path, module in model.named_modules():
+            if not isinstance(module, CarrierStage):
+                continue
+            first = next((p for p in converted if p.startswith(path + ".")), None)
+            name = next((f"{first}.{n}" for n, _ in model.get_submodule(first).named_parameters()), None)
+            rule = None if name is None else _tokenizer_rule(matcher, name, path)
+            if rule is not None:
+                key, spec = rule
+                matcher[key] = [spec] + (
+                    [(matcher[key], None)] if isinstance(matcher[key], str) else list(matcher[key])
+                )
+        return matcher
+
+
+def _tokenizer_rule(matcher: dict, name: str, stage_path: str) -> tuple[str, tuple] | None:
+    """The rule (in the group ``key`` of ``matcher``) that gives ``<stage_path>.carrier_tokenizer.*`` the
+    grouping timm derives for the parameter ``name``: the first rule that matches it, its captured numbers
+    as a fixed suffix."""
+    for key, spec in matcher.items():
+        if spec is None:
+            continue
+        for pattern, suffix in [(spec, None)] if isinstance(spec, str) else spec:
+            found = re.match(pattern, name)
+            if found:
+                ordinal = tuple(float(g) for g in found.groups()) + tuple(suffix or ())
+                return key, (rf"^{re.escape(stage_path)}\.carrier_tokenizer\.", ordinal)
+    return None
 
 
 def convert(
@@ -218,8 +316,10 @@ def convert(
 
     Returns:
         The converted model: the same class, with its methods (``forward_features``, ``forward_head``,
-        ``reset_classifier``, ``forward_intermediates``...) and all original weights; the new parameters
-        are trainable. :func:`hatplug.report` says what changed.
+        ``reset_classifier``, ``forward_intermediates``...), its original weights (the report lists any a
+        twin does not use) and each block's train / eval mode; the new parameters are trainable. Hooks on
+        a rewritten stage or on a block whose twin keeps its signature move to the replacement; hooks on a
+        module replaced by one with other inputs are refused. :func:`hatplug.report` says what changed.
 
     Raises:
         UnsupportedModelError: nothing in ``model`` is a supported block.
@@ -250,16 +350,24 @@ def convert(
         or not all(isinstance(i, int) and not isinstance(i, bool) for i in stages)
     ):
         raise ValueError(f"stages must be a list of stage indices (ints) or None, got {stages!r}")
+    if stages is not None and len(set(stages)) != len(stages):
+        raise ValueError(f"stages lists a stage more than once: {list(stages)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module (e.g. timm.create_model(...)), got {type(model).__name__}")
     if getattr(model, CONVERSION_ATTR, None) is not None:
         raise ConversionError(f"{type(model).__name__} was converted already (see hatplug.report(model))")
     if not any(find_adapter(m) is not None for m in model.modules()):
         raise UnsupportedModelError(unsupported_message(model))
+    if inplace and any(_has_hooks(m) for m in model.modules()):
+        # hooks on a module that is replaced by a twin with other inputs are refused (below); find out on a
+        # copy, before the model itself changes
+        convert(copy.deepcopy(model), ct_size=ct_size, stages=stages, init=init, propagate=propagate)
     if not inplace:
         model = copy.deepcopy(model)
 
-    original = {id(p) for p in model.parameters()}
+    named_before = list(model.named_modules())
+    params_named_before = list(model.named_parameters())
+    original = {id(p) for _, p in params_named_before}
     params_before = sum(p.numel() for p in model.parameters())
     settings = ConversionSettings(ct_size=ct_size, init=init)
 
@@ -302,7 +410,9 @@ def convert(
             mode = "stage stream"
         else:
             for path, block in todo:
-                _set_submodule(model, path, adapter.build(block, settings, propagate=propagate))
+                twin = _adopt_mode(adapter.build(block, settings, propagate=propagate), block)
+                _move_hooks(block, twin)  # the twin keeps the block's signature
+                _set_submodule(model, path, twin)
             mode = "per block"
             per_block.setdefault(adapter.family, []).append(index)
         for i, (path, block) in enumerate(todo):
@@ -325,6 +435,7 @@ def convert(
             f"no block of {type(model).__name__} was converted, every candidate was skipped: {'; '.join(reasons)}. "
             "Change ct_size / stages so that at least one block qualifies."
         )
+    _check_hooks_kept(model, named_before)
     if any(block["carrier_tokens"] == "stage stream" for block in converted) and hasattr(model, "set_input_size"):
         model.set_input_size = _refuse_resize  # before timm's resize touches the patch embedding
     for family, indices in per_block.items():
@@ -334,6 +445,10 @@ def convert(
             "propagates them into its output"
         )
     params_new = sum(p.numel() for p in model.parameters() if id(p) not in original)
+    kept = {id(p) for p in model.parameters()}
+    dropped = [name for name, p in params_named_before if id(p) not in kept]
+    if hasattr(model, "group_matcher") and any(isinstance(m, CarrierStage) for m in model.modules()):
+        model.group_matcher = _GroupMatcher(model)
     setattr(
         model,
         CONVERSION_ATTR,
@@ -344,6 +459,7 @@ def convert(
             "converted": converted,
             "skipped": skipped,
             "notes": notes,
+            "dropped": dropped,
             "params_before": params_before,
             "params_new": params_new,
         },

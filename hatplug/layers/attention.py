@@ -240,7 +240,9 @@ class CarrierWindowAttention(nn.Module):
         self.proj = proj
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = proj_drop
-        self.hat_gate = nn.Parameter(torch.zeros(num_heads, device=proj.weight.device)) if gated else None
+        self.hat_gate = (
+            nn.Parameter(torch.zeros(num_heads, device=proj.weight.device, dtype=proj.weight.dtype)) if gated else None
+        )
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

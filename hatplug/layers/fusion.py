@@ -12,8 +12,10 @@ statistics make the next call fold again, and ``train()`` drops the cache.
 The folded path is taken only where it computes the same function up to float32 rounding and nothing can
 observe the difference: eval mode, no tracer or compiler recording the forward (those see the plain
 modules and fuse on their own), and no autograd through the weights or the input. In training the plain
-modules run, so training is bit-identical with or without this. ``inference_fusion(False)`` switches it
-off globally (A/B measurements, debugging), together with the other inference-only forms that use
+modules run, so training is bit-identical with or without this. A submodule with hooks (a feature or
+attention-map probe) makes its module run the plain form, so that the hooks fire.
+``inference_fusion(False)`` switches it off globally (A/B measurements, debugging), together with the
+other inference-only forms that use
 :func:`fusion_active`: FasterViT's conv levels in channels-last on CPU and its stem in batch chunks
 (``fastervit.model``), HAT blocks that accumulate residuals in the projection GEMMs and apply GELU in
 place, and the fused-kernel attention of converted blocks (:class:`~hatplug.layers.CarrierWindowAttention`).
@@ -72,10 +74,28 @@ def inference_fusion(enabled: bool) -> Iterator[None]:
         _ENABLED = previous
 
 
+def _hooked_below(module: nn.Module) -> bool:
+    """Whether a submodule of ``module`` (which a folded path may not call) has hooks, or global module hooks
+    are registered: those must see every module run. A plain walk over ``_modules`` (about 10 us for a HAT
+    block; ``module.modules()`` takes 7x that)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    stack = list(module._modules.values())
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        stack.extend(m._modules.values())
+    return False
+
+
 def fusion_active(module: nn.Module, *inputs: Tensor | None) -> bool:
-    """True where ``module`` may run its folded form: fusion enabled, eval mode, no tracer/compiler, and no
-    autograd through its parameters or ``inputs``."""
-    if not _ENABLED or module.training or _tracing():
+    """True where ``module`` may run its folded form: fusion enabled, eval mode, no tracer/compiler, no
+    autograd through its parameters or ``inputs``, and no hooks on its submodules (the folded form skips
+    their calls)."""
+    if not _ENABLED or module.training or _tracing() or _hooked_below(module):
         return False
     if torch.is_grad_enabled():
         if any(t is not None and t.requires_grad for t in inputs):

@@ -38,17 +38,17 @@ def _swinv2(size: int, **kw) -> nn.Module:
     )  # fmt: skip
 
 
-def _twins(size: int) -> nn.Module:
+def _twins(size: int, **kw) -> nn.Module:
     # Twins accepts any size divisible by 32; img_size sets what the adapter checks for single windows
     return timm.create_model(
         "twins_svt_small", embed_dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), img_size=size,
-        num_classes=10,
+        num_classes=10, **kw,
     )  # fmt: skip
 
 
-def _edgevit(size: int) -> nn.Module:
+def _edgevit(size: int, **kw) -> nn.Module:
     # size-agnostic; single windows are judged at its pretrained_cfg input size (224)
-    return timm.create_model("edgevit_xxs", num_classes=10)
+    return timm.create_model("edgevit_xxs", num_classes=10, **kw)
 
 
 FAMILIES = {

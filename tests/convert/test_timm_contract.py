@@ -1,0 +1,131 @@
+"""What a timm user expects of a converted model beyond its outputs: modes, dtypes, hooks, feature
+extraction, layer-wise lr decay and the report of what a conversion dropped."""
+
+import pytest
+import timm
+import torch
+from timm.models import create_feature_extractor
+from timm.optim._param_groups import param_groups_layer_decay
+
+import hatplug
+from hatplug.errors import ConversionError
+
+from .conftest import FAMILIES, _swin, make_model
+
+
+def test_eval_model_converts_to_an_eval_model(family):
+    """New modules take the mode of the block they replace: with attention dropout in the original, an eval
+    model stays deterministic after conversion (the new modules used to start in train mode)."""
+    kw = {"attn_drop_rate": 0.3} if family.name in ("swin", "swinv2", "twins") else {"drop_rate": 0.3}
+    torch.manual_seed(0)
+    model = family.make(family.sizes[0], **kw).eval()
+    for init in ("identity", "random"):
+        hat = hatplug.convert(model, init=init)
+        assert not [name for name, m in hat.named_modules() if m.training]
+        x = torch.randn(1, 3, family.sizes[0], family.sizes[0])
+        with torch.no_grad():
+            assert torch.equal(hat(x), hat(x))
+    train_hat = hatplug.convert(model.train())
+    assert all(m.training for m in train_hat.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_converts(family, dtype):
+    model = make_model(family, family.sizes[0]).to(dtype)
+    hat = hatplug.convert(model)
+    assert {p.dtype for p in hat.parameters()} == {dtype}
+    x = torch.randn(1, 3, family.sizes[0], family.sizes[0], dtype=dtype)
+    with torch.no_grad():
+        assert (hat(x).float() - model(x).float()).abs().max() < 0.05
+
+
+def test_fx_feature_extraction_returns_the_stage_maps():
+    """timm's create_feature_extractor takes a module's output from its last op: the carrier tokens of a
+    stage's last block must not come after the map."""
+    model = make_model(FAMILIES["swin"], 64)
+    hat = hatplug.convert(model)
+    nodes = {"layers.0": "s0", "layers.1": "s1"}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = create_feature_extractor(hat, return_nodes=nodes)(x)
+        theirs = create_feature_extractor(model, return_nodes=nodes)(x)
+    for key in theirs:
+        assert ours[key].shape == theirs[key].shape
+        assert torch.allclose(ours[key], theirs[key], atol=1e-5)  # identity init: the same maps
+
+
+def test_stage_hooks_move_and_block_hooks_are_refused():
+    model = make_model(FAMILIES["swin"], 64)
+    hook_net = hatplug.convert(_swin(64, features_only=True, feature_cls="hook").eval())
+    assert len(hook_net(torch.randn(1, 3, 64, 64))) == 4  # FeatureHookNet hooks its (rewritten) stages
+
+    seen = []
+    handle = model.layers[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hat = hatplug.convert(model)
+    with torch.no_grad():
+        hat(torch.randn(1, 3, 64, 64))
+    assert seen == [torch.Size([1, 16, 16, 16])]
+    handle.remove()
+
+    handle = model.layers[0].blocks[0].register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(ConversionError, match=r"hooks registered on \['layers.0.blocks.0'\] would be lost"):
+        hatplug.convert(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConversionError, match="would be lost"):
+        hatplug.convert(model, inplace=True)  # refused before the model changed
+    assert type(model.layers[0].blocks[0]).__name__ == "SwinTransformerBlock"
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    handle.remove()
+
+
+def test_edgevit_features_only_converts_per_stage():
+    """Inside timm's feature wrapper each of EdgeViT's block lists is still its own stage (one carrier
+    stream per width), and single-window stages are still skipped."""
+    torch.manual_seed(0)
+    model = timm.create_model("edgevit_xxs", features_only=True).eval()
+    hat = hatplug.convert(model)
+    plain = hatplug.report(hatplug.convert(make_model(FAMILIES["edgevit"], 128)))
+    rep = hatplug.report(hat)
+    assert (len(rep.converted), len(rep.skipped)) == (len(plain.converted), len(plain.skipped))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        for ours, theirs in zip(hat(x), model(x)):
+            assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_twins_feature_getter_skips_single_window_stages():
+    torch.manual_seed(0)
+    kw = dict(embed_dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), img_size=128)
+    model = timm.create_model("twins_svt_small", features_only=True, feature_cls="getter", **kw)
+    rep = hatplug.report(hatplug.convert(model))
+    assert (len(rep.converted), len(rep.skipped)) == (FAMILIES["twins"].converted, FAMILIES["twins"].skipped)
+
+
+def test_report_lists_dropped_original_parameters():
+    model = make_model(FAMILIES["edgevit"], 128)
+    assert hatplug.report(hatplug.convert(model)).dropped == []
+    rep = hatplug.report(hatplug.convert(model, init="random"))
+    assert rep.dropped and all(".LocalProp." in n or ".attn.norm." in n for n in rep.dropped)
+    before = sum(p.numel() for p in model.parameters())
+    dropped = sum(model.get_parameter(n).numel() for n in rep.dropped)
+    assert rep.params_after == before + rep.params_new - dropped
+    assert "dropped 20 original parameters" in str(rep)
+
+
+def test_layer_decay_puts_carrier_tokenizers_with_their_stage():
+    hat = hatplug.convert(make_model(FAMILIES["swin"], 64))
+    groups = param_groups_layer_decay(hat, layer_decay=0.7)
+    name_of = {id(p): n for n, p in hat.named_parameters()}
+    scale = {name_of[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    for stage in (0, 1):
+        tokenizer = [v for n, v in scale.items() if n.startswith(f"layers.{stage}.carrier_tokenizer.")]
+        assert tokenizer and set(tokenizer) == {scale[f"layers.{stage}.blocks.0.norm1.weight"]}
+    head = scale["head.fc.weight"]
+    assert all(v < head for n, v in scale.items() if "carrier_tokenizer" in n)
+    for coarse in (False, True):  # the rules are the model's own plus the tokenizers'
+        assert set(type(hat).group_matcher(hat, coarse)) == set(hat.group_matcher(coarse))
+
+
+def test_repeated_stage_index_is_refused():
+    with pytest.raises(ValueError, match="more than once"):
+        hatplug.convert(make_model(FAMILIES["swin"], 64), stages=[0, 0])
