@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
 
 from hatplug.checkpoint import LoadReport, load_checkpoint
@@ -123,6 +124,18 @@ def pretrained_file(name: str) -> Path:
         f"(or set {CHECKPOINT_DIR_ENV}), or pass checkpoint_path=... . The weights are published by NVIDIA "
         f"under a non-commercial licence."
     )
+    return _fetch(url, name, folders, hint)
+
+
+def _fetch(url: str, name: str, folders: list[Path] | None = None, hint: str | None = None) -> Path:
+    """``url``'s file from the first of ``folders`` (default: torch hub's checkpoints) that has it, else
+    downloaded into the last one unless offline."""
+    file_name = url.rsplit("/", 1)[-1]
+    folders = folders or [Path(torch.hub.get_dir()) / "checkpoints"]
+    for folder in folders:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    hint = hint or f"pretrained weights for {name!r} not found: {file_name} is not in {folders[-1]}; download {url}"
     if any(os.environ.get(e) for e in OFFLINE_ENVS):
         raise PretrainedWeightsNotFoundError(hint + f" (offline mode: {'/'.join(OFFLINE_ENVS)} is set)")
     folders[-1].mkdir(parents=True, exist_ok=True)
@@ -198,12 +211,14 @@ def _create(
     # the any-resolution variants are published with the 224 weights: moving those is a geometry change
     adapt_pretrained = adapt_geometry or name.endswith("_any_res")
 
+    source = _pretrained_source(name, kwargs) if pretrained else None
+
     def build(**model_kwargs) -> FasterViT:
         # weights go in here, before build_model_with_cfg wraps a features_only model (which prunes the
         # norm and the head)
         model = FasterViT(**model_kwargs)
         if pretrained:
-            model.load_report = _load_pretrained(model, name, cfg, adapt_pretrained)
+            model.load_report = _load_pretrained(model, source, cfg, adapt_pretrained)
         if checkpoint_path is not None:
             if adapt_geometry:
                 model.load_report = load_adapted(model, checkpoint_path, strict, filter_fn=checkpoint_filter_fn)
@@ -234,21 +249,60 @@ def _create(
     return model
 
 
-def _load_pretrained(model: nn.Module, name: str, cfg: dict, adapt_geometry: bool) -> LoadReport:
+def _pretrained_source(name: str, kwargs: dict) -> Path:
+    """The file ``pretrained=True`` loads: the ``file`` or ``url`` of a ``pretrained_cfg`` /
+    ``pretrained_cfg_overlay`` given to ``timm.create_model`` (timm's way to point at other weights), else
+    the published checkpoint (:func:`pretrained_file`)."""
+    cfg = dict(_VARIANTS[name][1])
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+        given = kwargs.get(key)
+        if given is not None:
+            cfg.update(given if isinstance(given, dict) else given.to_dict())
+    if cfg.get("file"):
+        path = Path(cfg["file"]).expanduser()
+        if not path.is_file():
+            raise PretrainedWeightsNotFoundError(f"pretrained_cfg file {str(path)!r} does not exist")
+        return path
+    if cfg.get("hf_hub_id") or cfg.get("state_dict") is not None:
+        raise ValueError(
+            "FasterViT loads pretrained weights from a file or a URL: give pretrained_cfg_overlay=dict(file=...) "
+            "or checkpoint_path=... instead of hf_hub_id / state_dict"
+        )
+    if cfg["url"] != _VARIANTS[name][1]["url"]:
+        return _fetch(cfg["url"], name)
+    return pretrained_file(name)
+
+
+def _adapt_to_model(state: dict[str, Tensor], model: nn.Module, cfg: dict) -> dict[str, Tensor]:
+    """timm's pretrained conventions: the first conv summed / repeated to the model's ``in_chans``
+    (``adapt_input_conv``)."""
+    key = cfg["first_conv"] + ".weight"
+    in_chans = model.patch_embed.conv_down[0].in_channels
+    if key in state and state[key].shape[1] != in_chans:
+        state = {**state, key: adapt_input_conv(in_chans, state[key])}
+    return state
+
+
+def _load_pretrained(model: nn.Module, source: Path, cfg: dict, adapt_geometry: bool) -> LoadReport:
+    def published(state: dict[str, Tensor], m: nn.Module) -> dict[str, Tensor]:
+        return _adapt_to_model(checkpoint_filter_fn(state, m), m, cfg)
+
     if adapt_geometry:  # also replaces a classifier of another size
-        return load_adapted(model, pretrained_file(name), strict=True, filter_fn=checkpoint_filter_fn)
+        return load_adapted(model, source, strict=True, filter_fn=published)
     head_replaced = getattr(model, "num_classes", cfg["num_classes"]) != cfg["num_classes"]
 
     def drop_head(state: dict[str, Tensor], m: nn.Module) -> dict[str, Tensor]:
-        state = checkpoint_filter_fn(state, m)
+        state = published(state, m)
         return {k: v for k, v in state.items() if not (head_replaced and k.startswith("head."))}
 
     return load_checkpoint(
         model,
-        pretrained_file(name),
+        source,
         strict=True,
         filter_fn=drop_head,
         ignore_missing=(lambda k: k.startswith("head.")) if head_replaced else None,
+        mismatch_hint="pretrained=True loads the published weights into this architecture: for another width, "
+        "depth or geometry pass checkpoint_path=... with strict=False or adapt_geometry=True instead.",
     )
 
 

@@ -376,6 +376,9 @@ class FasterViT(nn.Module):
             if len(value) != num_stages:
                 raise ValueError(f"{name} has {len(value)} entries but depths has {num_stages} stages")
         self.img_size = _to_2tuple(resolution)
+        self.in_chans = in_chans
+        # every instance runs at the size it was built for (set_input_size changes it): timm's trait
+        self._traits = dict(getattr(self, "_traits", {}), fixed_input_size=True)
         self.window_size = window_size
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = int(dim * 2 ** (num_stages - 1))
@@ -448,7 +451,15 @@ class FasterViT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^patch_embed",
-            blocks=r"^levels\.(\d+)" if coarse else [(r"^levels\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))],
+            blocks=r"^levels\.(\d+)"
+            if coarse
+            else [
+                # a level's carrier tokens are made before its first block, its downsample runs after its last
+                (r"^levels\.(\d+)\.global_tokenizer\.", (0,)),
+                (r"^levels\.(\d+)\.blocks\.(\d+)", None),
+                (r"^levels\.(\d+)\.downsample\.", (99999,)),
+                (r"^norm", (99999,)),
+            ],
         )
 
     @torch.jit.ignore
@@ -467,7 +478,12 @@ class FasterViT(nn.Module):
         pool = _global_pool(self.avgpool.pool_type if global_pool is None else global_pool, num_classes)
         self.num_classes, self.avgpool = num_classes, pool
         in_features = self.num_features * self.avgpool.feat_mult()
-        self.head = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+        like = self.patch_embed.conv_down[0].weight  # the new head joins the model on its device, in its dtype
+        self.head = (
+            nn.Linear(in_features, num_classes, device=like.device, dtype=like.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
         if num_classes > 0:
             self._init_weights(self.head)
 

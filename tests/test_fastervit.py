@@ -328,3 +328,71 @@ def test_aliases_of_one_tensor_must_agree(tmp_path):
     state["levels.2.global_tokenizer.to_global_feature.pos.weight"] += 1
     with pytest.raises(CheckpointMismatchError, match="differs from its alias"):
         hatplug.load_checkpoint(model, state)
+
+
+def test_pretrained_cfg_overlay_file_is_what_loads(monkeypatch, tmp_path):
+    """timm's way to point pretrained=True at other weights: the given file loads, not the published one."""
+    monkeypatch.setenv("HATPLUG_CHECKPOINT_DIR", str(tmp_path))
+    published, mine = (randomize_(fastervit.create_model("faster_vit_0_224", **SMALL), seed=s) for s in (1, 2))
+    write_official_checkpoint(published, tmp_path / "fastervit_0_224_1k.pth.tar")
+    write_official_checkpoint(mine, tmp_path / "mine.pth.tar")
+    model = timm.create_model(
+        "faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "mine.pth.tar")), **SMALL
+    )
+    assert torch.equal(model.head.weight, mine.head.weight)
+    with pytest.raises(PretrainedWeightsNotFoundError, match="does not exist"):
+        timm.create_model("faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=dict(file="nope.pth"), **SMALL)
+
+
+def test_pretrained_adapts_the_first_conv_to_in_chans(monkeypatch, tmp_path):
+    monkeypatch.setenv("HATPLUG_CHECKPOINT_DIR", str(tmp_path))
+    published = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL))
+    write_official_checkpoint(published, tmp_path / "fastervit_0_224_1k.pth.tar")
+    weight = published.patch_embed.conv_down[0].weight
+    gray = fastervit.create_model("faster_vit_0_224", pretrained=True, in_chans=1, **SMALL)
+    torch.testing.assert_close(gray.patch_embed.conv_down[0].weight, weight.sum(1, keepdim=True))  # timm's rule
+    assert gray.in_chans == 1 and timm.models.get_model_input_config(gray)["input_size"] == (1, 224, 224)
+    assert timm.models.get_model_input_config(gray)["fixed_input_size"]
+
+
+def test_timm_loaders_take_official_files(tmp_path):
+    """timm.create_model(checkpoint_path=...) loads without fastervit's filter: the official files' derived
+    position-bias tables are dropped where they fit the model's geometry, and refused where they do not."""
+    source = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL))
+    state = official_state_dict(source)
+    assert any(k.endswith("relative_bias") for k in state)
+    torch.save(state, tmp_path / "official.pth")
+    model = timm.create_model("faster_vit_0_224", checkpoint_path=str(tmp_path / "official.pth"), **SMALL)
+    assert torch.equal(model.head.weight, source.head.weight)
+    other = fastervit.create_model("faster_vit_0_any_res", resolution=224, window_size=[7, 7, 5, 7], **SMALL)
+    with pytest.raises(RuntimeError, match="trained at another window size"):
+        other.load_state_dict(state)
+
+
+def test_layer_decay_groups_follow_the_levels():
+    """Downsamples and carrier-token makers get the rate of their level, not the head's."""
+    from timm.optim._param_groups import param_groups_layer_decay
+
+    model = fastervit.create_model("faster_vit_0_224", **SMALL)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    scale = {
+        name_of[id(p)]: g["lr_scale"] for g in param_groups_layer_decay(model, layer_decay=0.7) for p in g["params"]
+    }
+    head = scale["head.weight"]
+    for name, value in scale.items():
+        if ".downsample." in name or ".global_tokenizer." in name:
+            level = int(name.split(".")[1])
+            assert value < head
+            assert (
+                scale[f"levels.{level}.blocks.0.conv1.weight" if level < 2 else f"levels.{level}.blocks.0.norm1.weight"]
+                <= value
+            )
+    assert scale["levels.2.global_tokenizer.pos_embed.weight"] == scale["levels.2.blocks.0.norm1.weight"]
+
+
+def test_reset_classifier_keeps_dtype_and_device():
+    model = fastervit.create_model("faster_vit_0_224", **SMALL).eval().to(torch.bfloat16)
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224, dtype=torch.bfloat16)).shape == (1, 5)

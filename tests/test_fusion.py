@@ -235,3 +235,15 @@ def test_fold_helpers():
         torch.testing.assert_close(residual_linear(r, h, lin.weight, lin.bias), r + lin(h), **TOL)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert residual_linear(r, h, lin.weight, lin.bias).dtype == torch.float32  # the plain expression
+
+
+def test_eval_again_after_data_edits():
+    """``.data`` edits do not bump a tensor's version, so the fold cache cannot see them: ``eval()`` drops it."""
+    model = _model()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        model(x)
+        model.patch_embed.conv_down[0].weight.data.mul_(0.5)
+        model.levels[2].blocks[0].mlp.fc1.weight.data.mul_(0.5)
+        model.eval()
+        torch.testing.assert_close(model(x), _plain(model, x), **TOL)

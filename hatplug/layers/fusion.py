@@ -7,7 +7,8 @@ channel; the same holds for a linear followed by a layer-scale ``gamma``: ``gamm
 (official checkpoints load unchanged) and derive the folded tensors on demand, cached like the position
 biases (:class:`~hatplug.layers.CachedBias`): the cache key is the identity, in-place version, dtype and
 device of every source tensor, so an optimiser step, ``load_state_dict``, ``.to()`` or new BatchNorm
-statistics make the next call fold again, and ``train()`` drops the cache.
+statistics make the next call fold again, and ``train()`` drops the cache. Edits through ``.data`` bypass
+the version counters: after one, call ``model.eval()`` again (it drops the cache).
 
 The folded path is taken only where it computes the same function up to float32 rounding and nothing can
 observe the difference: eval mode, no tracer or compiler recording the forward (those see the plain

@@ -58,6 +58,26 @@ class CachedBias(nn.Module):
                 self._cache = (key, self.compute(*geometry))
         return self._cache[1]
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Official checkpoints store the derived tables too: where their shapes are this geometry's they are
+        dropped (recomputed here), so that ``load_state_dict`` and timm's loaders take the files; where they
+        are not, the checkpoint is for another window size, which is an error, not something to ignore."""
+        shapes = getattr(self, "derived_state_shapes", dict)()
+        for name, shape in shapes.items():
+            value = state_dict.get(prefix + name)
+            if value is None:
+                continue
+            if tuple(value.shape) == shape:
+                del state_dict[prefix + name]
+            else:
+                errors.append(
+                    f"{prefix}{name}: the checkpoint's table has shape {tuple(value.shape)}, this model's window "
+                    f"gives {shape}: it was trained at another window size or resolution; load it with "
+                    "fastervit.create_model(..., checkpoint_path=..., adapt_geometry=True)"
+                )
+                del state_dict[prefix + name]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
 
 def _log_relative_coords(window_h: int, window_w: int) -> Tensor:
     """SwinV2 log-spaced relative coordinates, ``(1, 2h-1, 2w-1, 2)``."""
