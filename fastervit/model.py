@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from hatplug.layers import HATStage
 from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_
 from hatplug.layers.pos_embed import _tracing
+from hatplug.models.heads import check_head
 
 from .resize import summarise_keys
 
@@ -69,27 +70,8 @@ def _window_sizes(window_size: int | Sequence[int], num_stages: int) -> list[int
     return [_positive_int(w, f"window_size[{i}]") for i, w in enumerate(window_size)]
 
 
-def _num_classes(value) -> int:
-    if not _is_integer(value) or value < 0:
-        raise ValueError(f"num_classes must be an int >= 0 (0: no classifier, features only), got {value!r}")
-    return operator.index(value)
-
-
-_POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
-
-
-def _global_pool(pool_type: str, num_classes: int) -> SelectAdaptivePool2d:
-    """timm's head pooling: ``pool_type`` pooled and flattened, or ``""``: the unpooled ``(B, C, H, W)`` map,
-    which only a model without a classifier (``num_classes=0``) can return."""
-    if not isinstance(pool_type, str) or pool_type.lower() not in ("", *_POOL_TYPES):
-        raise ValueError(
-            f"global_pool={pool_type!r} is not a pooling type: use one of {_POOL_TYPES} or '' (no pooling)"
-        )
-    if not pool_type and num_classes > 0:
-        raise ValueError(
-            f"global_pool='' keeps the (B, C, H, W) map, which a linear head of num_classes={num_classes} cannot "
-            "take: pass num_classes=0 to get the map, or a pooling type such as 'avg'"
-        )
+def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's head pooling (checked by ``check_head``): pooled and flattened, or ``""``: the unpooled map."""
     return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
 
 
@@ -370,7 +352,7 @@ class FasterViT(nn.Module):
         ct_size = _positive_int(ct_size, "ct_size")
         dim, in_dim = _positive_int(dim, "dim"), _positive_int(in_dim, "in_dim")
         in_chans = _positive_int(in_chans, "in_chans")
-        num_classes = _num_classes(num_classes)
+        num_classes = check_head(global_pool, num_classes)
         hat = [True] * num_stages if hat is None else list(hat)
         for name, value in (("num_heads", num_heads), ("hat", hat)):
             if len(value) != num_stages:
@@ -424,7 +406,7 @@ class FasterViT(nn.Module):
             self.feature_info.append(dict(num_chs=level_dim, reduction=4 * 2**i, module=f"levels.{i}"))
 
         self.norm = LayerNorm2d(self.num_features) if layer_norm_last else nn.BatchNorm2d(self.num_features)
-        self.avgpool = _global_pool(global_pool, num_classes)
+        self.avgpool = _global_pool(global_pool)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = (
             nn.Linear(self.num_features * self.avgpool.feat_mult(), num_classes) if num_classes > 0 else nn.Identity()
@@ -474,9 +456,9 @@ class FasterViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one for ``num_classes`` (0 removes it), optionally re-pooling."""
-        num_classes = _num_classes(num_classes)
-        pool = _global_pool(self.avgpool.pool_type if global_pool is None else global_pool, num_classes)
-        self.num_classes, self.avgpool = num_classes, pool
+        global_pool = self.avgpool.pool_type if global_pool is None else global_pool
+        self.num_classes = check_head(global_pool, num_classes)
+        self.avgpool = _global_pool(global_pool)
         in_features = self.num_features * self.avgpool.feat_mult()
         like = self.patch_embed.conv_down[0].weight  # the new head joins the model on its device, in its dtype
         self.head = (

@@ -40,6 +40,8 @@ from timm.models import (
     resolve_pretrained_cfg,
 )
 
+from .heads import check_head
+
 __all__ = ["EdgeViT", "LGLBlock", "LocalAgg", "GlobalSparseAttn", "GlobalSparseBlock", "PatchEmbed"]
 
 
@@ -398,7 +400,7 @@ class EdgeViT(nn.Module):
     ):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
-        _check_head(global_pool, num_classes)
+        num_classes = check_head(global_pool, num_classes, pool_types=("avg",))
         num_stages = len(depths)
         if num_stages != 4 or len(embed_dims) != 4 or len(sr_ratios) != 4:
             raise ValueError("EdgeViT has four stages: depths, embed_dims and sr_ratios need 4 entries each")
@@ -495,8 +497,8 @@ class EdgeViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         global_pool = self.global_pool if global_pool is None else global_pool
-        _check_head(global_pool, num_classes)
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes = check_head(global_pool, num_classes, pool_types=("avg",))
+        self.global_pool = global_pool
         w = self.norm.weight
         self.head = (
             nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
@@ -528,19 +530,6 @@ class EdgeViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _check_head(global_pool: str, num_classes: int) -> None:
-    """``'avg'`` pools, ``''`` keeps the ``(B, C, H, W)`` map, which only a model without a classifier returns."""
-    if global_pool not in ("", "avg"):
-        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
-    if isinstance(num_classes, bool) or not hasattr(num_classes, "__index__") or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
-    if not global_pool and num_classes > 0:
-        raise ValueError(
-            f"global_pool='' keeps the (B, C, H, W) map, which a linear head of num_classes={num_classes} cannot "
-            "take: pass num_classes=0 to get the map, or global_pool='avg'"
-        )
 
 
 def _create_edgevit(variant: str, pretrained: bool = False, **kwargs) -> EdgeViT:
