@@ -102,16 +102,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     return out
 
 
-def pretrained_file(name: str) -> Path:
-    """Local path of the official checkpoint of ``name``, downloading it when allowed.
+def pretrained_file(name: str, url: str | None = None) -> Path:
+    """Local path of the official checkpoint of ``name`` (or of ``url``'s file), downloading it when allowed.
 
     Looks in ``$HATPLUG_CHECKPOINT_DIR`` and then in torch hub's checkpoint folder. If the file is in
     neither, it is downloaded into torch hub's folder unless ``HATPLUG_OFFLINE`` or ``HF_HUB_OFFLINE``
     is set; if that is not possible the error says which file, where to put it and where it is
     published.
     """
-    cfg = _VARIANTS[_canonical(name)][1]
-    url = cfg["url"]
+    url = url or _VARIANTS[_canonical(name)][1]["url"]
     file_name = url.rsplit("/", 1)[-1]
     folders = [Path(os.environ[CHECKPOINT_DIR_ENV])] if os.environ.get(CHECKPOINT_DIR_ENV) else []
     folders.append(Path(torch.hub.get_dir()) / "checkpoints")
@@ -124,18 +123,6 @@ def pretrained_file(name: str) -> Path:
         f"(or set {CHECKPOINT_DIR_ENV}), or pass checkpoint_path=... . The weights are published by NVIDIA "
         f"under a non-commercial licence."
     )
-    return _fetch(url, name, folders, hint)
-
-
-def _fetch(url: str, name: str, folders: list[Path] | None = None, hint: str | None = None) -> Path:
-    """``url``'s file from the first of ``folders`` (default: torch hub's checkpoints) that has it, else
-    downloaded into the last one unless offline."""
-    file_name = url.rsplit("/", 1)[-1]
-    folders = folders or [Path(torch.hub.get_dir()) / "checkpoints"]
-    for folder in folders:
-        if (folder / file_name).is_file():
-            return folder / file_name
-    hint = hint or f"pretrained weights for {name!r} not found: {file_name} is not in {folders[-1]}; download {url}"
     if any(os.environ.get(e) for e in OFFLINE_ENVS):
         raise PretrainedWeightsNotFoundError(hint + f" (offline mode: {'/'.join(OFFLINE_ENVS)} is set)")
     folders[-1].mkdir(parents=True, exist_ok=True)
@@ -268,9 +255,7 @@ def _pretrained_source(name: str, kwargs: dict) -> Path:
             "FasterViT loads pretrained weights from a file or a URL: give pretrained_cfg_overlay=dict(file=...) "
             "or checkpoint_path=... instead of hf_hub_id / state_dict"
         )
-    if cfg["url"] != _VARIANTS[name][1]["url"]:
-        return _fetch(cfg["url"], name)
-    return pretrained_file(name)
+    return pretrained_file(name, cfg["url"])
 
 
 def _adapt_to_model(state: dict[str, Tensor], model: nn.Module, cfg: dict) -> dict[str, Tensor]:

@@ -340,6 +340,10 @@ def test_pretrained_cfg_overlay_file_is_what_loads(monkeypatch, tmp_path):
         "faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "mine.pth.tar")), **SMALL
     )
     assert torch.equal(model.head.weight, mine.head.weight)
+    by_url = timm.create_model(
+        "faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=dict(url="https://x.org/mine.pth.tar"), **SMALL
+    )  # found in the checkpoint folder under the url's file name, as the published files are
+    assert torch.equal(by_url.head.weight, mine.head.weight)
     with pytest.raises(PretrainedWeightsNotFoundError, match="does not exist"):
         timm.create_model("faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=dict(file="nope.pth"), **SMALL)
 
