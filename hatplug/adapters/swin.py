@@ -129,17 +129,19 @@ class SwinHATBlock(CarrierBlock):
 
         # the carrier tokens before the map: the map's last op must be the block's last, since fx feature
         # extraction (timm's create_feature_extractor) takes a module's output from its last op
-        ct_windows = self._mlp(ct_windows, ct)
+        hidden = None if self.post_norm else mlp_hidden(self.mlp)
+        fused = hidden is not None and fusion_active(self, x, ct) and passes_through(self.drop_path2, self.mlp.drop2)
+        ct_windows = self._mlp(ct_windows, hidden if fused else None)
         ct_out = ct_windows.reshape(B, -1, C)
-        x = self._mlp(x, ct)
+        x = self._mlp(x, hidden if fused else None)
         if self.propagation_scale is not None:
             x = self.propagate_into_map(x, ct_windows, Hp, Wp)
         return x, ct_out
 
-    def _mlp(self, x: Tensor, ct: Tensor) -> Tensor:
-        """The block's MLP with its residual, on tokens or carrier tokens (``ct``: the block's CT input)."""
-        hidden = None if self.post_norm else mlp_hidden(self.mlp)
-        if hidden is not None and fusion_active(self, x, ct) and passes_through(self.drop_path2, self.mlp.drop2):
+    def _mlp(self, x: Tensor, hidden) -> Tensor:
+        """The block's MLP with its residual, on tokens or carrier tokens; ``hidden``: the folded form's MLP
+        before ``fc2`` (:func:`~hatplug.layers.fusion.mlp_hidden`) where it may run, else ``None``."""
+        if hidden is not None:
             # eval: the residual accumulated by fc2's GEMM, GELU in place (hatplug.layers.fusion)
             return residual_linear(x, hidden(self.norm2(x)), self.mlp.fc2.weight, self.mlp.fc2.bias)
         if self.post_norm:

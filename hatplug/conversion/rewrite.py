@@ -120,8 +120,13 @@ _HOOK_DICTS = (
 )
 
 
+def _hook_dicts(module: nn.Module) -> list[dict]:
+    """``module``'s non-empty hook dicts."""
+    return [d for d in (getattr(module, name, None) for name in _HOOK_DICTS) if d]
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+    return bool(_hook_dicts(module))
 
 
 def _move_hooks(old: nn.Module, new: nn.Module) -> None:
@@ -229,12 +234,12 @@ def _rewrite_stage(
 
 def _check_hooks_kept(model: nn.Module, named_before: list[tuple[str, nn.Module]]) -> None:
     """Refuse a conversion that dropped a module holding hooks the converted model no longer runs."""
-    live = {id(getattr(m, name)) for m in model.modules() for name in _HOOK_DICTS if getattr(m, name, None)}
+    live = {id(d) for m in model.modules() for d in _hook_dicts(m)}  # hooks moved to a replacement stay live
     alive = {id(m) for m in model.modules()}
     lost = [
         path or "(the model)"
         for path, m in named_before
-        if id(m) not in alive and any(getattr(m, n, None) and id(getattr(m, n)) not in live for n in _HOOK_DICTS)
+        if id(m) not in alive and any(id(d) not in live for d in _hook_dicts(m))
     ]
     if lost:
         raise ConversionError(
