@@ -226,3 +226,81 @@ def test_pretrained_from_local_file(tmp_path):
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), src(x), rtol=0, atol=0)
+
+
+def _stage_outputs_by_hooks(model: EdgeViT, x: torch.Tensor) -> list:
+    """Each stage's output, recorded with forward hooks on ``blocks1..4`` (independent of forward_intermediates)."""
+    recorded = []
+    handles = [getattr(model, f"blocks{i}").register_forward_hook(lambda m, a, out: recorded.append(out))
+               for i in range(1, 5)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+def test_forward_intermediates_equal_the_stage_outputs_and_forward_features():
+    model = _model("edgevit_xxs")
+    x = torch.randn(2, 3, 96, 128)
+    stages = _stage_outputs_by_hooks(model, x)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        final, maps = model.forward_intermediates(x)
+        last_two = model.forward_intermediates(x, indices=2, norm=True, intermediates_only=True)
+        early_final, early = model.forward_intermediates(x, indices=[-3], stop_early=True)
+    torch.testing.assert_close(final, features, rtol=0, atol=0)
+    assert [tuple(m.shape[1:]) for m in maps] == [(36, 24, 32), (72, 12, 16), (144, 6, 8), (288, 3, 4)]
+    for m, s in zip(maps, stages):
+        torch.testing.assert_close(m, s, rtol=0, atol=0)
+    assert len(last_two) == 2
+    torch.testing.assert_close(last_two[0], stages[2], rtol=0, atol=0)
+    torch.testing.assert_close(last_two[1], features, rtol=0, atol=0)  # norm=True: the BN of forward_features
+    assert len(early) == 1
+    torch.testing.assert_close(early[0], stages[1], rtol=0, atol=0)
+    torch.testing.assert_close(early_final, stages[1], rtol=0, atol=0)  # stopped there, no norm
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_feature_getter_and_pruned_model_give_the_hooked_features():
+    torch.manual_seed(0)
+    hooked = timm.create_model("edgevit_xxs", features_only=True, out_indices=(1, 2)).eval()
+    getter = timm.create_model("edgevit_xxs", features_only=True, out_indices=(1, 2), feature_cls="getter").eval()
+    weights = {k.removeprefix("body."): v for k, v in hooked.state_dict().items()}
+    own = getter.model.state_dict()
+    getter.model.load_state_dict({k: weights[k] for k in own})  # strict: every kept tensor comes from `hooked`
+    pruned_keys = set(weights) - set(own)
+    assert pruned_keys and all(k.startswith(("blocks4.", "patch_embed4.", "norm.")) for k in pruned_keys)
+    assert getter.feature_info.channels() == hooked.feature_info.channels() == [72, 144]
+    pruned = getter.model
+    assert isinstance(pruned.blocks4, torch.nn.Identity) and isinstance(pruned.patch_embed4, torch.nn.Identity)
+    assert isinstance(pruned.norm, torch.nn.Identity) and isinstance(pruned.head, torch.nn.Identity)
+    assert pruned.num_features == 144
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for ours, theirs in zip(getter(x), hooked(x)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_prune_intermediate_layers_keeps_the_requested_stages():
+    model = timm.create_model("edgevit_xxs", num_classes=7).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+    assert model.prune_intermediate_layers(indices=(0, 3), prune_head=False) == [0, 3]  # nothing after stage 3
+    assert model.head.out_features == 7 and not isinstance(model.norm, torch.nn.Identity)
+    assert model.prune_intermediate_layers(indices=2) == [2, 3]
+    assert isinstance(model.head, torch.nn.Identity) and model.num_classes == 0
+    with torch.no_grad():
+        kept = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    torch.testing.assert_close(kept, full[2:], rtol=0, atol=0)
+    model.prune_intermediate_layers(indices=[1])
+    assert model.num_features == 72 and isinstance(model.norm, torch.nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), full[1], rtol=0, atol=0)
+    model.reset_classifier(4)  # a new head on the pruned width
+    with torch.no_grad():
+        assert model(x).shape == (1, 4)

@@ -14,8 +14,9 @@ Differences from the reference, none of which change parameters or state-dict ke
 * the forward pass is plain ``torch.fx.symbolic_trace``-able (no shape asserts, no Python math on shapes);
 * attention uses ``F.scaled_dot_product_attention`` when timm's fused attention is enabled (differences
   at float rounding level); with ``fused_attn=False`` outputs match the reference bit for bit;
-* timm model contract (``forward_features`` / ``forward_head`` / ``reset_classifier`` /
-  ``set_grad_checkpointing`` / ``group_matcher``) and registration as ``edgevit_xxs`` / ``_xs`` / ``_s``.
+* timm model contract (``forward_features`` / ``forward_head`` / ``forward_intermediates`` /
+  ``prune_intermediate_layers`` / ``reset_classifier`` / ``set_grad_checkpointing`` / ``group_matcher``)
+  and registration as ``edgevit_xxs`` / ``_xs`` / ``_s``.
 
 No pretrained weights were released with the paper. To load a local checkpoint (e.g. one trained with the
 reference code), use timm's file override::
@@ -39,6 +40,7 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
+from timm.models._features import feature_take_indices
 
 from .heads import check_head
 
@@ -499,7 +501,7 @@ class EdgeViT(nn.Module):
         global_pool = self.global_pool if global_pool is None else global_pool
         self.num_classes = check_head(global_pool, num_classes, pool_types=("avg",))
         self.global_pool = global_pool
-        w = self.norm.weight
+        w = self.patch_embed1.proj.weight  # the stem is never pruned
         self.head = (
             nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
             if num_classes > 0 else nn.Identity()
@@ -521,6 +523,90 @@ class EdgeViT(nn.Module):
         x = self._run_stage(self.blocks3, self.patch_embed3(x))  # (B, C3, H/16, W/16)
         x = self._run_stage(self.blocks4, self.patch_embed4(x))  # (B, C4, H/32, W/32)
         return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | Sequence[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward that also returns each stage's output map (timm's contract).
+
+        Args:
+            x: ``(B, in_chans, H, W)``, any size of at least 32 x 32.
+            indices: stages to return: the last ``n`` if an int, these if a sequence (negative counts from
+                the end), all four if None. Stage ``i`` gives ``(B, embed_dims[i], ~H / 2**(i+2), ~W / 2**(i+2))``,
+                the same maps as ``features_only=True``.
+            norm: apply the final BatchNorm to the last stage's map (the other stages have no norm).
+            stop_early: stop after the last requested stage.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of maps.
+
+        Returns:
+            The list of maps, or ``(final, maps)`` where ``final`` equals :meth:`forward_features` when
+            all stages ran (otherwise it is the last stage that ran, without norm).
+
+        Example:
+            >>> import timm, torch
+            >>> import hatplug.models  # registers the EdgeViT family with timm
+            >>> model = timm.create_model("edgevit_xxs").eval()
+            >>> maps = model.forward_intermediates(torch.randn(1, 3, 96, 128), intermediates_only=True)
+            >>> [tuple(m.shape[1:]) for m in maps]
+            [(36, 24, 32), (72, 12, 16), (144, 6, 8), (288, 3, 4)]
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"EdgeViT features are NCHW maps; output_fmt={output_fmt!r} is not supported")
+        num_stages = len(self.embed_dims)
+        take_indices, max_index = feature_take_indices(num_stages, indices)
+        last_run = max_index if stop_early else num_stages - 1
+        intermediates = []
+        for i in range(last_run + 1):
+            x = getattr(self, f"patch_embed{i + 1}")(x)
+            if i == 0:
+                x = self.pos_drop(x)
+            x = self._run_stage(getattr(self, f"blocks{i + 1}"), x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == num_stages - 1 else x)
+        if intermediates_only:
+            return intermediates
+        if last_run == num_stages - 1:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what :meth:`forward_intermediates` does not need for ``indices`` (timm's contract).
+
+        Stages after the last requested one become ``nn.Identity`` (patch embed and blocks); the final norm
+        goes with ``prune_norm`` or when the last stage is not kept, the head with ``prune_head`` or then
+        too. Returns the absolute indices kept.
+
+        Example:
+            >>> import timm
+            >>> import hatplug.models
+            >>> model = timm.create_model("edgevit_xxs")
+            >>> model.prune_intermediate_layers([0, 1])
+            [0, 1]
+            >>> type(model.blocks3).__name__, model.num_features
+            ('Identity', 72)
+        """
+        num_stages = len(self.embed_dims)
+        take_indices, max_index = feature_take_indices(num_stages, indices)
+        prune_end = max_index < num_stages - 1
+        for i in range(max_index + 1, num_stages):
+            setattr(self, f"patch_embed{i + 1}", nn.Identity())
+            setattr(self, f"blocks{i + 1}", nn.Identity())
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for the last stage's channels only
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map -> logits (or pooled features with ``pre_logits=True``)."""
