@@ -18,6 +18,7 @@ from timm.models._input import update_model_input_size
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hatplug.errors import refuse_scripting
 from hatplug.layers import HATStage
 from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_
 from hatplug.layers.pos_embed import _tracing
@@ -318,6 +319,8 @@ class FasterViT(nn.Module):
         >>> model(torch.randn(1, 3, 224, 224)).shape
         torch.Size([1, 1000])
     """
+
+    __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
 
     def __init__(
         self,

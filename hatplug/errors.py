@@ -13,6 +13,8 @@ __all__ = [
     "PretrainedWeightsNotFoundError",
     "UnsupportedModelError",
     "ConversionError",
+    "NotScriptableError",
+    "refuse_scripting",
 ]
 
 
@@ -44,3 +46,21 @@ class UnsupportedModelError(HatplugError, TypeError):
 class ConversionError(HatplugError, RuntimeError):
     """A supported model could not be converted: a stage that fails to trace, a block called twice, a
     model converted twice. The message names the module and the cause."""
+
+
+class NotScriptableError(HatplugError, RuntimeError):
+    """``torch.jit.script`` was called on a model that contains hatplug or FasterViT modules. They are written
+    for eager mode, ``torch.compile``, ``torch.export``, ``torch.jit.trace`` and ONNX export, not for the
+    TorchScript compiler (which PyTorch 2.x no longer develops)."""
+
+
+def refuse_scripting(module, what: str | None = None) -> None:
+    """Body of ``__prepare_scriptable__`` on our modules: ``torch.jit.script`` calls that hook on every
+    submodule before compiling, so this turns TorchScript's parser error deep inside a module into one that
+    names the model and the ways to export it."""
+    raise NotScriptableError(
+        f"torch.jit.script cannot compile {what or type(module).__name__} (hatplug / FasterViT modules use Python "
+        "features outside TorchScript). Export with torch.jit.trace(model.eval(), example_input), "
+        "torch.export.export(model, (example_input,)) or torch.onnx.export(model, example_input, path); "
+        "torch.compile(model) compiles it for Python."
+    )

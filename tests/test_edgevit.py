@@ -304,3 +304,15 @@ def test_prune_intermediate_layers_keeps_the_requested_stages():
     model.reset_classifier(4)  # a new head on the pruned width
     with torch.no_grad():
         assert model(x).shape == (1, 4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torch_jit_script_matches_eager():
+    """EdgeViT targets mobile runtimes, some of which still load TorchScript; the plain model scripts (a
+    converted one does not, and says so: tests/convert/test_export.py)."""
+    model = _model("edgevit_xxs")
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(scripted.forward_features(x), model.forward_features(x), rtol=1e-6, atol=1e-6)

@@ -89,6 +89,21 @@ def test_jit_trace_matches_eager_at_other_batch_sizes(geometry):
             torch.testing.assert_close(traced(xb), model(xb), **EXACT)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_jit_script_is_refused_with_the_export_paths_named():
+    """torch.jit.script calls ``__prepare_scriptable__`` on every module before compiling: FasterViT and the HAT
+    layers answer with a named error instead of TorchScript's parser trace from deep inside a module."""
+    from hatplug.errors import NotScriptableError
+    from hatplug.layers import HATStage
+
+    model = fastervit.create_model("faster_vit_0_any_res", **SMALL, resolution=[64, 64])
+    with pytest.raises(NotScriptableError, match=r"(?s)cannot compile FasterViT.*torch\.jit\.trace.*torch\.export"):
+        torch.jit.script(model)
+    stage = HATStage(dim=16, depth=1, num_heads=2, window_size=4, ct_size=1, input_resolution=(8, 8))
+    with pytest.raises(NotScriptableError, match="cannot compile HATStage"):
+        torch.jit.script(stage)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 @pytest.mark.filterwarnings("ignore:Constant folding")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import refuse_scripting
 from ..layers import (
     BiasedAttention,
     CarrierPositionMLP,
@@ -92,6 +93,8 @@ class CarrierBlock(CarrierTokenHalf, nn.Module):
     :class:`~hatplug.layers.CarrierPositionMLP`) and, with propagation, ``propagation_scale`` (zeros for
     ``init="identity"``, ones for ``"random"``).
     """
+
+    __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
 
     window_size: tuple[int, int]
     grad_checkpointing = False

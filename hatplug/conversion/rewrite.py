@@ -28,7 +28,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..adapters import BlockAdapter, CarrierBlock, ConversionSettings, find_adapter, registered_adapters
-from ..errors import ConversionError, UnsupportedModelError
+from ..errors import ConversionError, UnsupportedModelError, refuse_scripting
 from .tracer import HatplugTracer
 
 __all__ = ["CarrierStage", "convert", "INIT_MODES"]
@@ -88,6 +88,9 @@ def _skip_reason(adapter: BlockAdapter, model: nn.Module, path: str, block: nn.M
 class CarrierStage(torch.fx.GraphModule):
     """A stage rewritten by :func:`convert`: a ``GraphModule`` that threads carrier tokens through its HAT
     blocks; setting ``grad_checkpointing`` (as timm's ``set_grad_checkpointing`` does) reaches those blocks."""
+
+    def __prepare_scriptable__(self) -> None:  # torch.jit.script: a named error, not a parser trace
+        refuse_scripting(self, f"{type(self).__name__} (a stage rewritten by hatplug.convert)")
 
     @property
     def grad_checkpointing(self) -> bool:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import refuse_scripting
 from .fusion import fusion_active
 from .pos_embed import ContinuousPositionBias
 
@@ -44,6 +45,8 @@ class BiasedAttention(nn.Module):
     >>> attn(torch.randn(3, 53, 64)).shape
     torch.Size([3, 53, 64])
     """
+
+    __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
 
     def __init__(
         self,

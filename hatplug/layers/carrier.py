@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import refuse_scripting
+
 __all__ = ["CarrierTokenizer", "carrier_pool_geometry"]
 
 
@@ -61,6 +63,8 @@ class CarrierTokenizer(nn.Module):
     >>> any_size(torch.randn(2, 12, 20, 8)).shape  # padded to 14 x 21: 2 x 3 windows
     torch.Size([2, 24, 8])
     """
+
+    __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
 
     def __init__(
         self,

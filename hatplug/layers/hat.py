@@ -24,6 +24,7 @@ from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import refuse_scripting
 from .attention import BiasedAttention
 from .carrier import CarrierTokenizer
 from .fusion import FoldedTensors, fold_scale, fusion_active, mlp_hidden, passes_through, residual_linear
@@ -258,6 +259,8 @@ class HATBlock(CarrierTokenHalf, nn.Module):
     ((8, 49, 64), (2, 16, 64))
     """
 
+    __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
+
     def __init__(
         self,
         dim: int,
@@ -416,6 +419,8 @@ class HATStage(nn.Module):
     >>> stage(torch.randn(1, 64, 14, 20)).shape
     torch.Size([1, 64, 14, 20])
     """
+
+    __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
 
     def __init__(
         self,

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import refuse_scripting
+
 __all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP", "CarrierPositionMLP"]
 
 
@@ -31,6 +33,8 @@ class CachedBias(nn.Module):
     Otherwise the cached value is returned while the weights and the geometry are unchanged; weight
     identity, in-place version counters, device, dtype and the geometry form the cache key.
     """
+
+    __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
 
     def __init__(self) -> None:
         super().__init__()

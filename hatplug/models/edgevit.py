@@ -11,7 +11,8 @@ Differences from the reference, none of which change parameters or state-dict ke
 
 * any input size works: there is no ``img_size`` assertion, and the delegate grid of the global sparse
   attention is read from the sampled tensor instead of ``int(H / sr)``, so non-divisible sizes work too;
-* the forward pass is plain ``torch.fx.symbolic_trace``-able (no shape asserts, no Python math on shapes);
+* the forward pass is plain ``torch.fx.symbolic_trace``-able (no shape asserts, no Python math on shapes)
+  and ``torch.jit.script``-able;
 * attention uses ``F.scaled_dot_product_attention`` when timm's fused attention is enabled (differences
   at float rounding level); with ``fused_attn=False`` outputs match the reference bit for bit;
 * timm model contract (``forward_features`` / ``forward_head`` / ``forward_intermediates`` /
@@ -507,8 +508,9 @@ class EdgeViT(nn.Module):
             if num_classes > 0 else nn.Identity()
         )
 
+    @torch.jit.unused
     def _run_stage(self, blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             if isinstance(blocks, nn.Sequential):
                 return checkpoint_seq(blocks, x)
             # a stage rewritten by hatplug.convert threads carrier tokens between its blocks: checkpoint it whole
@@ -517,11 +519,18 @@ class EdgeViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, in_chans, H, W) -> BN-normalised last-stage map (B, num_features, H/32, W/32)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = self.pos_drop(self.patch_embed1(x))
+            x = self._run_stage(self.blocks1, x)
+            x = self._run_stage(self.blocks2, self.patch_embed2(x))
+            x = self._run_stage(self.blocks3, self.patch_embed3(x))
+            x = self._run_stage(self.blocks4, self.patch_embed4(x))
+            return self.norm(x)
         x = self.pos_drop(self.patch_embed1(x))  # (B, C1, H/4, W/4)
-        x = self._run_stage(self.blocks1, x)
-        x = self._run_stage(self.blocks2, self.patch_embed2(x))  # (B, C2, H/8, W/8)
-        x = self._run_stage(self.blocks3, self.patch_embed3(x))  # (B, C3, H/16, W/16)
-        x = self._run_stage(self.blocks4, self.patch_embed4(x))  # (B, C4, H/32, W/32)
+        x = self.blocks1(x)
+        x = self.blocks2(self.patch_embed2(x))  # (B, C2, H/8, W/8)
+        x = self.blocks3(self.patch_embed3(x))  # (B, C3, H/16, W/16)
+        x = self.blocks4(self.patch_embed4(x))  # (B, C4, H/32, W/32)
         return self.norm(x)
 
     def forward_intermediates(

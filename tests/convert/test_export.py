@@ -74,3 +74,14 @@ def test_onnx_export_matches_onnxruntime(converted):
         (logits,) = session.run(None, {"images": xb.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(logits), model(xb), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_jit_script_names_the_rewritten_stage_and_the_export_paths():
+    model, _ = _converted("identity")
+    refused = hatplug.errors.NotScriptableError
+    with pytest.raises(refused, match=r"(?s)rewritten by hatplug\.convert.*torch\.jit\.trace"):
+        torch.jit.script(model)
+    edgevit = hatplug.convert(make_model(FAMILIES["edgevit"], 64))
+    with pytest.raises(refused, match=r"Sequential \(a stage rewritten by hatplug\.convert\)"):
+        torch.jit.script(edgevit)
