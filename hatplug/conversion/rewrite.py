@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..adapters import BlockAdapter, CarrierBlock, ConversionSettings, find_adapter, registered_adapters
 from ..errors import ConversionError, UnsupportedModelError, refuse_scripting
+from ..layers.pos_embed import CachedBias
 from .tracer import HatplugTracer
 
 __all__ = ["CarrierStage", "convert", "INIT_MODES"]
@@ -278,6 +279,26 @@ class _GroupMatcher:
         return matcher
 
 
+class _NoWeightDecay:
+    """``no_weight_decay`` of a converted model: the model's own set plus the parameters of the HAT position
+    MLPs that :func:`convert` added, the rule FasterViT follows (and timm follows for SwinV2's continuous
+    bias), so that the new parts train alike in every family. An object rather than a closure, so that the
+    model still pickles."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self) -> set[str]:
+        model = self.model
+        own = set(type(model).no_weight_decay(model))
+        return own | {
+            f"{path}.{name}"
+            for path, module in model.named_modules()
+            if isinstance(module, CachedBias)
+            for name, _ in module.named_parameters()
+        }
+
+
 def _tokenizer_rule(matcher: dict, name: str, stage_path: str) -> tuple[str, tuple] | None:
     """The rule (in the group ``key`` of ``matcher``) that gives ``<stage_path>.carrier_tokenizer.*`` the
     grouping timm derives for the parameter ``name``: the first rule that matches it, its captured numbers
@@ -327,7 +348,10 @@ def convert(
         ``reset_classifier``, ``forward_intermediates``...), its original weights (the report lists any a
         twin does not use) and each block's train / eval mode; the new parameters are trainable. Hooks on
         a rewritten stage or on a block whose twin keeps its signature move to the replacement; hooks on a
-        module replaced by one with other inputs are refused. :func:`hatplug.report` says what changed.
+        module replaced by one with other inputs are refused. For timm's optimizer factory,
+        ``group_matcher`` puts each stage's carrier tokenizer with the stage's first block, and
+        ``no_weight_decay`` adds the new position MLPs (as FasterViT does). :func:`hatplug.report` says
+        what changed.
 
     Raises:
         UnsupportedModelError: nothing in ``model`` is a supported block.
@@ -457,6 +481,8 @@ def convert(
     dropped = [name for name, p in params_named_before if id(p) not in kept]
     if hasattr(model, "group_matcher") and any(isinstance(m, CarrierStage) for m in model.modules()):
         model.group_matcher = _GroupMatcher(model)
+    if hasattr(type(model), "no_weight_decay"):
+        model.no_weight_decay = _NoWeightDecay(model)
     setattr(
         model,
         CONVERSION_ATTR,

@@ -1,11 +1,14 @@
 """What a timm user expects of a converted model beyond its outputs: modes, dtypes, hooks, feature
 extraction, layer-wise lr decay and the report of what a conversion dropped."""
 
+import copy
+import io
+
 import pytest
 import timm
 import torch
 from timm.models import create_feature_extractor
-from timm.optim._param_groups import param_groups_layer_decay
+from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 
 import hatplug
 from hatplug.errors import ConversionError
@@ -124,6 +127,33 @@ def test_layer_decay_puts_carrier_tokenizers_with_their_stage():
     assert all(v < head for n, v in scale.items() if "carrier_tokenizer" in n)
     for coarse in (False, True):  # the rules are the model's own plus the tokenizers'
         assert set(type(hat).group_matcher(hat, coarse)) == set(hat.group_matcher(coarse))
+
+
+def test_new_position_mlps_get_no_weight_decay_in_every_family(family):
+    """FasterViT keeps its position-bias MLPs out of weight decay (timm does the same for SwinV2's continuous
+    bias); a converted model does it for the HAT position MLPs it gained, whatever its family's own rule."""
+    model = make_model(family, family.sizes[0])
+    hat = hatplug.convert(model)
+    own = model.no_weight_decay()
+    excluded = hat.no_weight_decay()
+    params = dict(hat.named_parameters())
+    new_mlps = {n for n in params if n not in dict(model.named_parameters()) and ".cpb_mlp." in n}
+    assert new_mlps and own <= excluded and new_mlps <= excluded
+    assert excluded - own - new_mlps <= {n for n in params if ".cpb_mlp." in n}  # nothing else was added
+    no_decay, decay = param_groups_weight_decay(hat, weight_decay=0.05, no_weight_decay_list=excluded)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
+    kept_out = {id(p) for p in no_decay["params"]}
+    assert all(id(params[n]) in kept_out for n in new_mlps)
+    assert all(id(params[n]) not in kept_out for n in params if n.endswith("hat_attn.qkv.weight"))
+    for clone in (copy.deepcopy(hat), _pickled(hat)):  # the set follows the copy, not the original
+        assert clone.no_weight_decay() == excluded and clone.no_weight_decay.model is clone
+
+
+def _pickled(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def test_repeated_stage_index_is_refused():
