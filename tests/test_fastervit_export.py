@@ -1,4 +1,4 @@
-"""FasterViT through the deployment paths: torch.compile, torch.jit.trace, ONNX (onnxruntime), channels_last,
+"""FasterViT through the deployment paths: torch.compile, torch.export, torch.jit.trace, ONNX (onnxruntime), channels_last,
 and mixed precision on CPU.
 
 Each check runs on two reduced FasterViT-0 geometries that keep every code path of the HAT levels:
@@ -12,8 +12,8 @@ Each check runs on two reduced FasterViT-0 geometries that keep every code path 
 Tolerances (worst measured value of the two geometries in brackets, torch 2.15 CPU; the models get
 ``randomize_``d weights, so layer scales and norms are far from the identity):
 
-* torch.compile(fullgraph=True, backend="aot_eager"), jit.trace (also at another batch size), channels_last:
-  max abs logit difference <= 1e-5 [2e-7]. Inductor was checked by hand, not here (its C++ compilation takes
+* torch.compile(fullgraph=True, backend="aot_eager"), torch.export (dynamic batch), jit.trace (also at another
+  batch size), channels_last: max abs logit difference <= 1e-5 [2e-7]. Inductor was checked by hand, not here (its C++ compilation takes
   minutes on CPU): also fullgraph, max abs difference 1.1e-7.
 * ONNX (TorchScript exporter, opset 17, dynamic batch) in onnxruntime at batch 1 and 3: <= 1e-4 [3.1e-7].
 * autocast bfloat16: relative L2 error of the logits and of the final feature map <= 2e-2 [8.1e-3];
@@ -87,6 +87,19 @@ def test_jit_trace_matches_eager_at_other_batch_sizes(geometry):
         for batch in (2, 3):
             xb = torch.randn(batch, *x.shape[1:])
             torch.testing.assert_close(traced(xb), model(xb), **EXACT)
+
+
+def test_torch_export_with_a_dynamic_batch_matches_eager(geometry):
+    """torch.export (the capture behind ExecuTorch, AOTInductor and the new ONNX exporter): one graph with a
+    symbolic batch dimension, checked at batch sizes other than the example's."""
+    model, x = geometry
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    exported = program.module()
+    with torch.no_grad():
+        for size in (1, 3):
+            xb = torch.randn(size, *x.shape[1:])
+            torch.testing.assert_close(exported(xb), model(xb), **EXACT)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

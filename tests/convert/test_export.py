@@ -1,5 +1,5 @@
-"""A converted Swin through the deployment paths: torch.compile (fullgraph: no graph break), torch.jit.trace,
-ONNX.
+"""A converted Swin through the deployment paths: torch.compile (fullgraph: no graph break), torch.export,
+torch.jit.trace, ONNX.
 
 The model is a tiny Swin converted at both inits, with open gates and propagation scales so that the
 carrier-token path carries weight. Tolerances as FasterViT's export tests: 1e-5 for compile / jit.trace,
@@ -74,6 +74,14 @@ def test_onnx_export_matches_onnxruntime(converted):
         (logits,) = session.run(None, {"images": xb.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(logits), model(xb), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_with_a_dynamic_batch_matches_eager():
+    model, x = _converted("random")
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    with torch.no_grad():
+        xb = torch.randn(3, *x.shape[1:])
+        torch.testing.assert_close(program.module()(xb), model(xb), **EXACT)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
