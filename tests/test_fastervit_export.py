@@ -1,5 +1,5 @@
-"""FasterViT through the deployment paths: torch.compile, torch.export, torch.jit.trace, ONNX (onnxruntime), channels_last,
-and mixed precision on CPU.
+"""FasterViT through the deployment paths: torch.compile, torch.export, torch.jit.trace, ONNX (onnxruntime),
+channels_last, and mixed precision on CPU.
 
 Each check runs on two reduced FasterViT-0 geometries that keep every code path of the HAT levels:
 
@@ -13,8 +13,8 @@ Tolerances (worst measured value of the two geometries in brackets, torch 2.15 C
 ``randomize_``d weights, so layer scales and norms are far from the identity):
 
 * torch.compile(fullgraph=True, backend="aot_eager"), torch.export (dynamic batch), jit.trace (also at another
-  batch size), channels_last: max abs logit difference <= 1e-5 [2e-7]. Inductor was checked by hand, not here (its C++ compilation takes
-  minutes on CPU): also fullgraph, max abs difference 1.1e-7.
+  batch size), channels_last: max abs logit difference <= 1e-5 [2e-7]. Inductor was checked by hand, not here
+  (its C++ compilation takes minutes on CPU): also fullgraph, max abs difference 1.1e-7.
 * ONNX (TorchScript exporter, opset 17, dynamic batch) in onnxruntime at batch 1 and 3: <= 1e-4 [3.1e-7].
 * autocast bfloat16: relative L2 error of the logits and of the final feature map <= 2e-2 [8.1e-3];
   float16: <= 5e-3 [1.1e-3]; the same for inputs scaled x100, where every level's map must stay finite.
