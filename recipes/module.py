@@ -16,6 +16,7 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -65,7 +66,10 @@ class ImageClassifier(pl.LightningModule):
         num_classes: classifier outputs; the CLI links it from the data module.
         convert: if given, ``hatplug.convert(model, **convert)`` runs after building (and warm-starting).
         init_checkpoint: weights loaded into the built model before conversion (a warm start): a plain state
-            dict, an official checkpoint, or a Lightning checkpoint of this module.
+            dict, an official checkpoint, or a Lightning checkpoint of this module. Every tensor must fit,
+            except the classifier: one for another number of classes (fine-tuning a 1000-class checkpoint)
+            is left at its new init, and the log says so. Only used when training starts from scratch:
+            ``load_from_checkpoint`` and ``--ckpt_path`` restore all weights without reading this file.
         label_smoothing: applied to every target, hard or (after Mixup/CutMix) soft.
         optimizer: ``"adamw"`` or ``"lamb"`` (timm's implementations; no weight decay on norms, biases and
             the model's ``no_weight_decay()``).
@@ -94,6 +98,11 @@ class ImageClassifier(pl.LightningModule):
         min_lr: float = 1e-6,
     ) -> None:
         super().__init__()
+        for name, value in (("lr", lr), ("warmup_lr", warmup_lr), ("min_lr", min_lr)):
+            if not (value > 0 if name == "lr" else value >= 0):
+                raise ValueError(f"{name} must be {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, nn.Module):
             self.model = model
@@ -103,17 +112,36 @@ class ImageClassifier(pl.LightningModule):
                 kwargs["num_classes"] = num_classes
             self.model = create_model(model, **kwargs)
         if init_checkpoint is not None:
-            strip = partial(_strip_prefix, prefix="model.")
-            load_checkpoint(self.model, init_checkpoint, strict=True, filter_fn=strip)
+            new_head: list[str] = []  # classifier keys left at their init, filled by _warm_start_state
+            load_checkpoint(
+                self.model,
+                init_checkpoint,
+                strict=True,
+                filter_fn=partial(_warm_start_state, new_head=new_head),
+                ignore_missing=new_head.__contains__,
+                mismatch_hint="The checkpoint does not fit this model: build it with the model / model_kwargs "
+                "of the run that wrote it.",
+            )
         if convert is not None:
             self.model = convert_model(self.model, convert)
         num_classes = num_classes or getattr(self.model, "num_classes", None)
         if not num_classes:
             raise ValueError("num_classes is unknown: pass num_classes (the CLI links it from the data module)")
         self.num_classes = num_classes
-        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        # micro: the fraction of images classified right (torchmetrics' default, macro, averages per-class
+        # recall instead, which differs from top-1 accuracy on any split whose classes are not equally large)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's ``load_from_checkpoint``; the checkpoint holds every weight, so the warm-start file
+        that its run started from (``init_checkpoint``) is not read and need not exist any more."""
+        kwargs.setdefault("init_checkpoint", None)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -145,11 +173,28 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True)
         self.log("val/top5", self.val_top5, on_epoch=True)
 
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """``python -m recipes test``: the validation metrics on the data module's test split (its labelled
+        held-out split, which for the built-in data modules is the validation split)."""
+        images, target = batch
+        logits = self(images)
+        self.test_top1(logits, target)
+        self.test_top5(logits, target)
+        self.log("test/loss", F.cross_entropy(logits, target), on_epoch=True, sync_dist=True)
+        self.log("test/top1", self.test_top1, on_epoch=True)
+        self.log("test/top5", self.test_top5, on_epoch=True)
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        """``python -m recipes predict`` / ``Trainer.predict``: class probabilities ``(B, num_classes)`` of a
+        batch of images (or of an ``(images, target)`` batch, whose target is not used)."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = create_optimizer_v2(self.model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
+        warmup = min(total, round(hp.warmup_epochs * _steps_per_epoch(self.trainer)))
         schedule = partial(
             warmup_cosine,
             warmup_steps=warmup,
@@ -161,8 +206,42 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def _steps_per_epoch(trainer: pl.Trainer) -> float:
+    """Optimiser steps in one training epoch (after ``limit_train_batches`` and gradient accumulation). The
+    warm-up is measured in epochs of these, whether ``max_epochs`` or ``max_steps`` ends the run."""
+    batches = trainer.num_training_batches  # set once estimated_stepping_batches has loaded the data
+    if not math.isfinite(batches):
+        raise ValueError(
+            "warmup_epochs needs a training set of known length (this dataloader has no __len__); "
+            "set warmup_epochs=0 or use a map-style data set"
+        )
+    return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
 def _strip_prefix(state: dict[str, Tensor], model: nn.Module, prefix: str) -> dict[str, Tensor]:
     """Lightning checkpoints of :class:`ImageClassifier` store the weights as ``model.<key>``."""
     if state and all(k.startswith(prefix) or k.startswith(("train_", "val_")) for k in state):
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def _warm_start_state(state: dict[str, Tensor], model: nn.Module, new_head: list[str]) -> dict[str, Tensor]:
+    """The warm-start checkpoint's tensors for ``model``: Lightning's ``model.`` prefix stripped, and the
+    classifier left out (its keys appended to ``new_head``) when it was trained for another number of classes."""
+    state = _strip_prefix(state, model, prefix="model.")
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    path = next((name for name, module in model.named_modules() if module is head and name), None)
+    if path is None:
+        return state
+    own = model.state_dict()
+    keys = [k for k in own if k.startswith(path + ".")]
+    if any(k in state and state[k].shape != own[k].shape for k in keys):
+        shapes = {k: tuple(state[k].shape) for k in keys if k in state}
+        rank_zero_info(
+            f"init_checkpoint: classifier {path} was trained for another number of classes {shapes}; it keeps "
+            f"its new init ({getattr(model, 'num_classes', '?')} classes), every other tensor is loaded"
+        )
+        new_head.extend(keys)
+        state = {k: v for k, v in state.items() if k not in keys}
     return state

@@ -42,11 +42,7 @@ def test_warmup_cosine_schedule():
 def test_optimizers(opt):
     module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, optimizer=opt, lr=1e-3, warmup_epochs=1)
 
-    class _Trainer:
-        estimated_stepping_batches = 20
-        max_epochs = 4
-
-    module.trainer = _Trainer()
+    module.trainer = _FakeTrainer(total=20, batches_per_epoch=5)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert type(optimizer).__name__.lower() == opt
@@ -58,6 +54,77 @@ def test_optimizers(opt):
         optimizer.step()
         scheduler.step()
     assert max(lrs) == pytest.approx(1e-3, rel=0.01) and lrs.index(max(lrs)) == 5  # 1 of 4 epochs of warm-up
+
+
+class _FakeTrainer:
+    """What configure_optimizers reads of a Trainer."""
+
+    def __init__(self, total: int, batches_per_epoch: int, accumulate: int = 1) -> None:
+        self.estimated_stepping_batches, self.num_training_batches = total, batches_per_epoch
+        self.accumulate_grad_batches = accumulate
+
+
+def _lrs(module: ImageClassifier, steps: int) -> list[float]:
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize(
+    "total, batches, accumulate, peak_at",
+    [
+        (12, 4, 1, 8),  # max_steps=12 ends the run inside epoch 3: still 2 epochs x 4 steps of warm-up
+        (120, 4, 1, 8),  # max_epochs=30 with max_steps unset: the same warm-up
+        (6, 8, 2, 6),  # gradient accumulation halves the steps of an epoch; a warm-up longer than the run is cut
+    ],
+)
+def test_warmup_is_counted_in_epochs_of_optimiser_steps(total, batches, accumulate, peak_at):
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, lr=1e-3, warmup_lr=1e-5, warmup_epochs=2)
+    module.trainer = _FakeTrainer(total, batches, accumulate)
+    lrs = _lrs(module, min(total, peak_at + 1))
+    assert lrs[0] == pytest.approx(1e-5)
+    assert all(a < b for a, b in zip(lrs[:peak_at], lrs[1:peak_at]))  # rising through the warm-up
+    if peak_at < total:
+        assert lrs[peak_at] == pytest.approx(1e-3)
+
+
+def test_bad_learning_rates_are_named():
+    for kwargs, message in [(dict(lr=0.0), "lr must be > 0"), (dict(min_lr=-1e-6), "min_lr must be >= 0"),
+                            (dict(warmup_epochs=-1), "warmup_epochs must be >= 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, **kwargs)
+
+
+def test_top1_is_the_fraction_of_images_classified_right():
+    """Not torchmetrics' default macro average (the mean of per-class recalls), which differs on uneven splits."""
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=3)
+    target = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # 8 of 10 right; per-class recalls 1, 0, 0
+    logits = F.one_hot(predicted, 3).float()
+    for metric in (module.val_top1, module.train_top1, module.test_top1):
+        metric.update(logits, target)
+        assert metric.compute().item() == pytest.approx((predicted == target).float().mean().item()) == 0.8
+
+
+def test_warm_start_from_a_checkpoint_with_another_head(tmp_path):
+    source = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=5)
+    path = tmp_path / "five_classes.pt"
+    torch.save(source.model.state_dict(), path)
+    torch.manual_seed(1)
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, init_checkpoint=str(path))
+    own, theirs = module.model.state_dict(), source.model.state_dict()
+    head = {k for k in own if k.startswith("head.")}
+    assert head and all(own[k].shape[0] == 2 for k in head)  # the new head keeps its init
+    assert all(torch.equal(own[k], theirs[k]) for k in own if k not in head)  # everything else was loaded
+    other_width = ImageClassifier("faster_vit_0_any_res", {**KWARGS, "dim": 24}, num_classes=5)
+    torch.save(other_width.model.state_dict(), path)
+    with pytest.raises(hatplug.CheckpointMismatchError, match="model / model_kwargs of the run that wrote it"):
+        ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=5, init_checkpoint=str(path))
 
 
 def test_warm_start_and_convert(tmp_path, monkeypatch):
