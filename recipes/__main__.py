@@ -1,4 +1,4 @@
-"""``python -m recipes {fit,validate,test} --config ...``: see :mod:`recipes.cli`."""
+"""``python -m recipes {fit,validate,test,predict} --config ...``: see :mod:`recipes.cli`."""
 
 from .cli import main
 

@@ -36,7 +36,8 @@ class LabelledProgressBar(TQDMProgressBar):
 
 
 class RNGStateCheckpoint(pl.Callback):
-    """Stores the Python, NumPy and torch RNG states in every checkpoint and restores them on resume.
+    """Stores the Python, NumPy, torch (and, once CUDA is in use, CUDA) RNG states in every checkpoint and
+    restores them on resume.
 
     Lightning checkpoints do not hold RNG states, so drop path, dropout and Mixup draw different numbers
     after a resume than in an uninterrupted run. With this callback (and the epoch-seeded shuffling of the
@@ -55,7 +56,10 @@ class RNGStateCheckpoint(pl.Callback):
         name, keys, pos, has_gauss, cached = np.random.get_state()
         numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
         numpy_state.update(has_gauss=int(has_gauss), cached_gaussian=float(cached))
-        return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+        state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout / drop path on the GPU
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
@@ -64,3 +68,12 @@ class RNGStateCheckpoint(pl.Callback):
             (s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"])
         )
         torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda")
+        if cuda is not None and torch.cuda.is_available():
+            if len(cuda) != torch.cuda.device_count():
+                raise RuntimeError(
+                    f"the checkpoint holds the RNG states of {len(cuda)} CUDA devices, this process sees "
+                    f"{torch.cuda.device_count()}: resume with the same CUDA_VISIBLE_DEVICES, or drop the "
+                    "RNGStateCheckpoint callback to resume with fresh random numbers"
+                )
+            torch.cuda.set_rng_state_all(cuda)

@@ -28,6 +28,14 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path`` every weight comes from that checkpoint, so the model's warm-start file
+        (``model.init_checkpoint``) is not read: it need not exist any more when a run is resumed, tested or
+        used to predict."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path") and config.get("model.init_checkpoint"):
+            config["model.init_checkpoint"] = None
+
 
 def main(args: list[str] | dict | None = None, run: bool = True) -> RecipeCLI:
     """Run the recipes CLI (``args`` as on the command line, or a config dict; ``None`` reads ``sys.argv``).

@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
+from functools import partial
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from timm.data import Mixup
 from torch import Tensor
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
-__all__ = ["DatasetNotFoundError", "EpochShuffleSampler", "MixupDataModule"]
+__all__ = [
+    "DatasetNotFoundError",
+    "EpochShuffleSampler",
+    "MixupDataModule",
+    "TrainingResumeState",
+    "eval_loader",
+    "train_loader",
+]
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A real data set is not on disk; the message says what to download and where to put it."""
 
 
+def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    return (seed * 1_000_003 + epoch) * 8 + stream
+
+
 class EpochShuffleSampler(RandomSampler):
     """A shuffle whose order is a function of ``(seed, epoch)`` only, not of the global RNG.
 
     Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint sees the same
-    batches as an uninterrupted one. It is a :class:`~torch.utils.data.RandomSampler`, so under DDP Lightning
+    batches as an uninterrupted one. With ``worker_generator`` (the training DataLoader's ``generator``), the
+    epoch also reseeds it, so the loader processes of each epoch (their augmentation RNG) get seeds that are a
+    function of ``(seed, epoch)`` too. It is a :class:`~torch.utils.data.RandomSampler`, so under DDP Lightning
     replaces it with a ``DistributedSampler`` (seeded by ``seed_everything``), as for ``shuffle=True``.
 
     >>> s = EpochShuffleSampler(range(5), seed=1)
@@ -30,19 +46,99 @@ class EpochShuffleSampler(RandomSampler):
     True
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+    def __init__(self, data_source: Sized, seed: int = 0, worker_generator: torch.Generator | None = None) -> None:
         super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.worker_generator = seed, worker_generator
+        self._resume: tuple[int, int] | None = None
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.worker_generator is not None:
+            self.worker_generator.manual_seed(_epoch_seed(self.seed, epoch, stream=1))
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """Make the next pass over ``epoch`` (if the next pass is that epoch) leave out its first
+        ``samples_done`` indices, which a run interrupted inside that epoch had trained on already."""
+        self._resume = (epoch, samples_done)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None  # one pass only
+        yield from order[skip:]
 
 
-class MixupDataModule(pl.LightningDataModule):
+class _Deferred:
+    """An iterator made on the first ``next()``; see :class:`_EpochLoader`."""
+
+    def __init__(self, make: Callable[[], Iterator]) -> None:
+        self._make, self._iterator = make, None
+
+    def __iter__(self) -> _Deferred:
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._make()
+        return next(self._iterator)
+
+
+class _EpochLoader(DataLoader):
+    """The training DataLoader: deferred iterators, and a resume point inside an epoch.
+
+    Lightning makes the training iterator of a fit's first epoch (and of the first epoch after a resume)
+    before it calls the sampler's ``set_epoch``, and a multi-process iterator draws its loader-process seeds
+    and prefetches indices as soon as it exists, so that epoch would get the seeds and order of the epoch
+    set before. Deferred to the first batch asked for, both follow the epoch Lightning sets.
+
+    :meth:`state_dict` is the epoch and the number of its batches that training has consumed (``progress``,
+    set by :func:`train_loader`); :meth:`load_state_dict` makes the next pass over that epoch start after
+    them, so that a run resumed from a checkpoint written inside an epoch sees the batches that the
+    uninterrupted run saw next.
+    """
+
+    progress: Callable[[], int] | None = None
+
+    def __iter__(self) -> Iterator:
+        return _Deferred(super().__iter__)
+
+    def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, EpochShuffleSampler) or self.progress is None:
+            return {}
+        return {"epoch": int(self.sampler.epoch), "batches": int(self.progress())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state and isinstance(self.sampler, EpochShuffleSampler):
+            self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
+
+
+class TrainingResumeState(pl.LightningDataModule):
+    """What every recipe data module saves in a checkpoint: where its training loader stood in the epoch.
+
+    Lightning restores a data module's state before it asks for the loaders (it restores the loaders' own
+    state only when they are made after the restore, which ``estimated_stepping_batches`` in
+    ``configure_optimizers`` prevents), so the resume point travels here and :func:`train_loader` hands it
+    to the new loader.
+    """
+
+    def state_dict(self) -> dict:
+        loader = getattr(self, "_train_loader", None)
+        state = loader.state_dict() if loader is not None else {}
+        return {"train_loader": state} if state else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending_train_state = state_dict.get("train_loader") or None
+
+
+def _batches_done(datamodule: pl.LightningDataModule) -> int:
+    """Training batches of the current epoch that the trainer has run (those a checkpoint written now covers)."""
+    trainer = datamodule.trainer
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer is not None else 0
+
+
+class MixupDataModule(TrainingResumeState):
     """A data module whose training batches can go through timm's Mixup/CutMix after reaching the device.
 
     Targets of mixed batches are soft ``(B, num_classes)`` rows; the LightningModule then switches to a
@@ -79,7 +175,71 @@ class MixupDataModule(pl.LightningDataModule):
             )
         return self._mixup_fn
 
+    def test_dataloader(self):
+        """The labelled held-out split (``validation``; the data sets here have no separate labelled test split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self):
+        """The held-out split's ``(images, target)`` batches; ``predict_step`` returns class probabilities."""
+        return self.val_dataloader()
+
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if self.mixup_fn is not None and self.trainer is not None and self.trainer.training:
             return self.mixup_fn(*batch)
         return batch
+
+
+def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory: bool = False) -> DataLoader:
+    """The training loader of every recipe data module (``batch_size``, ``num_workers`` and ``seed`` are
+    attributes of each): whole batches only, in an order and with loader-process seeds that are functions
+    of ``(seed, epoch)``, so a run resumed from an end-of-epoch checkpoint repeats the uninterrupted one
+    with any ``num_workers``. Loader processes therefore start afresh every epoch (not persistent)."""
+    world = getattr(datamodule.trainer, "world_size", 1) if datamodule.trainer is not None else 1
+    if len(dataset) < datamodule.batch_size * world:
+        raise ValueError(
+            f"the training split has {len(dataset)} samples, fewer than one batch of {datamodule.batch_size}"
+            + (f" on each of {world} processes" if world > 1 else "")
+            + ": training keeps whole batches only (drop_last), so not one step would run. Lower "
+            "data.batch_size or use more training data."
+        )
+    if getattr(datamodule, "mixup_fn", None) is not None and datamodule.batch_size % 2:
+        raise ValueError(
+            f"Mixup/CutMix pairs each image with another of its batch and needs an even batch size, got "
+            f"data.batch_size={datamodule.batch_size}; make it even or set data.mixup=0 and data.cutmix=0"
+        )
+    generator = torch.Generator()
+    loader = _EpochLoader(
+        dataset,
+        batch_size=datamodule.batch_size,
+        sampler=EpochShuffleSampler(dataset, seed=datamodule.seed, worker_generator=generator),
+        num_workers=datamodule.num_workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        generator=generator,
+    )
+    loader.progress = partial(_batches_done, datamodule)
+    pending = getattr(datamodule, "_pending_train_state", None)
+    if pending:
+        if world > 1 and pending.get("batches"):
+            rank_zero_warn(
+                "resuming inside an epoch under a distributed strategy: Lightning replaces the training sampler "
+                "by a DistributedSampler, so this epoch starts again from its first batch; resume from an "
+                "end-of-epoch checkpoint to repeat the uninterrupted run",
+                category=PossibleUserWarning,
+            )
+        loader.load_state_dict(pending)
+        datamodule._pending_train_state = None
+    datamodule._train_loader = loader
+    return loader
+
+
+def eval_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory: bool = False) -> DataLoader:
+    """The validation / test / predict loader: in order, every sample, and loader-process seeds from its own
+    generator, so that evaluating never draws from the global RNG (which training's dropout uses)."""
+    return DataLoader(
+        dataset,
+        batch_size=datamodule.batch_size,
+        num_workers=datamodule.num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(_epoch_seed(datamodule.seed, 0, stream=2)),
+    )

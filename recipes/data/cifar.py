@@ -9,7 +9,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule
+from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader
 
 __all__ = ["CIFARDataModule"]
 
@@ -82,10 +82,7 @@ class CIFARDataModule(MixupDataModule):
         self.val_set = cls(str(self.root), train=False, transform=val_tf, download=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=EpochShuffleSampler(self.train_set, self.seed),
-            num_workers=self.num_workers, drop_last=True, persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
+        return train_loader(self, self.train_set)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return eval_loader(self, self.val_set)

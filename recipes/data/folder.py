@@ -9,8 +9,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule
+from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -90,20 +91,37 @@ class ImageFolderDataModule(MixupDataModule):
             self.image_size, is_training=False, crop_pct=self.crop_pct, interpolation="bicubic",
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         )  # fmt: skip
-        self.train_set = ImageFolder(self._split_dir("train"), transform=train_tf)
-        self.val_set = _labelled_like(ImageFolder(self._split_dir("val"), transform=val_tf), self.train_set)
+        self.train_set = _image_folder(self._split_dir("train"), train_tf)
+        if len(self.train_set.classes) < 2:
+            raise DatasetNotFoundError(
+                f"{self.train_set.root} has {len(self.train_set.classes)} class folder(s), "
+                f"{self.train_set.classes}: a classifier needs at least two (one sub-folder of images per class)"
+            )
+        self.val_set = _labelled_like(_image_folder(self._split_dir("val"), val_tf), self.train_set)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=EpochShuffleSampler(self.train_set, self.seed),
-            num_workers=self.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
+        return train_loader(self, self.train_set, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
-        )
+        return eval_loader(self, self.val_set, pin_memory=torch.cuda.is_available())
+
+
+def _load_image(path: str):
+    """torchvision's image loader (PIL, converted to RGB), with the file named when it cannot be read."""
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated / corrupt / not an image
+        raise OSError(f"cannot read the image {path} ({error}); replace or delete that file") from error
+
+
+def _image_folder(folder: Path, transform) -> ImageFolder:
+    try:
+        return ImageFolder(folder, transform=transform, loader=_load_image)
+    except FileNotFoundError as error:  # a class folder without a single image file
+        raise DatasetNotFoundError(
+            f"{folder}: {error}. Every class folder needs at least one image ({', '.join(IMG_EXTENSIONS)}); "
+            "add images or remove the empty folders (in train/ and val/ alike)."
+        ) from error
 
 
 def _labelled_like(val: ImageFolder, train: ImageFolder) -> ImageFolder:

@@ -24,13 +24,12 @@ True
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .base import EpochShuffleSampler
+from .base import TrainingResumeState, eval_loader, train_loader
 
 __all__ = ["SHAPES", "SameShapeDataset", "SyntheticDataModule"]
 
@@ -204,7 +203,7 @@ class SameShapeDataset(Dataset):
         return item
 
 
-class SyntheticDataModule(pl.LightningDataModule):
+class SyntheticDataModule(TrainingResumeState):
     """Train/val loaders of a synthetic task (``"same_shape"``: :class:`SameShapeDataset`).
 
     Args:
@@ -276,14 +275,14 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.val_set = self._dataset("val", self.val_samples)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(self.train_set, seed=self.seed),
-            num_workers=self.num_workers,
-            drop_last=True,
-            persistent_workers=self.num_workers > 0,
-        )
+        return train_loader(self, self.train_set)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return eval_loader(self, self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation split (the task has no other labelled held-out split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

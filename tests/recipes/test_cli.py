@@ -76,3 +76,46 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert ddp_columns == single_columns
     final = [r for r in ddp_rows if r.get("val/top1")][-1]
     assert 0.0 <= float(final["val/top1"]) <= 1.0 and float(final["val/loss"]) > 0
+
+
+def test_test_and_predict_subcommands_and_loading_without_the_warm_start_file(tmp_path):
+    from recipes.module import ImageClassifier
+
+    first = _fit(tiny_config(tmp_path, "first", trainer={"max_epochs": 1}))
+    weights = tmp_path / "warm.pt"
+    torch.save(first.model.model.state_dict(), weights)
+    warm = _fit(tiny_config(tmp_path, "warm", trainer={"max_epochs": 1}, model={"init_checkpoint": str(weights)}))
+    checkpoint = tmp_path / "warm" / "version_0" / "checkpoints" / "last.ckpt"
+    weights.unlink()  # the checkpoint holds every weight: the warm-start file is not needed to load it
+    loaded = ImageClassifier.load_from_checkpoint(checkpoint)
+    a, b = warm.model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    tested = main(["test", "--config", str(tiny_config(tmp_path, "warm")), "--ckpt_path", str(checkpoint)])
+    metrics = tested.trainer.callback_metrics
+    assert metrics["test/top1"].item() == pytest.approx(_final(warm)["val/top1"])  # the held-out split
+    assert metrics["test/loss"].item() == pytest.approx(_final(warm)["val/loss"], rel=1e-5)
+    predicted = main(["predict", "--config", str(tiny_config(tmp_path, "warm")), "--ckpt_path", str(checkpoint)])
+    probs = torch.cat(predicted.trainer.predict_loop.predictions)
+    assert probs.shape == (TINY["data"]["init_args"]["val_samples"], 2)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(probs)))
+
+
+@pytest.mark.slow
+def test_resume_from_inside_an_epoch_repeats_the_uninterrupted_run(tmp_path):
+    """A checkpoint after every step; resuming from one written inside epoch 1 (step 4 of 3 x 3) continues with
+    the batches and random numbers the uninterrupted run used next, not with the epoch's first batches."""
+    every_step = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"save_top_k": -1, "every_n_train_steps": 1, "filename": "{step}"},
+    }
+    straight = _fit(tiny_config(tmp_path, "straight", trainer={"callbacks": [every_step]}))
+    assert straight.trainer.global_step == 9
+    checkpoint = tmp_path / "straight" / "version_0" / "checkpoints" / "step=4.ckpt"
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    assert state["SyntheticDataModule"] == {"train_loader": {"epoch": 1, "batches": 1}}
+    resumed = _fit(tiny_config(tmp_path, "resumed"), "--ckpt_path", str(checkpoint))
+    assert resumed.trainer.global_step == 9
+    assert _final(resumed) == _final(straight)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

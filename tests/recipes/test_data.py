@@ -160,3 +160,105 @@ def test_image_folder_val_labels_follow_train_classes(tmp_path):
     write("val", ("zebra",))
     with pytest.raises(DatasetNotFoundError, match=r"does not: \['zebra'\].*training classes"):
         dm.setup("fit")
+
+
+def _write_images(root: Path, classes: dict[str, int], size=(8, 8)) -> None:
+    for cls, count in classes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            Image.fromarray(np.full((*size, 3), 40 * k, dtype=np.uint8)).save(root / cls / f"{k}.png")
+
+
+def test_image_folder_errors_name_the_folder_file_and_fix(tmp_path):
+    _write_images(tmp_path / "train", {"a": 2, "b": 2})
+    _write_images(tmp_path / "val", {"a": 1, "b": 1})
+    (tmp_path / "train" / "c").mkdir()  # an empty class folder
+    dm = ImageFolderDataModule(tmp_path, image_size=8, batch_size=2, auto_augment=None, mixup=0, cutmix=0)
+    with pytest.raises(DatasetNotFoundError, match=r"(?s)train.*Every class folder needs at least one image"):
+        dm.setup("fit")
+    (tmp_path / "train" / "c").rmdir()
+    (tmp_path / "train" / "b" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # a corrupt file
+    dm.setup("fit")
+    index = [Path(p).name for p, _ in dm.train_set.samples].index("0.png", 2)
+    with pytest.raises(OSError, match=r"cannot read the image .*b/0\.png.*replace or delete"):
+        dm.train_set[index]
+    for cls in ("b",):  # one class left: nothing to classify
+        for f in (tmp_path / "train" / cls).iterdir():
+            f.unlink()
+        (tmp_path / "train" / cls).rmdir()
+    with pytest.raises(DatasetNotFoundError, match=r"1 class folder\(s\), \['a'\].*at least two"):
+        dm.setup("fit")
+
+
+def test_train_loader_refuses_a_batch_that_never_fills_and_odd_mixup_batches(tmp_path):
+    dm = SyntheticDataModule(image_size=32, train_samples=6, val_samples=6, batch_size=8, grid=4)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"6 samples, fewer than one batch of 8.*Lower data\.batch_size"):
+        dm.train_dataloader()
+    _write_images(tmp_path / "train", {"a": 3, "b": 3})
+    _write_images(tmp_path / "val", {"a": 1, "b": 1})
+    folder = ImageFolderDataModule(tmp_path, image_size=8, batch_size=3, auto_augment=None, mixup=0.8)
+    folder.setup("fit")
+    with pytest.raises(ValueError, match=r"even batch size, got data\.batch_size=3"):
+        folder.train_dataloader()
+    unmixed = ImageFolderDataModule(tmp_path, image_size=8, batch_size=3, auto_augment=None, mixup=0, cutmix=0)
+    unmixed.setup("fit")
+    assert len(unmixed.train_dataloader()) == 2
+
+
+class _RandomPerSample(torch.utils.data.Dataset):
+    """Each sample is a draw of the loader process's torch RNG: stands in for random augmentation."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(1)
+
+
+class _Loaders:
+    batch_size, num_workers, seed, trainer = 2, 2, 3, None
+
+
+def test_loader_process_randomness_is_a_function_of_seed_and_epoch():
+    """What a run resumed at epoch 1 sees (new loader, new processes) equals epoch 1 of the uninterrupted run."""
+    from recipes.data.base import eval_loader, train_loader
+
+    def epoch(loader, index):
+        loader.sampler.set_epoch(index)  # what Lightning does before every epoch
+        return torch.cat([batch.flatten() for batch in loader])
+
+    uninterrupted = train_loader(_Loaders(), _RandomPerSample())
+    first, second = epoch(uninterrupted, 0), epoch(uninterrupted, 1)
+    assert not torch.equal(first, second)
+    resumed = train_loader(_Loaders(), _RandomPerSample())
+    torch.manual_seed(123)  # whatever the global RNG holds after a restore
+    assert torch.equal(epoch(resumed, 1), second)
+    late = train_loader(_Loaders(), _RandomPerSample())
+    iterator = iter(late)  # Lightning makes the first iterator of a (resumed) fit before it calls set_epoch
+    late.sampler.set_epoch(1)
+    assert torch.equal(torch.cat([batch.flatten() for batch in iterator]), second)
+    state = torch.get_rng_state()
+    evaluation = eval_loader(_Loaders(), _RandomPerSample())
+    assert len(torch.cat([b.flatten() for b in evaluation])) == 8
+    assert torch.equal(torch.get_rng_state(), state)  # evaluating does not move the RNG that dropout uses
+
+
+def test_rng_checkpoint_carries_the_cuda_states_when_cuda_is_used(monkeypatch):
+    """No GPU here: torch.cuda's RNG functions are replaced by a fake two-device state."""
+    from recipes.callbacks import RNGStateCheckpoint
+
+    devices = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    callback = RNGStateCheckpoint()
+    state = callback.state_dict()
+    callback.load_state_dict(state)
+    assert [torch.equal(a, b) for a, b in zip(restored, devices)] == [True, True]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="RNG states of 2 CUDA devices, this process sees 1"):
+        callback.load_state_dict(state)
