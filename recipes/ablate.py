@@ -55,7 +55,7 @@ import yaml
 from .cli import main as cli_main
 from .measure import count_params, gflops, throughput
 from .module import ImageClassifier
-from .report import markdown_table, plot_pareto, write_csv, write_markdown
+from .report import markdown_table, plot_pareto, read_csv, write_csv, write_markdown
 
 __all__ = [
     "ABLATIONS",
@@ -268,17 +268,36 @@ def _metrics(results: list[dict]) -> dict:
     return {"top1": metrics.get("val/top1"), "top5": metrics.get("val/top5"), "loss": metrics.get("val/loss")}
 
 
+def _build(arm: Arm, size: int | None = None) -> tuple[pl.LightningDataModule, ImageClassifier]:
+    """The arm's data module and model (at ``size`` x ``size`` if given) without its warm-start weights."""
+    model_cfg = copy.deepcopy(arm.config["model"])
+    data_cfg = arm.config["data"]
+    data_args = dict(data_cfg.get("init_args", {}))
+    if size is not None:
+        model_cfg["model_kwargs"] = {**(model_cfg.get("model_kwargs") or {}), "img_size": size}
+        data_args["image_size"] = size
+    model_cfg["init_checkpoint"] = None  # trained or warm-start weights are loaded by the caller
+    module_name, _, cls_name = data_cfg["class_path"].rpartition(".")
+    data_cls = getattr(importlib.import_module(module_name), cls_name)
+    datamodule = data_cls(**data_args)
+    return datamodule, ImageClassifier(**{**model_cfg, "num_classes": datamodule.num_classes})
+
+
+def check_arms(arms: Sequence[Arm]) -> None:
+    """Build every arm's data module and model once before any arm trains, so that a typo in the last arm's
+    options fails in seconds, not after the first arms have run."""
+    for arm in arms:
+        try:
+            _build(arm)
+        except Exception as error:
+            raise ValueError(f"arm {arm.name!r} cannot be built ({type(error).__name__}: {error}); fix its "
+                             "options in the ablation YAML") from error  # fmt: skip
+
+
 def _evaluate_at(arm: Arm, cli, size: int, bench: dict) -> dict:
     """Rebuild the arm's model for ``size`` x ``size`` inputs, load the trained weights, validate and measure."""
     start = time.perf_counter()
-    model_cfg = copy.deepcopy(arm.config["model"])
-    model_cfg["model_kwargs"] = {**(model_cfg.get("model_kwargs") or {}), "img_size": size}
-    model_cfg["init_checkpoint"] = None  # the trained weights are loaded below
-    data_cfg = arm.config["data"]
-    module_name, _, cls_name = data_cfg["class_path"].rpartition(".")
-    data_cls = getattr(importlib.import_module(module_name), cls_name)
-    datamodule = data_cls(**{**data_cfg.get("init_args", {}), "image_size": size})
-    module = ImageClassifier(**{**model_cfg, "num_classes": datamodule.num_classes})
+    datamodule, module = _build(arm, size)
     module.model.load_state_dict(cli.model.model.state_dict(), strict=True)
     trainer_cfg = arm.config["trainer"]
     trainer = pl.Trainer(
@@ -335,6 +354,7 @@ def run_ablation(
     profile = _profile(smoke, profile)
     spec, resolved = load_ablation(path, out=out, profile=profile)
     out = Path(out) if out is not None else default_out(spec, profile)
+    order = {a.name: i for i, a in enumerate(resolved)}  # rows are tabulated in the YAML's arm order
     if arms is not None:
         missing = set(arms) - {a.name for a in resolved}
         if missing:
@@ -343,17 +363,47 @@ def run_ablation(
         resolved = [a for a in resolved if a.name in needed]
     bench = {**DEFAULT_BENCHMARK, **(spec.get(f"{profile}_benchmark" if profile else "benchmark") or {})}
     title = spec["name"] + (f" ({profile})" if profile else "")
+    check_arms(resolved)
     rows: list[dict] = []
     points: list[tuple[str, float, float]] = []
     out.mkdir(parents=True, exist_ok=True)
+    kept = _earlier_rows(out / "results.csv", rerun={a.name for a in resolved}) if arms is not None else []
+    if kept:
+        names = sorted({_arm_of(r) for r in kept})
+        print(f"[ablate] {title}: keeping the results of {names} from {out / 'results.csv'}", flush=True)
+    rows += kept
     for i, arm in enumerate(resolved, 1):
         print(f"[ablate] {title}: arm {i}/{len(resolved)}: {arm.name}", flush=True)
         rows += run_arm(arm, out, bench)
+        rows.sort(key=lambda row: order.get(_arm_of(row), len(order)))
         write_csv(rows, out / "results.csv")
         write_markdown(rows, out / "results.md", title=title, notes=spec.get("description", ""))
         points = plot_pareto(rows, out / "pareto.png", title=title)
     print(f"[ablate] {title}: results in {out}", flush=True)
     return AblationResult(rows, points, out)
+
+
+def _arm_of(row: dict) -> str:
+    return str(row["arm"]).split("@")[0]  # "<arm>@<size>" rows belong to <arm>
+
+
+def _earlier_rows(path: Path, rerun: set[str]) -> list[dict]:
+    """Rows of ``results.csv`` from an earlier run into the same folder, for arms not run again now (numbers
+    as floats again), so that ``--arms`` adds to the results instead of replacing them."""
+    if not path.is_file():
+        return []
+    rows = []
+    for row in read_csv(path):
+        if _arm_of(row) in rerun:
+            continue
+        parsed = {}
+        for key, value in row.items():
+            try:
+                parsed[key] = float(value) if key != "arm" and value != "" else value
+            except ValueError:
+                parsed[key] = value
+        rows.append(parsed)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> AblationResult:

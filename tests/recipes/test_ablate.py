@@ -70,11 +70,13 @@ def test_plug_and_play_runner_path_with_a_fake_converter(tmp_path, monkeypatch):
     path = ROOT / "recipes" / "ablations" / "plug_and_play.yaml"
     result = main([str(path), "--smoke", "--out", str(tmp_path), "--arms", "swin_hat_random,swin_hat_warm"])
     _check_outputs(result, ["swin", "swin_hat_random", "swin_hat_warm"])  # the warm-start source runs first
-    assert [options for options, _ in calls] == [{"ct_size": 2, "init": "random"}, {"ct_size": 2, "init": "identity"}]
+    # every arm is built once up front (check_arms), then trained
+    random, identity = {"ct_size": 2, "init": "random"}, {"ct_size": 2, "init": "identity"}
+    assert [options for options, _ in calls] == [random, identity, random, identity]
     swin_final = torch.load(tmp_path / "runs" / "swin" / "model.pt", weights_only=True)
-    warm_seen = calls[1][1]
+    warm_seen = calls[3][1]
     assert all(torch.equal(warm_seen[k], v) for k, v in swin_final.items())
-    random_seen = calls[0][1]
+    random_seen = calls[2][1]
     assert not all(torch.equal(random_seen[k], v) for k, v in swin_final.items())
     arm = yaml.safe_load((tmp_path / "arms" / "swin_hat_warm.yaml").read_text())
     assert arm["model"]["convert"] == {"ct_size": 2, "init": "identity"}
@@ -195,3 +197,29 @@ def _schedule(trainer: dict) -> dict:
     kept = {k: v for k, v in trainer.items() if k not in ("default_root_dir", "logger", "callbacks")}
     kept["callbacks"] = [c for c in trainer.get("callbacks", []) if "ProgressBar" not in c["class_path"]]
     return kept
+
+
+def test_arms_are_checked_before_any_trains_and_reruns_keep_earlier_rows(tmp_path):
+    source = ROOT / "recipes" / "ablations" / "attention_type.yaml"
+    spec = yaml.safe_load(source.read_text())
+    spec["base"] = str(source.parent / spec["base"])
+    spec["arms"] = spec["arms"][:2]  # window_only, swin
+    path = tmp_path / "two_arms.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    bad = yaml.safe_load(path.read_text())
+    bad["arms"][1]["overrides"]["model"]["model_kwargs"]["mixer_kwargs"] = {"widnow_size": 2}
+    bad_path = tmp_path / "bad.yaml"
+    bad_path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"arm 'swin' cannot be built .*widnow_size.*fix its options"):
+        run_ablation(bad_path, smoke=True, out=out)
+    assert not (out / "runs").exists()  # window_only did not train first
+
+    run_ablation(path, smoke=True, out=out, arms=["swin"])
+    first = {row["arm"]: row for row in read_csv(out / "results.csv")}
+    result = run_ablation(path, smoke=True, out=out, arms=["window_only"])
+    rows = read_csv(out / "results.csv")
+    assert [row["arm"] for row in rows] == ["window_only", "swin"]  # the YAML's order, the earlier row kept
+    assert rows[1] == first["swin"]
+    assert [r["arm"] for r in read_markdown(out / "results.md")] == ["window_only", "swin"]
+    assert [label for label, _, _ in result.points] == ["window_only", "swin"]
