@@ -387,6 +387,16 @@ def _arm_of(row: dict) -> str:
     return str(row["arm"]).split("@")[0]  # "<arm>@<size>" rows belong to <arm>
 
 
+def _number(text: str) -> int | float | str:
+    """A CSV cell as written by :func:`write_csv`: ints stay ints (parameter counts), other numbers floats."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _earlier_rows(path: Path, rerun: set[str]) -> list[dict]:
     """Rows of ``results.csv`` from an earlier run into the same folder, for arms not run again now (numbers
     as floats again), so that ``--arms`` adds to the results instead of replacing them."""
@@ -398,10 +408,7 @@ def _earlier_rows(path: Path, rerun: set[str]) -> list[dict]:
             continue
         parsed = {}
         for key, value in row.items():
-            try:
-                parsed[key] = float(value) if key != "arm" and value != "" else value
-            except ValueError:
-                parsed[key] = value
+            parsed[key] = value if key == "arm" else _number(value)
         rows.append(parsed)
     return rows
 

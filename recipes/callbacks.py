@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 
 __all__ = ["LabelledProgressBar", "RNGStateCheckpoint"]
 
@@ -70,10 +71,11 @@ class RNGStateCheckpoint(pl.Callback):
         torch.set_rng_state(state_dict["torch"])
         cuda = state_dict.get("cuda")
         if cuda is not None and torch.cuda.is_available():
-            if len(cuda) != torch.cuda.device_count():
-                raise RuntimeError(
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+            else:  # e.g. testing a multi-GPU run's checkpoint on one GPU: nothing to repeat exactly
+                rank_zero_warn(
                     f"the checkpoint holds the RNG states of {len(cuda)} CUDA devices, this process sees "
-                    f"{torch.cuda.device_count()}: resume with the same CUDA_VISIBLE_DEVICES, or drop the "
-                    "RNGStateCheckpoint callback to resume with fresh random numbers"
+                    f"{torch.cuda.device_count()}: CUDA random numbers start afresh (a resumed fit repeats the "
+                    "uninterrupted one only with the same CUDA_VISIBLE_DEVICES)"
                 )
-            torch.cuda.set_rng_state_all(cuda)

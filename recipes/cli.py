@@ -8,6 +8,8 @@ ran is saved next to the logs as ``config.yaml`` (LightningCLI's ``SaveConfigCal
 
 from __future__ import annotations
 
+import os
+
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -29,11 +31,14 @@ class RecipeCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """With ``--ckpt_path`` every weight comes from that checkpoint, so the model's warm-start file
+        """With ``--ckpt_path <file>`` every weight comes from that checkpoint, so the model's warm-start file
         (``model.init_checkpoint``) is not read: it need not exist any more when a run is resumed, tested or
         used to predict."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("ckpt_path") and config.get("model.init_checkpoint"):
+        ckpt_path = config.get("ckpt_path")
+        # only a checkpoint that is there: "last" / "best" / a missing file can leave Lightning starting from
+        # scratch (it warns and trains when no last checkpoint exists yet), and then the warm start must happen
+        if ckpt_path and os.path.isfile(ckpt_path) and config.get("model.init_checkpoint"):
             config["model.init_checkpoint"] = None
 
 

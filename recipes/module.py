@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -136,7 +137,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
 
-    @classmethod
+    @_restricted_classmethod  # like Lightning's: calling it on an instance is an error, not a silent no-op
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
         """Lightning's ``load_from_checkpoint``; the checkpoint holds every weight, so the warm-start file
         that its run started from (``init_checkpoint``) is not read and need not exist any more."""
@@ -194,7 +195,7 @@ class ImageClassifier(pl.LightningModule):
         hp = self.hparams
         optimizer = create_optimizer_v2(self.model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total, round(hp.warmup_epochs * _steps_per_epoch(self.trainer)))
+        warmup = min(total, round(hp.warmup_epochs * _steps_per_epoch(self.trainer))) if hp.warmup_epochs else 0
         schedule = partial(
             warmup_cosine,
             warmup_steps=warmup,
@@ -209,7 +210,12 @@ class ImageClassifier(pl.LightningModule):
 def _steps_per_epoch(trainer: pl.Trainer) -> float:
     """Optimiser steps in one training epoch (after ``limit_train_batches`` and gradient accumulation). The
     warm-up is measured in epochs of these, whether ``max_epochs`` or ``max_steps`` ends the run."""
-    batches = trainer.num_training_batches  # set once estimated_stepping_batches has loaded the data
+    batches = trainer.num_training_batches  # set once estimated_stepping_batches has loaded the data ...
+    if not math.isfinite(batches):
+        trainer.fit_loop.setup_data()  # ... which it skips when max_steps alone ends the run (max_epochs=-1)
+        batches = trainer.num_training_batches
+    if trainer.limit_train_batches == 0:
+        return 0  # no training batches: no steps to warm up
     if not math.isfinite(batches):
         raise ValueError(
             "warmup_epochs needs a training set of known length (this dataloader has no __len__); "

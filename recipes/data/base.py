@@ -35,9 +35,7 @@ class EpochShuffleSampler(RandomSampler):
     """A shuffle whose order is a function of ``(seed, epoch)`` only, not of the global RNG.
 
     Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint sees the same
-    batches as an uninterrupted one. With ``worker_generator`` (the training DataLoader's ``generator``), the
-    epoch also reseeds it, so the loader processes of each epoch (their augmentation RNG) get seeds that are a
-    function of ``(seed, epoch)`` too. It is a :class:`~torch.utils.data.RandomSampler`, so under DDP Lightning
+    batches as an uninterrupted one. It is a :class:`~torch.utils.data.RandomSampler`, so under DDP Lightning
     replaces it with a ``DistributedSampler`` (seeded by ``seed_everything``), as for ``shuffle=True``.
 
     >>> s = EpochShuffleSampler(range(5), seed=1)
@@ -46,16 +44,13 @@ class EpochShuffleSampler(RandomSampler):
     True
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0, worker_generator: torch.Generator | None = None) -> None:
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
         super().__init__(data_source)
-        self.seed, self.worker_generator = seed, worker_generator
+        self.seed, self.epoch = seed, 0
         self._resume: tuple[int, int] | None = None
-        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.worker_generator is not None:
-            self.worker_generator.manual_seed(_epoch_seed(self.seed, epoch, stream=1))
 
     def resume_at(self, epoch: int, samples_done: int) -> None:
         """Make the next pass over ``epoch`` (if the next pass is that epoch) leave out its first
@@ -86,32 +81,53 @@ class _Deferred:
 
 
 class _EpochLoader(DataLoader):
-    """The training DataLoader: deferred iterators, and a resume point inside an epoch.
+    """The training DataLoader: deferred iterators, loader-process seeds per epoch, and a resume point inside
+    an epoch.
 
     Lightning makes the training iterator of a fit's first epoch (and of the first epoch after a resume)
     before it calls the sampler's ``set_epoch``, and a multi-process iterator draws its loader-process seeds
     and prefetches indices as soon as it exists, so that epoch would get the seeds and order of the epoch
-    set before. Deferred to the first batch asked for, both follow the epoch Lightning sets.
+    set before. Deferred to the first batch asked for, both follow the epoch Lightning sets: the ``generator``
+    that seeds the loader processes is reseeded from ``(epoch_seed, sampler.epoch)`` then, whichever sampler
+    Lightning put in (``EpochShuffleSampler``, or a ``DistributedSampler`` under DDP).
 
-    :meth:`state_dict` is the epoch and the number of its batches that training has consumed (``progress``,
-    set by :func:`train_loader`); :meth:`load_state_dict` makes the next pass over that epoch start after
-    them, so that a run resumed from a checkpoint written inside an epoch sees the batches that the
-    uninterrupted run saw next.
+    :meth:`state_dict` is the epoch and how many of its batches training has run (``progress``; 0 once the
+    epoch is complete); :meth:`load_state_dict` makes the next pass over that epoch start after them, so
+    that a run resumed from a checkpoint written inside an epoch sees the batches the uninterrupted run saw
+    next. ``epoch_seed`` and ``progress`` are constructor arguments so that they survive Lightning's
+    re-instantiation of the loader with another sampler.
     """
 
-    progress: Callable[[], int] | None = None
+    def __init__(self, *args, epoch_seed: int = 0, progress: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_seed, self.progress = epoch_seed, progress
 
     def __iter__(self) -> Iterator:
-        return _Deferred(super().__iter__)
+        return _Deferred(self._start)
+
+    def _start(self) -> Iterator:
+        if self.generator is not None:
+            epoch = int(getattr(self.sampler, "epoch", 0))
+            self.generator.manual_seed(_epoch_seed(self.epoch_seed, epoch, stream=1))
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        if not isinstance(self.sampler, EpochShuffleSampler) or self.progress is None:
+        if self.progress is None or not hasattr(self.sampler, "epoch"):
             return {}
         return {"epoch": int(self.sampler.epoch), "batches": int(self.progress())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state and isinstance(self.sampler, EpochShuffleSampler):
+        if not state or not state.get("batches"):
+            return
+        if isinstance(self.sampler, EpochShuffleSampler):
             self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
+        else:
+            rank_zero_warn(
+                f"resuming inside epoch {state['epoch']} with a {type(self.sampler).__name__} (Lightning's, under a "
+                "distributed strategy): the epoch starts again from its first batch; resume from an end-of-epoch "
+                "checkpoint to repeat the uninterrupted run",
+                category=PossibleUserWarning,
+            )
 
 
 class TrainingResumeState(pl.LightningDataModule):
@@ -120,11 +136,14 @@ class TrainingResumeState(pl.LightningDataModule):
     Lightning restores a data module's state before it asks for the loaders (it restores the loaders' own
     state only when they are made after the restore, which ``estimated_stepping_batches`` in
     ``configure_optimizers`` prevents), so the resume point travels here and :func:`train_loader` hands it
-    to the new loader.
+    to the new loader of a fit that resumes from a checkpoint.
     """
 
     def state_dict(self) -> dict:
-        loader = getattr(self, "_train_loader", None)
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None else None  # the one in use (DDP: rebuilt)
+        if not isinstance(loader, _EpochLoader):
+            loader = getattr(self, "_train_loader", None)
         state = loader.state_dict() if loader is not None else {}
         return {"train_loader": state} if state else {}
 
@@ -133,9 +152,13 @@ class TrainingResumeState(pl.LightningDataModule):
 
 
 def _batches_done(datamodule: pl.LightningDataModule) -> int:
-    """Training batches of the current epoch that the trainer has run (those a checkpoint written now covers)."""
+    """Training batches of the current epoch that the trainer has run (those a checkpoint written now covers);
+    0 once the epoch is complete, as there is then nothing of it to leave out."""
     trainer = datamodule.trainer
-    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer is not None else 0
+    if trainer is None:
+        return 0
+    done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+    return 0 if done >= trainer.num_training_batches else done
 
 
 class MixupDataModule(TrainingResumeState):
@@ -207,19 +230,20 @@ def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory:
             f"Mixup/CutMix pairs each image with another of its batch and needs an even batch size, got "
             f"data.batch_size={datamodule.batch_size}; make it even or set data.mixup=0 and data.cutmix=0"
         )
-    generator = torch.Generator()
     loader = _EpochLoader(
         dataset,
         batch_size=datamodule.batch_size,
-        sampler=EpochShuffleSampler(dataset, seed=datamodule.seed, worker_generator=generator),
+        sampler=EpochShuffleSampler(dataset, seed=datamodule.seed),
         num_workers=datamodule.num_workers,
         drop_last=True,
         pin_memory=pin_memory,
-        generator=generator,
+        generator=torch.Generator(),
+        epoch_seed=datamodule.seed,
+        progress=partial(_batches_done, datamodule),
     )
-    loader.progress = partial(_batches_done, datamodule)
-    pending = getattr(datamodule, "_pending_train_state", None)
-    if pending:
+    pending, datamodule._pending_train_state = getattr(datamodule, "_pending_train_state", None), None
+    trainer = datamodule.trainer
+    if pending and trainer is not None and trainer.state.fn == "fit" and trainer.ckpt_path:  # resuming a fit
         if world > 1 and pending.get("batches"):
             rank_zero_warn(
                 "resuming inside an epoch under a distributed strategy: Lightning replaces the training sampler "
@@ -228,7 +252,6 @@ def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory:
                 category=PossibleUserWarning,
             )
         loader.load_state_dict(pending)
-        datamodule._pending_train_state = None
     datamodule._train_loader = loader
     return loader
 

@@ -223,3 +223,18 @@ def test_arms_are_checked_before_any_trains_and_reruns_keep_earlier_rows(tmp_pat
     assert rows[1] == first["swin"]
     assert [r["arm"] for r in read_markdown(out / "results.md")] == ["window_only", "swin"]
     assert [label for label, _, _ in result.points] == ["window_only", "swin"]
+
+
+def test_kept_rows_keep_their_numbers(tmp_path):
+    from recipes.ablate import _earlier_rows
+    from recipes.report import write_csv
+
+    path = tmp_path / "results.csv"
+    write_csv([{"arm": "a", "top1": 0.5, "params": 28_312_456, "resolution": 224},
+               {"arm": "a@320", "top1": 0.25, "params": 28_312_456, "resolution": 320},
+               {"arm": "b", "top1": 0.75, "params": 1, "resolution": 224}], path)  # fmt: skip
+    kept = _earlier_rows(path, rerun={"b"})
+    assert [row["arm"] for row in kept] == ["a", "a@320"]  # "<arm>@<size>" rows go with their arm
+    assert kept[0] == {"arm": "a", "top1": 0.5, "params": 28_312_456, "resolution": 224}
+    write_csv(kept, path)
+    assert "28312456" in path.read_text()

@@ -90,6 +90,8 @@ def test_test_and_predict_subcommands_and_loading_without_the_warm_start_file(tm
     loaded = ImageClassifier.load_from_checkpoint(checkpoint)
     a, b = warm.model.state_dict(), loaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError, match="cannot be called on an instance"):  # Lightning's guard is kept
+        loaded.load_from_checkpoint(checkpoint)
 
     tested = main(["test", "--config", str(tiny_config(tmp_path, "warm")), "--ckpt_path", str(checkpoint)])
     metrics = tested.trainer.callback_metrics
@@ -119,3 +121,15 @@ def test_resume_from_inside_an_epoch_repeats_the_uninterrupted_run(tmp_path):
     assert _final(resumed) == _final(straight)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ckpt_path_last_without_a_checkpoint_keeps_the_warm_start(tmp_path):
+    """`--ckpt_path last` in a restart-safe job: on the first launch there is no checkpoint, Lightning trains from
+    scratch, and the warm start must happen."""
+    first = _fit(tiny_config(tmp_path, "first", trainer={"max_epochs": 1}))
+    weights = tmp_path / "warm.pt"
+    torch.save(first.model.model.state_dict(), weights)
+    config = tiny_config(tmp_path, "job", trainer={"max_epochs": 1, "max_steps": 1},
+                         model={"init_checkpoint": str(weights)})  # fmt: skip
+    cli = main(["fit", "--config", str(config), "--ckpt_path", "last"], run=True)
+    assert cli.model.hparams.init_checkpoint == str(weights)

@@ -61,7 +61,7 @@ class _FakeTrainer:
 
     def __init__(self, total: int, batches_per_epoch: int, accumulate: int = 1) -> None:
         self.estimated_stepping_batches, self.num_training_batches = total, batches_per_epoch
-        self.accumulate_grad_batches = accumulate
+        self.accumulate_grad_batches, self.limit_train_batches = accumulate, 1.0
 
 
 def _lrs(module: ImageClassifier, steps: int) -> list[float]:
@@ -150,3 +150,20 @@ def test_convert_missing_is_a_clear_error(monkeypatch):
     monkeypatch.delattr(hatplug, "convert")
     with pytest.raises(RuntimeError, match="hatplug.convert is not available"):
         convert_model(nn.Linear(2, 2), {"ct_size": 2})
+
+
+def test_warmup_when_max_steps_alone_ends_the_run():
+    """max_epochs unset: Lightning's estimated_stepping_batches returns max_steps without loading the data, so
+    the epoch length must be found another way (it used to raise)."""
+    import lightning.pytorch as pl
+
+    from recipes.data import SyntheticDataModule
+
+    data = SyntheticDataModule(image_size=64, train_samples=32, val_samples=8, batch_size=8, grid=4)
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, warmup_epochs=0.5)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, data)
+    assert trainer.global_step == 2 and trainer.max_epochs == -1
+    schedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert schedule.keywords["warmup_steps"] == 2 and schedule.keywords["total_steps"] == 2  # half of 4 batches
