@@ -40,6 +40,20 @@ class RecipeCLI(LightningCLI):
         # scratch (it warns and trains when no last checkpoint exists yet), and then the warm start must happen
         if ckpt_path and os.path.isfile(ckpt_path) and config.get("model.init_checkpoint"):
             config["model.init_checkpoint"] = None
+        self._requested_num_classes = config.get("model.num_classes")
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, then a check: the link overwrites a ``model.num_classes`` given in a config file with
+        the data module's, which would silently train another classifier than the one asked for."""
+        super().instantiate_classes()
+        requested = getattr(self, "_requested_num_classes", None)
+        found = getattr(self.datamodule, "num_classes", None)
+        if requested is not None and found is not None and requested != found:
+            raise ValueError(
+                f"model.num_classes is {requested} in the config, but the data module has {found} classes (its "
+                "num_classes is linked into the model): remove model.num_classes from the config, or give data "
+                f"with {requested} classes"
+            )
 
 
 def main(args: list[str] | dict | None = None, run: bool = True) -> RecipeCLI:

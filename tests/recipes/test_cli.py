@@ -133,3 +133,10 @@ def test_ckpt_path_last_without_a_checkpoint_keeps_the_warm_start(tmp_path):
                          model={"init_checkpoint": str(weights)})  # fmt: skip
     cli = main(["fit", "--config", str(config), "--ckpt_path", "last"], run=True)
     assert cli.model.hparams.init_checkpoint == str(weights)
+
+
+def test_a_num_classes_in_the_config_that_the_data_contradicts_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.num_classes is 5 in the config, but the data module has 2"):
+        main(["--config", str(tiny_config(tmp_path, model={"num_classes": 5}))], run=False)
+    cli = main(["--config", str(tiny_config(tmp_path, "same", model={"num_classes": 2}))], run=False)
+    assert cli.model.num_classes == 2  # a saved config.yaml that repeats the linked value still runs
