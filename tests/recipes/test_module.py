@@ -167,3 +167,22 @@ def test_warmup_when_max_steps_alone_ends_the_run():
     assert trainer.global_step == 2 and trainer.max_epochs == -1
     schedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert schedule.keywords["warmup_steps"] == 2 and schedule.keywords["total_steps"] == 2  # half of 4 batches
+
+
+def test_gflops_count_every_gemm_of_the_folded_eval_path():
+    """torch's FlopCounterMode does not count in-place GEMMs (``addmm_``), which the folded eval path uses for
+    its residual projections; the count must still be that of the plain forward (the folding steps aside while
+    the counter's module hooks are on), here checked against a train-mode count and by hand for the head."""
+    from recipes.measure import gflops
+
+    model = create_model("faster_vit_0_any_res", **KWARGS, num_classes=3).eval()
+    counted = gflops(model, 64)
+    with hatplug.layers.inference_fusion(False):
+        assert gflops(model, 64) == counted
+    flops = {}
+    for mode in (True, False):  # train mode never folds; drop path is 0 in KWARGS, so the ops are the same
+        with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            model.train(mode)(torch.randn(1, 3, 64, 64))
+        flops[mode] = counter.get_total_flops()
+    assert counted * 1e9 == flops[True] == flops[False]
+    assert counted * 1e9 > 2 * model.head.in_features * 3  # at least the head's multiply-adds
