@@ -265,8 +265,9 @@ class BenchResult:
         return 100.0 * (max(runs) - min(runs)) / self.samples_per_sec
 
     def ratio_to(self, other: BenchResult) -> float:
-        """Median over repeats of ``self / other`` throughput, pairing the repeats of one run."""
-        return statistics.median(a / b for a, b in zip(self.samples_per_sec_runs, other.samples_per_sec_runs))
+        """Median over repeats of ``self / other`` throughput, pairing the repeats of one run (see
+        :func:`paired_ratio`)."""
+        return paired_ratio(self.samples_per_sec_runs, other.samples_per_sec_runs)
 
     def as_row(self) -> dict[str, str]:
         """The CSV row (strings, rounded as written): the markdown table shows these same strings."""
@@ -411,10 +412,12 @@ def _factory(name: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"{name!r}: cannot import {module_name!r} ({exc}); put its directory on PYTHONPATH") from exc
+        raise BenchInputError(
+            f"{name!r}: cannot import {module_name!r} ({exc}); put its directory on PYTHONPATH"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"{name!r}: module {module_name!r} has no function {attr!r}")
+        raise BenchInputError(f"{name!r}: module {module_name!r} has no function {attr!r}")
     return factory
 
 
@@ -429,7 +432,7 @@ def _check_names(models: Sequence[str]) -> None:
         for name in unknown:
             close = difflib.get_close_matches(name, timm.list_models(), n=3)
             hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ValueError(
+        raise BenchInputError(
             f"unknown model name(s): {'; '.join(hints)}. Names are timm's (timm.list_models()), "
             "FasterViT's (fastervit.list_models()) or hatplug's, or 'package.module:function' for another model."
         )
@@ -522,7 +525,8 @@ def benchmark(
         amp: ``"none"``, ``"fp16"`` or ``"bf16"`` autocast.
         channels_last: NHWC weights and inputs.
         compile: ``torch.compile`` each model (compilation happens in the warm-up, at least one forward).
-        warmup, repeats, iters: forwards before timing; timed repeats; forwards per repeat.
+        warmup, repeats, iters: forwards before timing (at least one runs: it checks that the model runs at
+            this size); timed repeats; forwards per repeat.
         baseline: model the ratios refer to; defaults to the first model.
 
     Returns:
@@ -534,23 +538,28 @@ def benchmark(
     """
     models = list(dict.fromkeys(models))
     if not models:
-        raise ValueError("no models to benchmark")
+        raise BenchInputError("no models to benchmark")
     baseline = baseline or models[0]
     if baseline not in models:
-        raise ValueError(f"baseline {baseline!r} is not among the benchmarked models {models}")
+        raise BenchInputError(f"baseline {baseline!r} is not among the benchmarked models {models}")
     if repeats < 1 or iters < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
+        raise BenchInputError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
     _check_names(models)
     img_size = _canonical(img_size)
     dev = _resolve_device(device)
     torch.manual_seed(0)
-    built = {name: _prepare(build_model(name, img_size), dev, channels_last, compile) for name in models}
-    params = {name: _param_millions(m) for name, m in built.items()}
     x = _random_input(batch_size, img_size, dev, channels_last)
-    warmup = max(warmup, 1) if compile else warmup  # compilation must not land in a timed repeat
-    for name in models:
-        if warmup:
-            _timed(built[name], x, warmup, dev, amp)
+    built = {}
+    for name in models:  # every model is built and run once before any timing, so a failure loses nothing
+        try:
+            built[name] = _prepare(build_model(name, img_size), dev, channels_last, compile)
+            _timed(built[name], x, max(warmup, 1), dev, amp)  # also compiles, outside the timed repeats
+        except Exception as exc:
+            raise BenchInputError(
+                f"{name} cannot run a batch of {batch_size} at {size_label(img_size)} ({_skip_reason(exc)}); leave "
+                "it out of --models or choose another --img-size / --batch-size"
+            ) from exc
+    params = {name: _param_millions(m) for name, m in built.items()}
     runs: dict[str, list[float]] = {name: [0.0] * repeats for name in models}
     for r in range(repeats):
         for name in _round_robin(models, r):
@@ -575,6 +584,23 @@ def benchmark(
     for result in results:
         result.ratio_vs_baseline = 1.0 if result is base else result.ratio_to(base)
     return results
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over paired repeats of ``a[i] / b[i]``, taken on the log scale: for an odd count that is the
+    plain median of the ratios, for an even one the geometric mean of the middle two, so that the ratio of B
+    to A is always the reciprocal of the ratio of A to B (the arithmetic mean of the middle two is not).
+
+    >>> a, b = [100, 100], [50, 300]
+    >>> round(paired_ratio(a, b), 4), round(paired_ratio(b, a), 4), round(paired_ratio(a, b) * paired_ratio(b, a), 12)
+    (0.8165, 1.2247, 1.0)
+    """
+    return math.exp(statistics.median(math.log(x / y) for x, y in zip(a, b)))
+
+
+class BenchInputError(HatplugError, ValueError):
+    """A benchmark that cannot run as asked (unknown model, a model that fails at the size, bad counts): the
+    command line answers with ``error: <message>`` and exit status 2, as for bad flags."""
 
 
 def _skip_reason(exc: BaseException) -> str:
@@ -618,9 +644,9 @@ def resolution_sweep(
     models = list(dict.fromkeys(models))
     sizes = sorted({_canonical(s) for s in sizes}, key=lambda s: (_pixels(s), _hw(s)))
     if not models or not sizes:
-        raise ValueError(f"need at least one model and one size, got models={models} sizes={sizes}")
+        raise BenchInputError(f"need at least one model and one size, got models={models} sizes={sizes}")
     if repeats < 1 or iters < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
+        raise BenchInputError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
     _check_names(models)
     dev = _resolve_device(device)
     common = dict(batch_size=batch_size, device=str(dev), amp=amp, channels_last=channels_last, compiled=compile)
@@ -635,7 +661,7 @@ def resolution_sweep(
             point.param_count = _param_millions(model)
             _timed(model, inputs[point.img_size], max(warmup, 1), dev, amp)  # a size that cannot run fails here
             built[i] = model
-        except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        except Exception as exc:  # whatever the model raises at this size: recorded, the sweep goes on
             point.skipped = _skip_reason(exc)
             gc.collect()
     for r in range(repeats):
@@ -659,8 +685,10 @@ def _fill_relative_cost(points: Sequence[SweepPoint]) -> None:
         if p.skipped:
             continue
         ref = reference.setdefault(p.model, p)
-        ratios = [(t / p.pixels) / (t0 / ref.pixels) for t, t0 in zip(p.ms_per_image_runs, ref.ms_per_image_runs)]
-        p.cost_per_pixel_rel = 1.0 if p is ref else statistics.median(ratios)
+        per_pixel = [t / p.pixels for t in p.ms_per_image_runs]
+        p.cost_per_pixel_rel = (
+            1.0 if p is ref else paired_ratio(per_pixel, [t0 / ref.pixels for t0 in ref.ms_per_image_runs])
+        )
 
 
 def fit_growth_exponent(pixels: Sequence[float], times: Sequence[float]) -> float:
@@ -762,10 +790,12 @@ def results_to_markdown(results: Sequence[BenchResult], peers: Sequence[str] = (
     | a | 11.00 | 90.91 | 1 | 224 | 1.00 | 1.000 | 18.2 |
     """
     by_name = {r.model: r for r in results}
-    peers = [p for p in peers if p in by_name and (not results or p != results[0].baseline)]
+    peers = [p for p in dict.fromkeys(peers) if p in by_name and (not results or p != results[0].baseline)]
     baseline = results[0].baseline if results else ""
-    header = ["model", "samples/s", "step (ms)", "batch", "img", "params (M)", f"x {_short(baseline)}"]
-    header += [f"x {_short(p)}" for p in peers] + ["spread %"]
+    shorts = [_short(n) for n in [baseline, *peers]]
+    names = shorts if len(set(shorts)) == len(shorts) else [baseline, *peers]  # short names only if distinct
+    header = ["model", "samples/s", "step (ms)", "batch", "img", "params (M)"] + [f"x {n}" for n in names]
+    header += ["spread %"]
     rows = []
     for r in results:
         row = r.as_row()
@@ -828,7 +858,7 @@ def sweep_to_markdown(points: Sequence[SweepPoint]) -> str:
         if not p.skipped:
             last[p.model] = p
     fit_rows = [
-        [name, f"{k:.3f}", size_label(last[name].img_size) if name in last else "", _rel(last.get(name))]
+        [name, _exponent(k), size_label(last[name].img_size) if name in last else "", _rel(last.get(name))]
         for name, k in fits.items()
     ]
     fit_table = _markdown_table(
@@ -837,6 +867,10 @@ def sweep_to_markdown(points: Sequence[SweepPoint]) -> str:
         [False, True, True, True],
     )
     return table + "\n\n" + fit_table
+
+
+def _exponent(k: float, digits: int = 3) -> str:
+    return "n/a (fewer than 2 sizes measured)" if math.isnan(k) else f"{k:.{digits}f}"
 
 
 def _rel(point: SweepPoint | None) -> str:
@@ -868,7 +902,7 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
         pts = sorted((p for p in measured if p.model == name), key=lambda p: p.pixels)
         if not pts:
             continue
-        label = f"{name} (k = {fits[name]:.2f})"
+        label = f"{name} (k = {_exponent(fits[name], 2)})" if not math.isnan(fits[name]) else f"{name} (one size)"
         side = [math.sqrt(p.pixels) for p in pts]
         ax_t.plot(side, [p.ms_per_image for p in pts], marker="o", label=label)
         ax_c.plot(side, [p.cost_per_pixel_rel for p in pts], marker="o", label=label)
@@ -914,7 +948,10 @@ def _size(text: str) -> Size:
 
 
 def _size_list(text: str) -> list[Size]:
-    return [_size(t) for t in _csv_list(text)]
+    sizes = [_size(t) for t in _csv_list(text)]
+    if not sizes:
+        raise argparse.ArgumentTypeError("no sizes given; e.g. --sweep 224,320,448")
+    return sizes
 
 
 def _describe(preset: dict) -> str:
@@ -965,7 +1002,9 @@ def _parser() -> argparse.ArgumentParser:
         help="torch.set_num_threads for the run (default: torch's choice, usually one per core); 1 avoids "
         "OpenMP barrier stalls when other processes share the cores",
     )
-    p.add_argument("--warmup", type=int, help="untimed forwards per model before timing")
+    p.add_argument(
+        "--warmup", type=int, help="untimed forwards per model before timing (at least 1 runs: it checks the model)"
+    )
     p.add_argument("--repeats", type=int, help="timed repeats (median reported), interleaved over models")
     p.add_argument("--iters", type=int, help="forwards per timed repeat")
     p.add_argument(
@@ -982,6 +1021,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """Command-line flags over the preset over the mode's defaults."""
     preset = PRESETS.get(args.preset, {})
     given = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
+    if "sweep" in given and preset and not preset.get("sweep"):
+        parser.error(f"--sweep with --preset {args.preset}: that preset measures throughput; use --preset sweep")
     sweep = given.get("sweep", preset.get("sweep"))
     settings = {**(_SWEEP_DEFAULTS if sweep else _BENCH_DEFAULTS), **preset, **given}
     if not sweep:
@@ -993,6 +1034,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             parser.error(f"--peers {','.join(unknown)}: not among the benchmarked models {settings['models']}")
         if "peers" not in given and settings.get("peers"):  # a preset's columns for the models still benchmarked
             settings["peers"] = [p for p in settings["peers"] if p in settings["models"]]
+        if "baseline" not in given and settings.get("baseline") not in settings["models"]:
+            settings["baseline"] = None  # the preset's baseline is not benchmarked: the first model is
     else:
         moved = (("models", "--sweep-models"), ("img_size", "--sweep"), ("baseline", None), ("peers", None))
         for flag, instead in moved:
@@ -1004,7 +1047,23 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {given[key]}")
     if "warmup" in given and given["warmup"] < 0:
         parser.error(f"--warmup must be at least 0, got {given['warmup']}")
+    for flag in ("csv", "markdown", "plot"):  # before the run, not after minutes of measuring
+        if given.get(flag) is not None:
+            problem = _unwritable(Path(given[flag]))
+            if problem:
+                parser.error(f"--{flag} {given[flag]}: {problem}")
     return settings
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be written as a file ('' if it can); creates its missing parent folders."""
+    if path.is_dir():
+        return "is a folder; give a file name"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create its folder ({exc})"
+    return "" if os.access(path.parent, os.W_OK) else f"its folder {path.parent} is not writable"
 
 
 def _settings_line(s: dict, sweep: bool) -> str:
@@ -1017,7 +1076,7 @@ def _settings_line(s: dict, sweep: bool) -> str:
     ]
     if not sweep:
         parts.append(f"img={size_label(s['img_size'])}")
-    parts += [f"warmup={s['warmup']}", f"repeats={s['repeats']}", f"iters={s['iters']}"]
+    parts += [f"warmup={max(s['warmup'], 1)}", f"repeats={s['repeats']}", f"iters={s['iters']}"]
     if sweep:
         parts.append("(iters scaled by smallest_pixels/pixels per size, min 1)")
     return ", ".join(parts)
@@ -1046,6 +1105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s.get("threads"):
             torch.set_num_threads(s["threads"])
         _run(s, command, machine_info(device))
+    except BenchInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -138,7 +138,7 @@ def test_models_outside_timm_by_import_path(tmp_path, monkeypatch):
         benchmark(["no_such_module:tiny"], **TINY)
     with pytest.raises(ValueError, match="has no function 'missing'"):
         benchmark(["my_peers:missing"], **TINY)
-    with pytest.raises(TypeError, match="returned str, not an nn.Module"):
+    with pytest.raises(bench.BenchInputError, match=r"my_peers:not_a_model cannot run .*returned str, not an nn"):
         benchmark(["my_peers:not_a_model"], **TINY)
     with pytest.raises(ValueError, match="unknown model name.*package.module:function"):
         benchmark(["hf-hub:timm/vit_tiny_patch16_224"], **TINY)  # a hub name, not an import path
@@ -183,7 +183,7 @@ def test_sweep_records_skips_and_normalises(sweep_points):
         small, big = by_key[(name, 32)], by_key[(name, 64)]
         assert len(big.ms_per_image_runs) == len(small.ms_per_image_runs) == 2
         paired = [(t / 64**2) / (t0 / 32**2) for t, t0 in zip(big.ms_per_image_runs, small.ms_per_image_runs)]
-        assert big.cost_per_pixel_rel == pytest.approx(sum(paired) / 2)  # median of two
+        assert big.cost_per_pixel_rel == pytest.approx(math.sqrt(paired[0] * paired[1]))  # log-scale median of 2
 
 
 def test_sweep_csv_markdown_and_plot(sweep_points, tmp_path):
@@ -312,6 +312,9 @@ def test_non_square_throughput_and_sweep(tmp_path, monkeypatch):
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--repeats", "-1"], "--repeats must be at least 1"),
         (["--warmup", "-1"], "--warmup must be at least 0"),
+        (["--preset", "cpu", "--sweep", "64,96"], "--sweep with --preset cpu: that preset measures throughput"),
+        (["--csv", "/proc/no_such_folder/x.csv"], "--csv /proc/no_such_folder/x.csv: cannot create its folder"),
+        (["--markdown", "."], "--markdown .: is a folder; give a file name"),
     ],
 )
 def test_cli_refuses_arguments_it_would_ignore_or_cannot_use(argv, message, capsys):
@@ -325,6 +328,60 @@ def test_cli_preset_peer_columns_follow_the_models():
     parser = bench._parser()
     s = bench._resolve(parser.parse_args(["--preset", "cpu", "--models", "faster_vit_0_224,convnext_tiny"]), parser)
     assert s["peers"] == ["convnext_tiny"]
+    assert s["baseline"] is None  # the preset's Swin-T is not benchmarked: the first model is the baseline
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sweep", ""])
+
+
+def test_cli_input_errors_exit_2_with_the_message(capsys):
+    quick = ["--batch-size", "1", "--repeats", "1", "--iters", "1", "--threads", "1"]
+    cases = [
+        (["--models", "test_vit,nosuchmodel", "--img-size", "64"], "unknown model name(s): 'nosuchmodel'"),
+        (["--models", "test_vit", "--baseline", "test_convnext"], "baseline 'test_convnext' is not among"),
+        (["--models", "test_vit,test_convnext", "--img-size", "50"], "test_vit cannot run a batch of 1 at 50"),
+        (["--preset", "cpu", "--models", "test_convnext", "--img-size", "64"], None),  # runs, against its model
+    ]
+    for argv, message in cases:
+        status = bench.main(argv + quick)
+        err = capsys.readouterr().err
+        if message is None:
+            assert status == 0, err
+        else:
+            assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_paired_ratios_are_reciprocal_with_an_even_number_of_repeats():
+    a = BenchResult("a", [100.0, 100.0], 1, 224, 1.0, "cpu", "none", False, False, 1, "a")
+    b = BenchResult("b", [50.0, 300.0], 1, 224, 1.0, "cpu", "none", False, False, 1, "a")
+    assert a.ratio_to(b) * b.ratio_to(a) == pytest.approx(1.0)
+    assert b.ratio_to(a) == pytest.approx(math.sqrt(0.5 * 3.0))  # the two per-repeat ratios, log-scale median
+
+
+def test_sweep_skips_whatever_a_model_raises_and_says_n_a_for_one_size(tmp_path, monkeypatch):
+    (tmp_path / "picky_peers.py").write_text(
+        "import torch\n"
+        "class Picky(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if x.shape[-1] > 40:\n"
+        "            raise IndexError('too wide for this model')\n"
+        "        return x.mean((2, 3))\n"
+        "def make(img_size=None):\n"
+        "    return Picky()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = resolution_sweep(["picky_peers:make", "test_convnext"], [32, 48], warmup=0, repeats=1, iters=1)
+    skipped = [p for p in points if p.skipped]
+    assert [(p.model, p.img_size) for p in skipped] == [("picky_peers:make", 48)]
+    assert skipped[0].skipped == "IndexError: too wide for this model"
+    fits = dict((row[0], row[1]) for row in _markdown_rows(sweep_to_markdown(points).split("\n\n")[1]))
+    assert fits["picky_peers:make"] == "n/a (fewer than 2 sizes measured)" and fits["test_convnext"] != "nan"
+
+
+def test_ratio_columns_use_full_names_when_short_ones_collide():
+    runs = [BenchResult(n, [10.0], 1, 224, 1.0, "cpu", "none", False, False, 1, "vit_tiny_patch16_224")
+            for n in ("vit_tiny_patch16_224", "vit_tiny_patch16_384")]  # fmt: skip
+    header = results_to_markdown(runs, peers=["vit_tiny_patch16_384", "vit_tiny_patch16_384"]).splitlines()[0]
+    assert "x vit_tiny_patch16_224" in header and header.count("x vit_tiny_patch16_384") == 1
 
 
 def test_device_names_are_checked():
