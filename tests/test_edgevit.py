@@ -16,6 +16,8 @@ import torch.fx
 
 from hatplug.models.edgevit import EdgeViT, GlobalSparseAttn, GlobalSparseBlock, LGLBlock, LocalAgg
 
+from .contracts import check_forward_intermediates
+
 VARIANTS = ["edgevit_xxs", "edgevit_xs", "edgevit_s"]
 
 # Parameter counts of the official models (saic-fi/edgevit@df3d070, num_classes=1000).
@@ -248,21 +250,10 @@ def test_forward_intermediates_equal_the_stage_outputs_and_forward_features():
     stages = _stage_outputs_by_hooks(model, x)
     with torch.no_grad():
         features = model.forward_features(x)
-        final, maps = model.forward_intermediates(x)
-        last_two = model.forward_intermediates(x, indices=2, norm=True, intermediates_only=True)
-        early_final, early = model.forward_intermediates(x, indices=[-3], stop_early=True)
-    torch.testing.assert_close(final, features, rtol=0, atol=0)
-    assert [tuple(m.shape[1:]) for m in maps] == [(36, 24, 32), (72, 12, 16), (144, 6, 8), (288, 3, 4)]
-    for m, s in zip(maps, stages):
-        torch.testing.assert_close(m, s, rtol=0, atol=0)
-    assert len(last_two) == 2
-    torch.testing.assert_close(last_two[0], stages[2], rtol=0, atol=0)
-    torch.testing.assert_close(last_two[1], features, rtol=0, atol=0)  # norm=True: the BN of forward_features
-    assert len(early) == 1
-    torch.testing.assert_close(early[0], stages[1], rtol=0, atol=0)
-    torch.testing.assert_close(early_final, stages[1], rtol=0, atol=0)  # stopped there, no norm
-    with pytest.raises(ValueError, match="NCHW"):
-        model.forward_intermediates(x, output_fmt="NHWC")
+        maps = model.forward_intermediates(x, indices=[-3], intermediates_only=True)  # negative indices count back
+    assert [tuple(s.shape[1:]) for s in stages] == [(36, 24, 32), (72, 12, 16), (144, 6, 8), (288, 3, 4)]
+    torch.testing.assert_close(maps[0], stages[1], rtol=0, atol=0)
+    check_forward_intermediates(model, x, stages, features)
 
 
 def test_feature_getter_and_pruned_model_give_the_hooked_features():

@@ -19,6 +19,8 @@ from fastervit.resize import CARRIER_TOKEN_MODULES, AdaptReport, adapt_checkpoin
 from fastervit.testing import official_state_dict, save_official_checkpoint
 from hatplug.errors import CheckpointMismatchError
 
+from .contracts import check_forward_intermediates
+
 SMALL = dict(depths=[1, 1, 2, 1], dim=32, in_dim=16, num_classes=10)
 CHANNELS = [32, 64, 128, 256]
 ANY_RES = "faster_vit_0_any_res"
@@ -100,21 +102,7 @@ def test_forward_intermediates_equal_forward_blocks_outputs_and_forward_features
     for level in model.levels:
         del level.forward_blocks
     assert len(recorded) == 4
-    with torch.no_grad():
-        final, maps = model.forward_intermediates(x)
-        last_two = model.forward_intermediates(x, indices=2, norm=True, intermediates_only=True)
-        early_final, early = model.forward_intermediates(x, indices=[1], stop_early=True)
-    torch.testing.assert_close(final, features, rtol=0, atol=0)
-    for m, r in zip(maps, recorded):
-        torch.testing.assert_close(m, r, rtol=0, atol=0)
-    assert len(last_two) == 2
-    torch.testing.assert_close(last_two[0], recorded[2], rtol=0, atol=0)
-    torch.testing.assert_close(last_two[1], features, rtol=0, atol=0)  # norm=True normalises the last map
-    assert len(early) == 1
-    torch.testing.assert_close(early[0], recorded[1], rtol=0, atol=0)
-    torch.testing.assert_close(early_final, recorded[1], rtol=0, atol=0)  # not downsampled, not normalised
-    with pytest.raises(ValueError, match="NCHW"):
-        model.forward_intermediates(x, output_fmt="NHWC")
+    check_forward_intermediates(model, x, recorded, features)
 
 
 def test_features_only_backbone_feeds_torchvision_fpn_at_a_non_square_size():
