@@ -43,9 +43,7 @@ class EdgeViTCarrierAttention(CarrierWindowAttention):
             self.sampler = attn.sampler
             self.LocalProp = attn.LocalProp
             self.norm = attn.norm
-            self.hat_gate = nn.Parameter(
-                torch.zeros(attn.num_heads, device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
-            )
+            self.hat_gate = self.closed_gate(attn.num_heads, attn.qkv.weight)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B_, L = x.shape[0], x.shape[1]

@@ -479,7 +479,7 @@ def convert(
     params_new = sum(p.numel() for p in model.parameters() if id(p) not in original)
     kept = {id(p) for p in model.parameters()}
     dropped = [name for name, p in params_named_before if id(p) not in kept]
-    if hasattr(model, "group_matcher") and any(isinstance(m, CarrierStage) for m in model.modules()):
+    if hasattr(type(model), "group_matcher") and any(isinstance(m, CarrierStage) for m in model.modules()):
         model.group_matcher = _GroupMatcher(model)
     if hasattr(type(model), "no_weight_decay"):
         model.no_weight_decay = _NoWeightDecay(model)

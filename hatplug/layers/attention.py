@@ -243,9 +243,12 @@ class CarrierWindowAttention(nn.Module):
         self.proj = proj
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = proj_drop
-        self.hat_gate = (
-            nn.Parameter(torch.zeros(num_heads, device=proj.weight.device, dtype=proj.weight.dtype)) if gated else None
-        )
+        self.hat_gate = self.closed_gate(num_heads, proj.weight) if gated else None
+
+    @staticmethod
+    def closed_gate(num_heads: int, like: Tensor) -> nn.Parameter:
+        """A per-head gate at 0 (the original attention), on ``like``'s device and in its dtype."""
+        return nn.Parameter(torch.zeros(num_heads, device=like.device, dtype=like.dtype))
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
