@@ -1,6 +1,6 @@
 """Data modules of the recipes: a built-in synthetic task, image folders (ImageNet) and local CIFAR."""
 
-from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule
+from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule, RecipeDataModule
 from .cifar import CIFARDataModule
 from .folder import ImageFolderDataModule
 from .synthetic import SameShapeDataset, SyntheticDataModule
@@ -11,6 +11,7 @@ __all__ = [
     "EpochShuffleSampler",
     "ImageFolderDataModule",
     "MixupDataModule",
+    "RecipeDataModule",
     "SameShapeDataset",
     "SyntheticDataModule",
 ]

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from PIL import ImageOps
 from timm.data import Mixup
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
@@ -17,9 +18,10 @@ __all__ = [
     "DatasetNotFoundError",
     "EpochShuffleSampler",
     "MixupDataModule",
-    "TrainingResumeState",
+    "RecipeDataModule",
     "eval_loader",
     "train_loader",
+    "with_safe_posterize",
 ]
 
 
@@ -28,7 +30,17 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    return (seed * 1_000_003 + epoch) * 8 + stream
+    """The seed of one random stream of an epoch: 0 the shuffle, 1 the training loader processes, 2 the
+    evaluation loader processes."""
+    return seed * 1_000_003 + epoch + stream * 2**48
+
+
+def _warn_epoch_restarts(epoch: int) -> None:
+    rank_zero_warn(
+        f"resuming inside epoch {epoch} under a distributed strategy: Lightning's DistributedSampler starts the "
+        "epoch again from its first batch; resume from an end-of-epoch checkpoint to repeat the uninterrupted run",
+        category=PossibleUserWarning,
+    )
 
 
 class EpochShuffleSampler(RandomSampler):
@@ -58,7 +70,7 @@ class EpochShuffleSampler(RandomSampler):
         self._resume = (epoch, samples_done)
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
         order = torch.randperm(len(self.data_source), generator=generator).tolist()
         skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         self._resume = None  # one pass only
@@ -122,16 +134,12 @@ class _EpochLoader(DataLoader):
         if isinstance(self.sampler, EpochShuffleSampler):
             self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
         else:
-            rank_zero_warn(
-                f"resuming inside epoch {state['epoch']} with a {type(self.sampler).__name__} (Lightning's, under a "
-                "distributed strategy): the epoch starts again from its first batch; resume from an end-of-epoch "
-                "checkpoint to repeat the uninterrupted run",
-                category=PossibleUserWarning,
-            )
+            _warn_epoch_restarts(state["epoch"])
 
 
-class TrainingResumeState(pl.LightningDataModule):
-    """What every recipe data module saves in a checkpoint: where its training loader stood in the epoch.
+class RecipeDataModule(pl.LightningDataModule):
+    """What every recipe data module shares: the held-out split as the test and predict data, and, in a
+    checkpoint, where its training loader stood in the epoch.
 
     Lightning restores a data module's state before it asks for the loaders (it restores the loaders' own
     state only when they are made after the restore, which ``estimated_stepping_batches`` in
@@ -139,12 +147,18 @@ class TrainingResumeState(pl.LightningDataModule):
     to the new loader of a fit that resumes from a checkpoint.
     """
 
+    def test_dataloader(self) -> DataLoader:
+        """The labelled held-out split (validation: the data sets here have no other labelled split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out split's ``(images, target)`` batches; ``predict_step`` returns class probabilities."""
+        return self.val_dataloader()
+
     def state_dict(self) -> dict:
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None  # the one in use (DDP: rebuilt)
-        if not isinstance(loader, _EpochLoader):
-            loader = getattr(self, "_train_loader", None)
-        state = loader.state_dict() if loader is not None else {}
+        state = loader.state_dict() if isinstance(loader, _EpochLoader) else {}
         return {"train_loader": state} if state else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -161,7 +175,7 @@ def _batches_done(datamodule: pl.LightningDataModule) -> int:
     return 0 if done >= trainer.num_training_batches else done
 
 
-class MixupDataModule(TrainingResumeState):
+class MixupDataModule(RecipeDataModule):
     """A data module whose training batches can go through timm's Mixup/CutMix after reaching the device.
 
     Targets of mixed batches are soft ``(B, num_classes)`` rows; the LightningModule then switches to a
@@ -198,18 +212,31 @@ class MixupDataModule(TrainingResumeState):
             )
         return self._mixup_fn
 
-    def test_dataloader(self):
-        """The labelled held-out split (``validation``; the data sets here have no separate labelled test split)."""
-        return self.val_dataloader()
-
-    def predict_dataloader(self):
-        """The held-out split's ``(images, target)`` batches; ``predict_step`` returns class probabilities."""
-        return self.val_dataloader()
-
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         if self.mixup_fn is not None and self.trainer is not None and self.trainer.training:
             return self.mixup_fn(*batch)
         return batch
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's RandAugment posterize, for Pillow versions that refuse 0 bits (Pillow 13 does): at the top
+    magnitude the increasing-level op keeps 0 bits, which older Pillow turned into a black image and newer
+    Pillow turns into a ``ValueError`` that ends training. 0 bits give the black image again."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def with_safe_posterize(transform):
+    """``transform`` (timm's ``create_transform``) with the posterize ops of its RandAugment / AutoAugment
+    replaced by :func:`_posterize`, in this transform only (timm's op table is left alone)."""
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):
+            if str(getattr(op, "name", "")).startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
 
 
 def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory: bool = False) -> DataLoader:
@@ -245,14 +272,9 @@ def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory:
     trainer = datamodule.trainer
     if pending and trainer is not None and trainer.state.fn == "fit" and trainer.ckpt_path:  # resuming a fit
         if world > 1 and pending.get("batches"):
-            rank_zero_warn(
-                "resuming inside an epoch under a distributed strategy: Lightning replaces the training sampler "
-                "by a DistributedSampler, so this epoch starts again from its first batch; resume from an "
-                "end-of-epoch checkpoint to repeat the uninterrupted run",
-                category=PossibleUserWarning,
-            )
-        loader.load_state_dict(pending)
-    datamodule._train_loader = loader
+            _warn_epoch_restarts(pending["epoch"])  # Lightning swaps this loader's sampler for its own
+        else:
+            loader.load_state_dict(pending)
     return loader
 
 

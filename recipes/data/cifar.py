@@ -9,7 +9,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader
+from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader, with_safe_posterize
 
 __all__ = ["CIFARDataModule"]
 
@@ -71,10 +71,10 @@ class CIFARDataModule(MixupDataModule):
                 f"{cls.__name__} not found: expected {folder} (the python version of the data set). Download "
                 f"{cls.url} and unpack it into {self.root}, e.g. `tar -xzf {cls.filename} -C {self.root}`."
             )
-        train_tf = create_transform(
+        train_tf = with_safe_posterize(create_transform(
             self.image_size, is_training=True, scale=(0.5, 1.0), auto_augment=self.auto_augment,
             re_prob=self.re_prob, re_mode="pixel", interpolation="bicubic", mean=_MEAN, std=_STD,
-        )  # fmt: skip
+        ))  # fmt: skip
         val_tf = create_transform(
             self.image_size, is_training=False, crop_pct=1.0, interpolation="bicubic", mean=_MEAN, std=_STD
         )

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader
+from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader, with_safe_posterize
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -82,11 +82,11 @@ class ImageFolderDataModule(MixupDataModule):
         return sum(1 for p in self._split_dir("train").iterdir() if p.is_dir())
 
     def setup(self, stage: str | None = None) -> None:
-        train_tf = create_transform(
+        train_tf = with_safe_posterize(create_transform(
             self.image_size, is_training=True, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
             re_prob=self.re_prob, re_mode="pixel", interpolation=self.train_interpolation,
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        )  # fmt: skip
+        ))  # fmt: skip
         val_tf = create_transform(
             self.image_size, is_training=False, crop_pct=self.crop_pct, interpolation="bicubic",
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,

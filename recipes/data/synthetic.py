@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .base import TrainingResumeState, eval_loader, train_loader
+from .base import RecipeDataModule, eval_loader, train_loader
 
 __all__ = ["SHAPES", "SameShapeDataset", "SyntheticDataModule"]
 
@@ -203,7 +203,7 @@ class SameShapeDataset(Dataset):
         return item
 
 
-class SyntheticDataModule(TrainingResumeState):
+class SyntheticDataModule(RecipeDataModule):
     """Train/val loaders of a synthetic task (``"same_shape"``: :class:`SameShapeDataset`).
 
     Args:
@@ -279,10 +279,3 @@ class SyntheticDataModule(TrainingResumeState):
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self, self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        """The validation split (the task has no other labelled held-out split)."""
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

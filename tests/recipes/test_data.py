@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from recipes.data import (
     CIFARDataModule,
@@ -282,3 +282,23 @@ def test_a_resume_point_applies_only_to_a_fit_resumed_from_a_checkpoint():
 
     assert first_epoch("fit", "step=1.ckpt") == 6  # resumed: the first batch of 2 was trained on already
     assert first_epoch("fit", None) == first_epoch("validate", "step=1.ckpt") == 8
+
+
+def test_randaugment_posterize_at_the_top_magnitude_does_not_end_training(tmp_path):
+    """timm's increasing-level posterize keeps 0 bits at magnitude 10, which Pillow 13 refuses with a ValueError
+    (rand-m9-mstd0.5 reaches 10 in about 2 % of draws): the recipes' transforms give the black image that older
+    Pillow gave."""
+    _write_images(tmp_path / "train", {"a": 2, "b": 2}, size=(16, 16))
+    _write_images(tmp_path / "val", {"a": 1, "b": 1}, size=(16, 16))
+    dm = ImageFolderDataModule(tmp_path, image_size=16, batch_size=2, mixup=0, cutmix=0)
+    dm.setup("fit")
+    ops = [op for step in dm.train_set.transform.transforms for op in getattr(step, "ops", ())]
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    image = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
+    bits = posterize.level_fn(10, posterize.hparams)[0]
+    assert bits == 0
+    with pytest.raises(ValueError, match="bits"):  # what timm's op does with this Pillow
+        ImageOps.posterize(image, bits)
+    assert np.asarray(posterize.aug_fn(image, bits)).max() == 0
+    assert np.array_equal(np.asarray(posterize.aug_fn(image, 2)), np.asarray(ImageOps.posterize(image, 2)))
+    assert np.asarray(posterize.aug_fn(image, 8)).min() == 200
