@@ -542,8 +542,7 @@ def benchmark(
     baseline = baseline or models[0]
     if baseline not in models:
         raise BenchInputError(f"baseline {baseline!r} is not among the benchmarked models {models}")
-    if repeats < 1 or iters < 1 or warmup < 0:
-        raise BenchInputError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
+    _check_counts(repeats, iters, warmup)
     _check_names(models)
     img_size = _canonical(img_size)
     dev = _resolve_device(device)
@@ -603,6 +602,11 @@ class BenchInputError(HatplugError, ValueError):
     command line answers with ``error: <message>`` and exit status 2, as for bad flags."""
 
 
+def _check_counts(repeats: int, iters: int, warmup: int) -> None:
+    if repeats < 1 or iters < 1 or warmup < 0:
+        raise BenchInputError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
+
+
 def _skip_reason(exc: BaseException) -> str:
     message = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {message[0][:200] if message else ''}".rstrip(": ")
@@ -645,8 +649,7 @@ def resolution_sweep(
     sizes = sorted({_canonical(s) for s in sizes}, key=lambda s: (_pixels(s), _hw(s)))
     if not models or not sizes:
         raise BenchInputError(f"need at least one model and one size, got models={models} sizes={sizes}")
-    if repeats < 1 or iters < 1 or warmup < 0:
-        raise BenchInputError(f"need repeats >= 1, iters >= 1, warmup >= 0; got {repeats}, {iters}, {warmup}")
+    _check_counts(repeats, iters, warmup)
     _check_names(models)
     dev = _resolve_device(device)
     common = dict(batch_size=batch_size, device=str(dev), amp=amp, channels_last=channels_last, compiled=compile)
