@@ -1,6 +1,6 @@
 """Data modules of the recipes: a built-in synthetic task, image folders (ImageNet) and local CIFAR."""
 
-from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule, RecipeDataModule
+from .base import DatasetNotFoundError, EpochShuffleSampler, MixupDataModule, RecipeDataModule, SeededSamples
 from .cifar import CIFARDataModule
 from .folder import ImageFolderDataModule
 from .synthetic import SameShapeDataset, SyntheticDataModule
@@ -13,5 +13,6 @@ __all__ = [
     "MixupDataModule",
     "RecipeDataModule",
     "SameShapeDataset",
+    "SeededSamples",
     "SyntheticDataModule",
 ]

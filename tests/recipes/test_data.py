@@ -244,6 +244,41 @@ def test_loader_process_randomness_is_a_function_of_seed_and_epoch():
     assert torch.equal(torch.get_rng_state(), state)  # evaluating does not move the RNG that dropout uses
 
 
+def test_augmentation_is_a_function_of_seed_epoch_and_sample(tmp_path):
+    """timm's random crops, flips, RandAugment and erasing draw the same numbers for any num_workers and in a
+    run resumed inside an epoch (whichever loader process gets the sample), and iterating with num_workers=0
+    leaves the RNGs that dropout and Mixup use where they were."""
+    import random
+
+    from recipes.data.base import train_loader
+
+    _write_images(tmp_path / "train", {"a": 6, "b": 6}, size=(20, 20))
+    _write_images(tmp_path / "val", {"a": 1, "b": 1}, size=(20, 20))
+
+    def epochs(num_workers: int, resume: dict | None = None, which=(0, 1)) -> list[torch.Tensor]:
+        dm = ImageFolderDataModule(tmp_path, image_size=16, batch_size=2, num_workers=num_workers, re_prob=0.5)
+        dm.setup("fit")
+        loader = train_loader(dm, dm.train_set)
+        if resume is not None:
+            loader.load_state_dict(resume)
+        out = []
+        for epoch in which:
+            loader.sampler.set_epoch(epoch)
+            out.append(torch.cat([images for images, _ in loader]))
+        return out
+
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first, second = epochs(0)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert first.shape == (12, 3, 16, 16) and not torch.equal(first, second)  # a new epoch, new draws
+    workers = epochs(2)
+    assert torch.equal(workers[0], first) and torch.equal(workers[1], second)
+    (resumed,) = epochs(2, resume={"epoch": 1, "batches": 2}, which=(1,))  # 2 batches of epoch 1 were done
+    assert torch.equal(resumed, second[4:])
+
+
 def test_rng_checkpoint_carries_the_cuda_states_when_cuda_is_used(monkeypatch):
     """No GPU here: torch.cuda's RNG functions are replaced by a fake two-device state."""
     from recipes.callbacks import RNGStateCheckpoint
