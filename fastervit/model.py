@@ -81,6 +81,22 @@ def _conv_out(size: int) -> int:
     return (size - 1) // 2 + 1
 
 
+def _carrier_tokens(hat: bool, img_size: tuple[int, int], stage: int, window_size: int) -> bool:
+    """Whether HAT stage ``stage`` of a model for ``img_size`` images has carrier tokens: the official rule.
+
+    The official code sizes stage ``i`` as ``floor(size / 2**(i+2))`` and gives it carrier tokens when that
+    size exceeds the window. The real map (strided convs) rounds up instead, so for sizes that are not
+    multiples of 32 it can spill into a second window row or column that the official stage runs without
+    carrier tokens (e.g. stage 3 at 113-127 px, stage 4 at 225-255 px): the same here, or the function and
+    the state dict would differ from the official model's at those sizes.
+
+    >>> _carrier_tokens(True, (120, 120), 2, 7), _carrier_tokens(True, (128, 128), 2, 7)
+    (False, True)
+    """
+    H, W = img_size
+    return hat and max(H >> (stage + 2), W >> (stage + 2)) > window_size
+
+
 def stage_resolutions(resolution: int | Sequence[int], num_stages: int = 4) -> list[tuple[int, int]]:
     """Input map size of each stage for an image of ``resolution`` (stem /4, then /2 per stage).
 
@@ -257,8 +273,9 @@ class ConvLevel(nn.Module):
 class HATLevel(HATStage):
     """A HAT stage (FasterViT stages 3-4) followed by its optional downsample."""
 
-    def __init__(self, dim: int, *, downsample: bool = False, **kwargs) -> None:
-        super().__init__(dim=dim, **kwargs)
+    def __init__(self, dim: int, *, downsample: bool = False, carrier_tokens: bool = True, **kwargs) -> None:
+        hat = kwargs.pop("hat", True) and carrier_tokens  # the level's flag, and the official size rule
+        super().__init__(dim=dim, hat=hat, **kwargs)
         self.downsample = Downsample(dim) if downsample else None
 
     def forward_blocks(self, x: Tensor) -> Tensor:
@@ -403,6 +420,7 @@ class FasterViT(nn.Module):
                     input_resolution=sizes[i],
                     window_size=window_size[i],
                     downsample=downsample,
+                    carrier_tokens=_carrier_tokens(hat[i], self.img_size, i, window_size[i]),
                 )
             self.levels.append(level)
             # the feature of a level is its output before the downsample (see forward_intermediates)
@@ -574,9 +592,10 @@ class FasterViT(nn.Module):
             window_size: new window size, one int for every stage or one per stage; None keeps the current.
 
         Raises:
-            ValueError: the new geometry would add or remove learned tensors (carrier tokens exist only
-                where a stage has more than one window, their absolute position embedding only where the
-                window grid is square). Nothing is changed then; build a model for that geometry and
+            ValueError: the new geometry would add or remove learned tensors: carrier tokens exist only
+                where a stage has more than one window as the official code counts them
+                (``floor(size / 2**(stage + 2))`` against the window), their absolute position embedding only
+                where the window grid is square. Nothing is changed then; build a model for that geometry and
                 transfer the weights with :func:`fastervit.resize.load_adapted` instead.
 
         Example:
@@ -596,7 +615,11 @@ class FasterViT(nn.Module):
                 continue
             old = self.levels[i]
             new = HATLevel(
-                **args, input_resolution=sizes[i], window_size=window_size[i], downsample=old.downsample is not None
+                **args,
+                input_resolution=sizes[i],
+                window_size=window_size[i],
+                downsample=old.downsample is not None,
+                carrier_tokens=_carrier_tokens(args["hat"], img_size, i, window_size[i]),
             )
             old_keys, new_keys = set(old.state_dict()), set(new.state_dict())
             if old_keys != new_keys:
@@ -604,7 +627,8 @@ class FasterViT(nn.Module):
                     f"set_input_size(img_size={list(img_size)}, window_size={window_size}) changes which weights "
                     f"levels.{i} has (dropped: {summarise_keys(old_keys - new_keys) or 'none'}; added: "
                     f"{summarise_keys(new_keys - old_keys) or 'none'}): carrier tokens exist only where a stage has "
-                    "more than one window, and their position embedding only where the window grid is square. "
+                    "more than one window (official rule: floor(size / 2**(stage+2)) exceeds the window), and their "
+                    "position embedding only where the window grid is square. "
                     "The model was left unchanged; build a model for the new geometry and transfer the weights "
                     "with fastervit.create_model(..., adapt_geometry=True) or fastervit.resize.load_adapted."
                 )

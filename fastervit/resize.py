@@ -12,7 +12,8 @@ What the geometry does change:
 * the derived buffers that official checkpoints store (``relative_bias``, ``relative_coords_table``,
   ``relative_position_index``): the model recomputes them for its own geometry, so they are ignored;
 * which carrier-token modules exist: a HAT stage has carrier tokens (``global_tokenizer``, ``hat_*``,
-  ``gamma1``/``gamma2``) only where it has more than one window, and a carrier-token position embedding
+  ``gamma1``/``gamma2``) only where it has more than one window (counted as the official code does, from
+  ``floor(size / 2**(i+2))``), and a carrier-token position embedding
   (``hat_pos_embed``) only where its window grid is square. Tensors of such modules that the target
   lacks are dropped; those the checkpoint lacks keep the target's initialisation;
 * the classifier, when the number of classes differs: it keeps the target's initialisation.

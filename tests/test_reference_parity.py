@@ -64,6 +64,36 @@ def test_any_resolution_non_square(name, resolution, hat):
     _compare(name, resolution=resolution, hat=hat, **CHEAP)
 
 
+@pytest.mark.parametrize(
+    "resolution,hat",
+    [
+        ([120, 120], [False, False, True, False]),  # stage 3: 7 px configured, the real 8x8 map needs 2x2 windows
+        ([250, 180], [False, False, True, True]),  # stage 4: 7x5 configured, the real map 8x6
+    ],
+)
+def test_any_resolution_where_the_map_rounds_up_into_another_window(resolution, hat):
+    """The official code decides carrier tokens from floor(size / 2**(i+2)), which fits in one window here,
+    though the real stage map (rounded up by the strided convs) spans two: that stage runs plain window
+    attention over its windows, without carrier tokens. In float64 with large weights, so that another
+    function shows far above rounding."""
+    model = randomize_(fastervit.create_model("faster_vit_0_any_res", resolution=resolution, hat=hat, **CHEAP))
+    model = model.eval().double()
+    stage = 2 if hat[3] is False else 3
+    level = model.levels[stage]
+    assert not level.has_carrier_tokens and level.padded_resolution[0] == 2 * level.window_size  # 2 window rows
+    assert not any(".hat_" in k or "global_tokenizer" in k for k in level.state_dict())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("levels.2.", "levels.3.")) and p.ndim == 2:
+                p.mul_(20)
+        x = torch.randn(1, 3, *resolution, dtype=torch.float64)
+        ours = model(x)
+        cfg = _cfg("faster_vit_0_any_res", resolution=resolution, hat=hat, **CHEAP)
+        ref = reference_forward(official_layout(model), cfg, x)
+    # 1.2e-8 (float32 bias tables); with carrier tokens in that stage it was 0.2-0.3
+    assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
 @pytest.mark.parametrize("ct_size", [1, 3])
 def test_other_carrier_token_sizes(ct_size):
     _compare("faster_vit_3_any_res", resolution=[224, 448], ct_size=ct_size, **CHEAP)
