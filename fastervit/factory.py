@@ -5,11 +5,13 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
 
@@ -71,18 +73,12 @@ def _cfg(file: str, size: int, crop_pct: float, crop_mode: str) -> dict:
 for _size, _arch in _ARCHS.items():
     _c = _cfg(f"fastervit_{_size}_224_1k", 224, 0.875 if _size == "0" else 1.0, "center")
     _VARIANTS[f"faster_vit_{_size}_224"] = (dict(_arch, resolution=224), _c)
-    _VARIANTS[f"faster_vit_{_size}_any_res"] = (
-        dict(_arch, resolution=[541, 960] if _size == "2" else [576, 960]),
-        dict(_c, fixed_input_size=False),
-    )
+    _VARIANTS[f"faster_vit_{_size}_any_res"] = (dict(_arch, resolution=[541, 960] if _size == "2" else [576, 960]), _c)
 for _res, _windows in _21K_WINDOWS.items():
     _arch = dict(_ARCHS["4"], window_size=_windows, hat=[_F, _F, _F, _F], drop_path_rate=0.42)
     _c = _cfg(_21K_FILES[_res], _res, _21K_CROP[_res], "squash")
     _VARIANTS[f"faster_vit_4_21k_{_res}"] = (dict(_arch, resolution=_res), _c)
-    _VARIANTS[f"faster_vit_4_21k_{_res}_any_res"] = (
-        dict(_arch, resolution=[576, 960], drop_path_rate=0.3),
-        dict(_c, fixed_input_size=False),
-    )
+    _VARIANTS[f"faster_vit_4_21k_{_res}_any_res"] = (dict(_arch, resolution=[576, 960], drop_path_rate=0.3), _c)
 
 default_cfgs = generate_default_cfgs({name: cfg for name, (_, cfg) in _VARIANTS.items()})
 
@@ -158,9 +154,12 @@ def _create(
 ) -> nn.Module:
     name = _canonical(name)
     arch, cfg = _VARIANTS[name]
-    # timm calls the input size img_size, the official code resolution: accept either, not both
+    # what timm.models.get_model_args / save_for_hf rebuild the model from (timm.create_model records its own)
+    model_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS}
+    # timm calls the input size img_size, the official code resolution: accept either, both only if they agree
+    # (timm's get_model_args adds img_size to the resolution a model was created with)
     img_size, resolution = kwargs.pop("img_size", None), kwargs.pop("resolution", None)
-    if img_size is not None and resolution is not None:
+    if img_size is not None and resolution is not None and _size2(img_size) != _size2(resolution):
         raise ValueError(f"got img_size={img_size} and resolution={resolution}; pass only one")
     feature_cls = kwargs.pop("feature_cls", "getter")
     if feature_cls != "getter":
@@ -228,12 +227,29 @@ def _create(
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
+    model._model_args = dict(getattr(model, "_model_args", {}), **model_args)
     inner = getattr(model, "model", model)  # the FasterViT inside a features_only wrapper
     if model is not inner:
         if hasattr(inner, "load_report"):
             model.load_report = inner.load_report
-        model.set_input_size = inner.set_input_size  # the wrapper holds no geometry of its own
+        model.set_input_size = partial(_set_backbone_input_size, model)
     return model
+
+
+_NOT_MODEL_ARGS = ("device", "dtype", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
+
+
+def _size2(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _set_backbone_input_size(backbone: nn.Module, img_size=None, window_size=None) -> None:
+    """``set_input_size`` of a ``features_only`` backbone: the FasterViT inside is rebuilt, and the wrapper's
+    own record of the input size (timm's ``get_model_input_config`` / ``get_model_args``) follows it."""
+    inner = backbone.model
+    inner.set_input_size(img_size, window_size)
+    update_model_input_size(backbone, inner.img_size, window_size=inner.window_size)
+    backbone._model_args.pop("resolution", None)  # img_size is the size now
 
 
 def _pretrained_source(name: str, kwargs: dict) -> Path:
@@ -247,6 +263,8 @@ def _pretrained_source(name: str, kwargs: dict) -> Path:
             cfg.update(given if isinstance(given, dict) else given.to_dict())
     if cfg.get("file"):
         path = Path(cfg["file"]).expanduser()
+        if cfg.get("source") == "local-dir" and path.is_dir():  # timm.create_model("local-dir:<folder>")
+            return _checkpoint_in(path)
         if not path.is_file():
             raise PretrainedWeightsNotFoundError(f"pretrained_cfg file {str(path)!r} does not exist")
         return path
@@ -256,6 +274,26 @@ def _pretrained_source(name: str, kwargs: dict) -> Path:
             "or checkpoint_path=... instead of hf_hub_id / state_dict"
         )
     return pretrained_file(name, cfg["url"])
+
+
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+_FOLDER_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".bin")
+
+
+def _checkpoint_in(folder: Path) -> Path:
+    """The weights of a model folder (timm's ``save_for_hf`` layout), chosen in timm's order: a file named
+    as timm names them, else the first file by suffix priority."""
+    for name in _FOLDER_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    for suffix in _FOLDER_SUFFIXES:
+        found = sorted(folder.glob("*" + suffix))
+        if found:
+            return found[0]
+    raise PretrainedWeightsNotFoundError(
+        f"no weights in {str(folder)!r}: expected one of {', '.join(_FOLDER_FILES)} (what timm's save_for_hf "
+        f"writes) or a {'/'.join(_FOLDER_SUFFIXES)} file"
+    )
 
 
 def _adapt_to_model(state: dict[str, Tensor], model: nn.Module, cfg: dict) -> dict[str, Tensor]:

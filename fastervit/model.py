@@ -639,6 +639,7 @@ class FasterViT(nn.Module):
         self.img_size = img_size
         self.window_size = window_size
         update_model_input_size(self, img_size, window_size=window_size)
+        self._model_args.pop("resolution", None)  # img_size (recorded above) is the size now
 
     def _check_input(self, x: Tensor) -> None:
         """A clear error for an input the model was not built for (skipped while tracing or compiling)."""

@@ -223,7 +223,7 @@ def load_checkpoint(
 
     report = LoadReport()
     derived = _derived_shapes(model)
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)  # keys, shapes and shared storage only (no copies)
     state = _fill_aliases(state, own, report)
     to_load = {}
     for key, value in state.items():

@@ -125,6 +125,81 @@ def test_safetensors_and_plain_state_dicts(tmp_path):
             assert torch.equal(model(x), expected), file
 
 
+def test_state_dicts_save_with_safetensors_and_load_under_either_alias(tmp_path):
+    """The carrier-token conv has two names (as in the official checkpoints): a state dict holds a copy under
+    the second, so savers that refuse shared memory take it, and a file with only one of the names (what
+    deduplicating savers write) loads with plain load_state_dict."""
+    from safetensors.torch import load_file
+
+    source = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL)).eval()
+    conv, alias = "levels.2.global_tokenizer.pos_embed.weight", "levels.2.global_tokenizer.to_global_feature.pos.weight"
+    params = source.state_dict(keep_vars=True)
+    assert params[conv] is params[alias]  # one Parameter: training updates both names
+    state = source.state_dict()
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    save_model(source, str(tmp_path / "save_model.safetensors"))
+    for dropped in (conv, alias):  # what a deduplicating saver may write
+        save_file({k: v for k, v in state.items() if k != dropped}, str(tmp_path / f"{dropped}.safetensors"))
+    x = _small_input(source)
+    for file in ("plain.safetensors", "save_model.safetensors", f"{conv}.safetensors", f"{alias}.safetensors"):
+        model = fastervit.create_model("faster_vit_0_224", **SMALL).eval()
+        model.load_state_dict(load_file(str(tmp_path / file)))  # strict
+        loaded = model.state_dict(keep_vars=True)
+        assert loaded[conv] is loaded[alias] and torch.equal(loaded[conv], params[conv])
+        with torch.no_grad():
+            assert torch.equal(model(x), source(x)), file
+
+
+@pytest.mark.parametrize("how", ["fastervit", "timm", "timm, then set_input_size"])
+def test_timm_model_folder_round_trip(how, tmp_path):
+    """timm.models.save_for_hf writes weights (safetensors and pickle) and config.json with the model
+    arguments; timm.create_model("local-dir:<folder>", pretrained=True) builds the same model from them."""
+    from timm.models import get_model_args, save_for_hf
+
+    args = dict(CHEAP, window_size=[7, 7, 2, 2], num_classes=5)
+    if how == "fastervit":
+        source = fastervit.create_model("faster_vit_0_any_res", resolution=[64, 96], **args)
+    elif how == "timm":
+        source = timm.create_model("faster_vit_0_any_res", resolution=[64, 96], **args)
+    else:
+        source = timm.create_model("faster_vit_0_any_res", resolution=[64, 128], **args)
+        source.set_input_size([64, 96])
+    source = randomize_(source).eval()
+    save_for_hf(source, tmp_path, safe_serialization="both")
+    assert {"model.safetensors", "pytorch_model.bin", "config.json"} <= {f.name for f in tmp_path.iterdir()}
+    x = torch.randn(1, 3, 64, 96)
+    rebuilt = timm.create_model("faster_vit_0_any_res", **get_model_args(source))
+    assert rebuilt.img_size == (64, 96) and rebuilt.load_state_dict(source.state_dict())
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert loaded.img_size == (64, 96) and loaded.num_classes == 5
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(PretrainedWeightsNotFoundError, match="no weights in .*model.safetensors"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+
+
+def test_backbone_set_input_size_updates_what_timm_reads():
+    from timm.models import get_model_args, get_model_input_config
+
+    backbone = fastervit.create_model(
+        "faster_vit_0_any_res", resolution=[64, 96], window_size=[7, 7, 2, 2], features_only=True, **CHEAP
+    )
+    backbone.set_input_size([64, 128])
+    assert backbone.model.img_size == (64, 128)
+    assert get_model_input_config(backbone)["input_size"] == (3, 64, 128)
+    assert get_model_args(backbone)["img_size"] == (64, 128) and "resolution" not in get_model_args(backbone)
+    assert [f.shape[-1] for f in backbone(torch.randn(1, 3, 64, 128))] == [32, 16, 8, 4]
+
+
+def test_any_resolution_variants_say_their_input_size_is_fixed():
+    """Each instance runs at the size it was built for (set_input_size changes it), as timm's Swin does."""
+    model = timm.create_model("faster_vit_0_any_res", resolution=[64, 96], window_size=[7, 7, 2, 2], **CHEAP)
+    assert model.pretrained_cfg["fixed_input_size"] and timm.models.get_model_input_config(model)["fixed_input_size"]
+    assert timm.models.get_model_input_config(model)["input_size"] == (3, 64, 96)
+
+
 def test_wrong_architecture_names_keys_and_shapes(tmp_path):
     path = write_official_checkpoint(fastervit.create_model("faster_vit_1_224", **SMALL), tmp_path / "one.pth")
     with pytest.raises(CheckpointMismatchError) as err:
@@ -252,8 +327,10 @@ def test_conflicting_or_ignored_arguments_are_refused(tmp_path):
 def test_img_size_and_resolution_are_one_setting():
     assert fastervit.create_model("faster_vit_0_any_res", img_size=(96, 160), **SMALL).img_size == (96, 160)
     assert fastervit.create_model("faster_vit_0_any_res", resolution=[96, 160], **SMALL).img_size == (96, 160)
+    both = fastervit.create_model("faster_vit_0_any_res", img_size=(96, 160), resolution=[96, 160], **SMALL)
+    assert both.img_size == (96, 160)  # what timm's get_model_args gives back for a model made with resolution
     with pytest.raises(ValueError, match="pass only one"):
-        fastervit.create_model("faster_vit_0_any_res", img_size=96, resolution=96)
+        fastervit.create_model("faster_vit_0_any_res", img_size=96, resolution=128)
     with pytest.raises(TypeError):
         fastervit.create_model("faster_vit_0_224", not_an_option=1)
 

@@ -35,6 +35,30 @@ def _pool_geometry(size, window_size, ct_size):
     return output, stride, kernel
 
 
+_ALIASES = [(f"pos_embed.{name}", f"to_global_feature.pos.{name}") for name in ("weight", "bias")]
+
+
+def _copy_alias(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The second name of the conv gets a copy in a state dict, not the same tensor: savers that refuse
+    shared memory (``safetensors.torch.save_file``, timm's ``save_for_hf``) then take it. With
+    ``keep_vars=True`` (Parameters) both names keep the one Parameter."""
+    for _, alias in _ALIASES:
+        value = state_dict.get(prefix + alias)
+        if value is not None and not isinstance(value, nn.Parameter):
+            state_dict[prefix + alias] = value.clone()
+
+
+def _fill_alias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A state dict holding the conv under one of its two names (deduplicating savers such as
+    ``safetensors.torch.save_model`` keep one) loads with ``load_state_dict``, strict or not."""
+    for name, alias in _ALIASES:
+        a, b = prefix + name, prefix + alias
+        if a in state_dict and b not in state_dict:
+            state_dict[b] = state_dict[a]
+        elif b in state_dict and a not in state_dict:
+            state_dict[a] = state_dict[b]
+
+
 class CarrierTokenizer(nn.Module):
     """Makes ``ct_size x ct_size`` carrier tokens per window from a map (FasterViT's CT init).
 
@@ -90,6 +114,8 @@ class CarrierTokenizer(nn.Module):
             self.to_global_feature.add_module(
                 "pool", nn.AvgPool2d(kernel_size=(kernel_h, kernel_w), stride=(stride_h, stride_w))
             )
+            self.register_state_dict_post_hook(_copy_alias)
+            self.register_load_state_dict_pre_hook(_fill_alias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
