@@ -133,7 +133,12 @@ def pretrained_file(name: str, url: str | None = None) -> Path:
 def _canonical(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"a FasterViT model name is a string such as 'faster_vit_0_224', got {name!r}")
-    name = name.split(".")[0]  # timm-style "name.tag"
+    name, _, tag = name.partition(".")  # timm-style "name.tag"
+    if tag and name in _VARIANTS:
+        raise ValueError(
+            f"unknown pretrained tag {tag!r} for {name}: each FasterViT variant has one set of published weights, "
+            f"under the plain name; create {name!r}"
+        )
     if name not in _VARIANTS:
         close = difflib.get_close_matches(name, list(_VARIANTS), n=3)
         raise ValueError(
@@ -214,9 +219,10 @@ def _create(
                     checkpoint_path,
                     strict=strict,
                     filter_fn=checkpoint_filter_fn,
-                    mismatch_hint="If the checkpoint was trained at another resolution or window size, pass "
-                    "adapt_geometry=True (resizes the position biases, re-initialises carrier-token tensors that "
-                    "do not fit, and reports which); otherwise strict=False loads the matching tensors anyway.",
+                    mismatch_hint="If the checkpoint was trained at another resolution, window size or number of "
+                    "classes, pass adapt_geometry=True (keeps every tensor that fits, re-initialises the classifier "
+                    "and the carrier-token tensors that do not, and reports which); otherwise strict=False loads "
+                    "the matching tensors anyway.",
                 )
         return model
 
@@ -324,8 +330,9 @@ def _load_pretrained(model: nn.Module, source: Path, cfg: dict, adapt_geometry: 
         strict=True,
         filter_fn=drop_head,
         ignore_missing=(lambda k: k.startswith("head.")) if head_replaced else None,
-        mismatch_hint="pretrained=True loads the published weights into this architecture: for another width, "
-        "depth or geometry pass checkpoint_path=... with strict=False or adapt_geometry=True instead.",
+        mismatch_hint="pretrained=True loads the published weights into this architecture: for another "
+        "resolution or window size add adapt_geometry=True; for another width or depth pass checkpoint_path=... "
+        "with strict=False instead.",
     )
 
 

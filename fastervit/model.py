@@ -650,6 +650,20 @@ class FasterViT(nn.Module):
                 f"FasterViT takes a batch of images (B, C, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
                 + ("; for one image add the batch dimension: model(x[None])" if x.dim() == 3 else "")
             )
+        if x.shape[1] != self.in_chans:
+            nhwc = x.shape[-1] == self.in_chans
+            raise ValueError(
+                f"this FasterViT takes {self.in_chans}-channel images (B, {self.in_chans}, H, W), got shape "
+                f"{tuple(x.shape)}"
+                + (
+                    ": that looks channels-last (B, H, W, C); pass x.permute(0, 3, 1, 2) (and, for speed, "
+                    ".contiguous(memory_format=torch.channels_last))"
+                    if nhwc
+                    else f"; for other channel counts create the model with in_chans={x.shape[1]}"
+                )
+            )
+        if x.shape[0] == 0:
+            raise ValueError("got an empty batch (0 images): FasterViT needs at least one image")
         if tuple(x.shape[-2:]) != tuple(self.img_size):
             H, W = self.img_size
             h, w = x.shape[-2:]

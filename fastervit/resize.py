@@ -179,6 +179,13 @@ def load_adapted(
         newly initialised 0: -
         dropped 18: levels.2.blocks.*.hat_pos_embed (18)
     """
+    inner = getattr(model, "model", None)
+    if inner is not None and not hasattr(model, "levels") and hasattr(inner, "levels"):
+        raise TypeError(
+            f"load_adapted takes the FasterViT itself, got a {type(model).__name__} around one (a features_only "
+            "backbone): pass backbone.model, or create the backbone with checkpoint_path=..., adapt_geometry=True "
+            "(the weights then load before the classifier is pruned)"
+        )
     if isinstance(checkpoint, (str, Path)):
         source, state = str(checkpoint), load_state_dict_file(checkpoint)
     else:

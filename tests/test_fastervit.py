@@ -306,11 +306,17 @@ def test_pretrained_from_local_cache_and_with_new_head(monkeypatch, tmp_path):
     fresh_head = fastervit.create_model("faster_vit_0_224", pretrained=True, num_classes=10)
     assert fresh_head.head.weight.shape == (10, 512)
     assert torch.equal(fresh_head.levels[2].blocks[0].attn.qkv.weight, real.levels[2].blocks[0].attn.qkv.weight)
+    with pytest.raises(CheckpointMismatchError, match="for another resolution or window size add adapt_geometry"):
+        fastervit.create_model("faster_vit_0_224", pretrained=True, img_size=256)
+    larger = fastervit.create_model("faster_vit_0_224", pretrained=True, img_size=256, adapt_geometry=True)
+    assert larger.load_report.ok and torch.equal(larger.head.weight, real.head.weight)
 
 
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(ValueError, match="did you mean faster_vit_0_224"):
         fastervit.create_model("faster_vit_0_244")
+    with pytest.raises(ValueError, match="unknown pretrained tag 'in1k' for faster_vit_0_224.*'faster_vit_0_224'"):
+        fastervit.create_model("faster_vit_0_224.in1k")  # timm.create_model refuses it too, in its words
 
 
 def test_conflicting_or_ignored_arguments_are_refused(tmp_path):

@@ -205,6 +205,17 @@ def test_carrier_tokens_the_source_lacks_are_newly_initialised(source_224):
         assert torch.equal(model.state_dict()[key], init[key])  # kept the target's initialisation
 
 
+def test_load_adapted_names_the_model_inside_a_backbone(source_224):
+    _, path, _ = source_224
+    backbone = fastervit.create_model(ANY_RES, resolution=224, features_only=True, **SMALL)
+    with pytest.raises(TypeError, match=r"pass backbone\.model, or create the backbone with checkpoint_path"):
+        load_adapted(backbone, path)
+    with_weights = fastervit.create_model(
+        ANY_RES, resolution=224, features_only=True, checkpoint_path=path, adapt_geometry=True, **SMALL
+    )
+    assert with_weights.load_report.ok
+
+
 def test_other_architecture_is_not_a_geometry_change(source_224):
     _, path, _ = source_224
     with pytest.raises(CheckpointMismatchError, match="shape mismatch levels"):
@@ -218,6 +229,8 @@ def test_other_architecture_is_not_a_geometry_change(source_224):
 
 def test_classifier_of_another_size_is_replaced(source_224):
     _, path, _ = source_224
+    with pytest.raises(CheckpointMismatchError, match="number of classes, pass adapt_geometry=True"):
+        fastervit.create_model(ANY_RES, checkpoint_path=path, resolution=224, **{**SMALL, "num_classes": 3})
     model = fastervit.create_model(
         ANY_RES, checkpoint_path=path, adapt_geometry=True, resolution=224, **{**SMALL, "num_classes": 3}
     )
@@ -343,6 +356,12 @@ def test_wrong_input_says_which_size_the_model_was_built_for():
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="built for 64x64 inputs"):
         model.forward_intermediates(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(1, 64, 64, 3\): that looks channels-last .*permute\(0, 3, 1, 2\)"):
+        model(torch.randn(1, 64, 64, 3))
+    with pytest.raises(ValueError, match=r"3-channel images .*create the model with in_chans=1"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"empty batch \(0 images\)"):
+        model(torch.randn(0, 3, 64, 64))
 
 
 def test_features_only_model_can_change_its_input_size():
