@@ -475,6 +475,11 @@ class FasterViT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    @property
+    def global_pool(self) -> str:
+        """The pooling type (timm's name; ``timm.models.get_model_args`` reads it after ``reset_classifier``)."""
+        return self.avgpool.pool_type
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one for ``num_classes`` (0 removes it), optionally re-pooling."""
         global_pool = self.avgpool.pool_type if global_pool is None else global_pool

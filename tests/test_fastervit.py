@@ -180,6 +180,16 @@ def test_timm_model_folder_round_trip(how, tmp_path):
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
 
 
+def test_model_args_follow_reset_classifier():
+    from timm.models import get_model_args
+
+    model = fastervit.create_model("faster_vit_0_224", **SMALL)
+    model.reset_classifier(5, "max")
+    rebuilt = timm.create_model("faster_vit_0_224", **get_model_args(model))
+    assert rebuilt.global_pool == "max" and rebuilt.num_classes == 5
+    assert rebuilt.load_state_dict(model.state_dict())
+
+
 def test_backbone_set_input_size_updates_what_timm_reads():
     from timm.models import get_model_args, get_model_input_config
 
