@@ -197,6 +197,10 @@ class BlockAdapter:
             return None
         return padded_grid(*resolution, self.window_size(block))[2:]
 
+    def resolution(self, model: nn.Module, path: str) -> str:
+        """The input size :meth:`window_grid` judges at, as a skip reason names it."""
+        return "at this resolution"
+
     def stage_path(self, model: nn.Module, path: str) -> str:
         """Path of the module whose forward runs the block's stage: by default the owner of the nearest
         ``nn.Sequential`` / ``nn.ModuleList`` holding the block, or that container itself when the model

@@ -128,11 +128,18 @@ class EdgeViTHATBlock(CarrierBlock):
         return x.permute(0, 3, 1, 2).reshape(B, C, H, W), ct_out
 
 
+def _judged_size(model: nn.Module) -> tuple[int, int]:
+    """``(H, W)`` that single windows are judged at: the model's ``pretrained_cfg['input_size']``."""
+    return tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:])
+
+
 class EdgeViTAdapter(BlockAdapter):
     """hatplug's EdgeViT: the ``GlobalSparseBlock`` of every LGL block (see the module docstring).
 
     ``window`` is the side of HAT's windows (FasterViT's 7). Blocks are skipped where the map at the
     model's ``pretrained_cfg['input_size']`` (224 by default) is a single window: the last stage at 224.
+    EdgeViT ignores ``img_size``; to convert for another size, create it with
+    ``pretrained_cfg_overlay=dict(input_size=(3, H, W))``.
     """
 
     family = "hatplug EdgeViT"
@@ -150,9 +157,16 @@ class EdgeViTAdapter(BlockAdapter):
         if not isinstance(model, EdgeViT) or not path.startswith("blocks"):
             return None
         stage = int(path.split(".")[0][len("blocks") :]) - 1
-        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:]
+        size = _judged_size(model)
         reduction = model.feature_info[stage]["reduction"]
         return padded_grid(size[0] // reduction, size[1] // reduction, self.window_size(block))[2:]
+
+    def resolution(self, model: nn.Module, path: str) -> str:
+        h, w = _judged_size(self.owner_of(model, path, "blocks")[0])
+        return (
+            f"at its pretrained_cfg input_size {h}x{w}, which EdgeViT's img_size does not change but "
+            "pretrained_cfg_overlay=dict(input_size=(3, H, W)) does"
+        )
 
     def build(self, block: nn.Module, settings: ConversionSettings, propagate: bool) -> nn.Module:
         return EdgeViTHATBlock(block, settings, propagate, self.window)

@@ -72,7 +72,9 @@ class TwinsAdapter(BlockAdapter):
         return (block.ws, block.ws)
 
     def stage_path(self, model: nn.Module, path: str) -> str:
-        return ".".join(path.split(".")[:2])  # blocks.{k}.{j}.attn -> blocks.{k}
+        _, rest = self.owner_of(model, path, "blocks")  # the Twins model, also inside a wrapper
+        prefix = path[: len(path) - len(rest)]
+        return prefix + ".".join(rest.split(".")[:2])  # [prefix.]blocks.{k}.{j}.attn -> [prefix.]blocks.{k}
 
     def window_grid(self, model: nn.Module, path: str, block: nn.Module) -> tuple[int, int] | None:
         owner, path = self.owner_of(model, path, "blocks")  # the Twins model, also inside a feature wrapper

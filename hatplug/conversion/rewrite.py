@@ -80,7 +80,8 @@ def _skip_reason(adapter: BlockAdapter, model: nn.Module, path: str, block: nn.M
     window = adapter.window_size(block)
     grid = adapter.window_grid(model, path, block)
     if grid is not None and grid[0] * grid[1] == 1:
-        return f"single window at this resolution ({window[0]}x{window[1]} window covers the whole map)"
+        where = adapter.resolution(model, path)
+        return f"single window {where} ({window[0]}x{window[1]} window covers the whole map)"
     if ct_size > min(window):
         return f"window {window[0]}x{window[1]} is smaller than ct_size={ct_size}"
     return None
@@ -253,6 +254,12 @@ def _check_hooks_kept(model: nn.Module, named_before: list[tuple[str, nn.Module]
         )
 
 
+def _first_block(stage: CarrierStage) -> str:
+    """Path in ``stage`` of its first converted block: the one its ``carrier_tokenizer`` feeds."""
+    tokenizer = next(n for n in stage.graph.nodes if n.op == "call_module" and n.target == "carrier_tokenizer")
+    return next(iter(tokenizer.users)).target
+
+
 class _GroupMatcher:
     """``group_matcher`` of a converted model: the model's own rules, with each rewritten stage's
     ``carrier_tokenizer`` put in the group of the stage's first block (timm's layer-wise lr decay would
@@ -264,11 +271,10 @@ class _GroupMatcher:
     def __call__(self, coarse: bool = False) -> dict:
         model = self.model
         matcher = type(model).group_matcher(model, coarse=coarse)
-        converted = [b["path"] for b in getattr(model, CONVERSION_ATTR)["converted"]]
         for path, module in model.named_modules():
             if not isinstance(module, CarrierStage):
                 continue
-            first = next((p for p in converted if p.startswith(path + ".")), None)
+            first = f"{path}.{_first_block(module)}"
             name = next((f"{first}.{n}" for n, _ in model.get_submodule(first).named_parameters()), None)
             rule = None if name is None else _tokenizer_rule(matcher, name, path)
             if rule is not None:
@@ -297,6 +303,36 @@ class _NoWeightDecay:
             if isinstance(module, CachedBias)
             for name, _ in module.named_parameters()
         }
+
+
+def _ancestors(paths) -> set[str]:
+    """The paths of the modules holding the modules at ``paths`` (``""``: the model)."""
+    return {".".join(path.split(".")[:i]) for path in paths for i in range(path.count(".") + 1)}
+
+
+def _patch_holders(model: nn.Module, converted: list[dict]) -> None:
+    """Give the model and every module in it that holds converted blocks (the timm model inside a wrapper, a
+    detector's backbone...) the converted model's ``set_input_size`` (refused before timm's resize touches
+    the patch embedding), ``group_matcher`` and ``no_weight_decay``, wherever the user calls them."""
+    streams = _ancestors(b["path"] for b in converted if b["carrier_tokens"] == "stage stream")
+    for path in sorted(_ancestors(b["path"] for b in converted)):
+        module = model.get_submodule(path)
+        if isinstance(module, CarrierStage):
+            continue  # its own set_input_size refuses already
+        if path in streams and hasattr(module, "set_input_size"):
+            module.set_input_size = _refuse_resize
+        if path in streams and hasattr(type(module), "group_matcher"):
+            module.group_matcher = _GroupMatcher(module)
+        if hasattr(type(module), "no_weight_decay"):
+            module.no_weight_decay = _NoWeightDecay(module)
+
+
+def _converted_part(model: nn.Module) -> str | None:
+    """Path of the first module of ``model`` that a conversion made or marked (``""``: the model), or ``None``."""
+    for path, module in model.named_modules():
+        if getattr(module, CONVERSION_ATTR, None) is not None or isinstance(module, (CarrierStage, CarrierBlock)):
+            return path
+    return None
 
 
 def _tokenizer_rule(matcher: dict, name: str, stage_path: str) -> tuple[str, tuple] | None:
@@ -349,13 +385,15 @@ def convert(
         twin does not use) and each block's train / eval mode; the new parameters are trainable. Hooks on
         a rewritten stage or on a block whose twin keeps its signature move to the replacement; hooks on a
         module replaced by one with other inputs are refused. For timm's optimizer factory,
-        ``group_matcher`` puts each stage's carrier tokenizer with the stage's first block, and
-        ``no_weight_decay`` adds the new position MLPs (as FasterViT does). :func:`hatplug.report` says
-        what changed.
+        ``group_matcher`` puts each stage's carrier tokenizer with the stage's first block and
+        ``no_weight_decay`` adds the new position MLPs (as FasterViT does); ``set_input_size`` is refused
+        before anything changes. All three are replaced on every module holding converted blocks (a
+        wrapped timm backbone too). :func:`hatplug.report` says what changed.
 
     Raises:
         UnsupportedModelError: nothing in ``model`` is a supported block.
-        ConversionError: a stage cannot be traced or rewritten, or the model was converted already.
+        ConversionError: a stage cannot be traced or rewritten, or the model (or a module in it) was
+            converted already.
         ValueError: bad arguments.
 
     >>> import timm, torch, hatplug
@@ -386,8 +424,14 @@ def convert(
         raise ValueError(f"stages lists a stage more than once: {list(stages)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module (e.g. timm.create_model(...)), got {type(model).__name__}")
-    if getattr(model, CONVERSION_ATTR, None) is not None:
+    done = _converted_part(model)
+    if done == "":
         raise ConversionError(f"{type(model).__name__} was converted already (see hatplug.report(model))")
+    if done is not None:
+        raise ConversionError(
+            f"'{done}' ({type(model.get_submodule(done)).__name__}) in {type(model).__name__} was converted "
+            "already: wrap the original model and convert the wrapper, or use the converted model as it is"
+        )
     if not any(find_adapter(m) is not None for m in model.modules()):
         raise UnsupportedModelError(unsupported_message(model))
     if inplace and any(_has_hooks(m) for m in model.modules()):
@@ -468,8 +512,7 @@ def convert(
             "Change ct_size / stages so that at least one block qualifies."
         )
     _check_hooks_kept(model, named_before)
-    if any(block["carrier_tokens"] == "stage stream" for block in converted) and hasattr(model, "set_input_size"):
-        model.set_input_size = _refuse_resize  # before timm's resize touches the patch embedding
+    _patch_holders(model, converted)
     for family, indices in per_block.items():
         notes.append(
             f"{family} (stages {', '.join(map(str, indices))}): the model's own forward loops over the blocks, with "
@@ -479,10 +522,6 @@ def convert(
     params_new = sum(p.numel() for p in model.parameters() if id(p) not in original)
     kept = {id(p) for p in model.parameters()}
     dropped = [name for name, p in params_named_before if id(p) not in kept]
-    if hasattr(type(model), "group_matcher") and any(isinstance(m, CarrierStage) for m in model.modules()):
-        model.group_matcher = _GroupMatcher(model)
-    if hasattr(type(model), "no_weight_decay"):
-        model.no_weight_decay = _NoWeightDecay(model)
     setattr(
         model,
         CONVERSION_ATTR,
