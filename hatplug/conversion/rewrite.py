@@ -94,6 +94,12 @@ class CarrierStage(torch.fx.GraphModule):
     def __prepare_scriptable__(self) -> None:  # torch.jit.script: a named error, not a parser trace
         refuse_scripting(self, f"{type(self).__name__} (a stage rewritten by hatplug.convert)")
 
+    def __reduce__(self) -> tuple:
+        # GraphModule pickles as its code and rebuilds a plain GraphModule: rebuild this class instead, or a
+        # model saved whole (torch.save(model)) would come back without group_matcher's stages and the rest
+        _, (body, import_block) = super().__reduce__()
+        return _rebuild_stage, (body, import_block)
+
     @property
     def grad_checkpointing(self) -> bool:
         return self.__dict__.get("_grad_checkpointing", False)
@@ -104,6 +110,14 @@ class CarrierStage(torch.fx.GraphModule):
         for module in self.modules():
             if isinstance(module, CarrierBlock):
                 module.grad_checkpointing = bool(enable)
+
+
+def _rebuild_stage(body: dict, import_block: str) -> CarrierStage:
+    """Unpickle a :class:`CarrierStage` as ``torch.fx`` unpickles a ``GraphModule`` (its code re-traced)."""
+    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+    forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
+    return _deserialize_graph_module(forward, body, graph_module_cls=CarrierStage)
 
 
 def _adopt_mode(new: nn.Module, old: nn.Module) -> nn.Module:

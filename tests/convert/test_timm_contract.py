@@ -156,6 +156,31 @@ def _pickled(model):
     return torch.load(buffer, weights_only=False)
 
 
+def test_a_model_saved_whole_comes_back_converted(family):
+    """torch.save(model) / torch.load: the rewritten stages come back as rewritten stages (torch.fx alone
+    rebuilds them as plain GraphModules), so the layer-decay groups, gradient checkpointing and the refused
+    resize hold, and the function is the same."""
+    from hatplug.adapters import CarrierBlock
+    from hatplug.conversion.rewrite import CarrierStage
+
+    hat = hatplug.convert(make_model(family, family.sizes[0]))
+    loaded = _pickled(hat)
+    stages = [n for n, m in hat.named_modules() if isinstance(m, CarrierStage)]
+    assert [n for n, m in loaded.named_modules() if isinstance(m, CarrierStage)] == stages
+    x = torch.randn(2, 3, family.sizes[0], family.sizes[0])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), hat(x))
+    if hasattr(type(hat), "group_matcher"):
+        assert loaded.group_matcher() == hat.group_matcher()
+    if stages:
+        loaded.get_submodule(stages[0]).grad_checkpointing = True
+        blocks = [b for b in loaded.get_submodule(stages[0]).modules() if isinstance(b, CarrierBlock)]
+        assert blocks and all(b.grad_checkpointing for b in blocks)
+        if hasattr(loaded, "set_input_size"):
+            with pytest.raises(ConversionError, match="cannot change its input size"):
+                loaded.set_input_size(img_size=family.sizes[1])
+
+
 def test_repeated_stage_index_is_refused():
     with pytest.raises(ValueError, match="more than once"):
         hatplug.convert(make_model(FAMILIES["swin"], 64), stages=[0, 0])
