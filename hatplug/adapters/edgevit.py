@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models import get_model_input_config
 from torch import Tensor, nn
 
 from ..layers import CarrierWindowAttention, window_partition_nhwc, window_reverse_nhwc
@@ -129,17 +130,17 @@ class EdgeViTHATBlock(CarrierBlock):
 
 
 def _judged_size(model: nn.Module) -> tuple[int, int]:
-    """``(H, W)`` that single windows are judged at: the model's ``pretrained_cfg['input_size']``."""
-    return tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:])
+    """``(H, W)`` that single windows are judged at: the model's nominal input size (its ``img_size``, else
+    its ``pretrained_cfg['input_size']``), as timm reports it."""
+    return tuple(get_model_input_config(model)["input_size"][1:])
 
 
 class EdgeViTAdapter(BlockAdapter):
     """hatplug's EdgeViT: the ``GlobalSparseBlock`` of every LGL block (see the module docstring).
 
     ``window`` is the side of HAT's windows (FasterViT's 7). Blocks are skipped where the map at the
-    model's ``pretrained_cfg['input_size']`` (224 by default) is a single window: the last stage at 224.
-    EdgeViT ignores ``img_size``; to convert for another size, create it with
-    ``pretrained_cfg_overlay=dict(input_size=(3, H, W))``.
+    model's nominal input size (its ``img_size``, else the ``pretrained_cfg`` size, 224) is a single window:
+    the last stage at 224. To convert for another size, create the EdgeViT with ``img_size=...``.
     """
 
     family = "hatplug EdgeViT"
@@ -163,10 +164,7 @@ class EdgeViTAdapter(BlockAdapter):
 
     def resolution(self, model: nn.Module, path: str) -> str:
         h, w = _judged_size(self.owner_of(model, path, "blocks")[0])
-        return (
-            f"at its pretrained_cfg input_size {h}x{w}, which EdgeViT's img_size does not change but "
-            "pretrained_cfg_overlay=dict(input_size=(3, H, W)) does"
-        )
+        return f"at its input size {h}x{w} (create the EdgeViT with img_size=... for another)"
 
     def build(self, block: nn.Module, settings: ConversionSettings, propagate: bool) -> nn.Module:
         return EdgeViTHATBlock(block, settings, propagate, self.window)

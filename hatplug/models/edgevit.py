@@ -42,6 +42,7 @@ from timm.models import (
     resolve_pretrained_cfg,
 )
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 
 from .heads import check_head
 
@@ -372,7 +373,9 @@ class EdgeViT(nn.Module):
         drop_path_rate: stochastic depth rate, linearly increased over all blocks.
         norm_layer: token norm of the attention blocks (default ``LayerNorm(eps=1e-6)`` as in the reference).
         act_layer: MLP activation.
-        img_size: accepted for timm compatibility and ignored; the model is size-agnostic.
+        img_size: the nominal input size (int or ``(H, W)``), what ``timm.models.get_model_input_config``
+            reports and :func:`hatplug.convert` judges single-window stages at; the model itself runs at any
+            size. ``None``: the ``pretrained_cfg`` size (224).
 
     Example:
         >>> model = EdgeViT(depths=(1, 1, 3, 2), embed_dims=(36, 72, 144, 288), head_dim=36).eval()
@@ -411,6 +414,8 @@ class EdgeViT(nn.Module):
         if isinstance(mlp_ratios, (int, float)):
             mlp_ratios = (mlp_ratios,) * num_stages
 
+        if img_size is not None:
+            update_model_input_size(self, to_2tuple(img_size))
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dims = tuple(embed_dims)

@@ -76,11 +76,10 @@ def test_a_wrapper_of_a_converted_model_is_refused():
         hatplug.convert(nn.Sequential(hat.layers))  # a rewritten stage, taken out of its model
 
 
-def test_edgevit_skip_reason_names_the_size_it_was_judged_at():
-    """EdgeViT ignores img_size: single windows are judged at its pretrained_cfg size, and the report says so."""
+def test_edgevit_is_judged_at_its_img_size_and_the_skip_reason_names_it():
+    """EdgeViT runs at any size; img_size is its nominal size, which single windows are judged at."""
+    skipped = hatplug.report(hatplug.convert(timm.create_model("edgevit_xxs").eval())).skipped
+    assert skipped and all("at its input size 224x224 (create the EdgeViT with img_size" in r.reason for r in skipped)
     model = timm.create_model("edgevit_xxs", img_size=512).eval()
-    skipped = hatplug.report(hatplug.convert(model)).skipped
-    assert skipped and all("pretrained_cfg input_size 224x224" in r.reason for r in skipped)
-    overlay = dict(input_size=(3, 512, 512))
-    model = timm.create_model("edgevit_xxs", pretrained_cfg_overlay=overlay).eval()
+    assert timm.models.get_model_input_config(model)["input_size"] == (3, 512, 512)
     assert not hatplug.report(hatplug.convert(model)).skipped  # 512 px: 3x3 windows in the last stage
