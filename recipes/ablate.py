@@ -1,6 +1,6 @@
 """Run every arm of an ablation and tabulate accuracy against cost.
 
-    python -m recipes.ablate recipes/ablations/attention_type.yaml [--smoke | --profile cpu] [--out DIR] [--arms a,b]
+    python -m recipes.ablate recipes/ablations/plug_and_play.yaml [--smoke | --profile cpu] [--out DIR] [--arms a,b]
 
 An ablation YAML names a LightningCLI ``base`` config (relative to the YAML) and its ``arms``; each arm is that
 config plus ``overrides`` (deep-merged: mappings merge, everything else replaces)::
@@ -427,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
     arms = None if args.arms is None else [a for a in args.arms.split(",") if a]
     if arms == []:
         parser.error("--arms is empty; name at least one arm, or leave --arms out to run them all")
+    try:  # a bad YAML, path or profile: one line and exit status 2, as for a bad option
+        load_ablation(args.ablation, smoke=args.smoke, out=args.out, profile=args.profile)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     result = run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms, profile=args.profile)
     print(markdown_table(result.rows), flush=True)
     return result
