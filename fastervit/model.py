@@ -274,9 +274,32 @@ class HATLevel(HATStage):
     """A HAT stage (FasterViT stages 3-4) followed by its optional downsample."""
 
     def __init__(self, dim: int, *, downsample: bool = False, carrier_tokens: bool = True, **kwargs) -> None:
-        hat = kwargs.pop("hat", True) and carrier_tokens  # the level's flag, and the official size rule
-        super().__init__(dim=dim, hat=hat, **kwargs)
+        hat = kwargs.pop("hat", True)
+        super().__init__(dim=dim, hat=hat and carrier_tokens, **kwargs)  # the level's flag and the size rule
         self.downsample = Downsample(dim) if downsample else None
+        # the official any-resolution code builds the carrier-token conv of every level with hat on, also of
+        # one that then has no carrier tokens (one window by its count) and never runs it
+        self._idle_tokenizer = hat and not self.has_carrier_tokens
+
+    def derived_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensors that official (any-resolution) checkpoints hold for this level and nothing uses: the
+        carrier-token conv of a level with ``hat`` on but no carrier tokens. Loading drops them."""
+        if not self._idle_tokenizer:
+            return {}
+        dim = self.blocks[0].norm1.normalized_shape[0]
+        shapes = {"weight": (dim, 1, 3, 3), "bias": (dim,)}
+        return {
+            f"global_tokenizer.{conv}.{k}": s
+            for conv in ("pos_embed", "to_global_feature.pos")
+            for k, s in shapes.items()
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        for name, shape in self.derived_state_shapes().items():
+            value = state_dict.get(prefix + name)
+            if value is not None and tuple(value.shape) == shape:
+                del state_dict[prefix + name]  # unused by the official model too (see derived_state_shapes)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward_blocks(self, x: Tensor) -> Tensor:
         return super().forward(x)

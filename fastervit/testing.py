@@ -26,6 +26,8 @@ def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = dict(model.state_dict())
     for key, _shape in _derived_shapes(model).items():
         module_path, name = key.rsplit(".", 1)
+        if name not in ("relative_bias", "relative_coords_table", "relative_position_index"):
+            continue  # a level's idle carrier-token conv: only the any-resolution code stores one
         module = model.get_submodule(module_path)
         if name == "relative_bias":
             with torch.no_grad():

@@ -133,14 +133,14 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, checkpoint, model
-    derived: list[str] = field(default_factory=list)  # recomputable buffers that were dropped
+    derived: list[str] = field(default_factory=list)  # dropped: recomputable buffers, tensors nothing uses
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.derived)} derived buffers"]
+        lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.derived)} derived or unused"]
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
                 lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
@@ -214,7 +214,7 @@ def load_checkpoint(
 
     >>> net = nn.Linear(2, 2)
     >>> print(load_checkpoint(net, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}))
-    loaded 2 tensors, dropped 0 derived buffers
+    loaded 2 tensors, dropped 0 derived or unused
     """
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
     state = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, Path)) else extract_state_dict(checkpoint)

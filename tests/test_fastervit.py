@@ -210,6 +210,32 @@ def test_any_resolution_variants_say_their_input_size_is_fixed():
     assert timm.models.get_model_input_config(model)["input_size"] == (3, 64, 96)
 
 
+@pytest.mark.parametrize("resolution,hat", [([96, 96], [False, False, True, False]), (224, [False] * 2 + [True] * 2)])
+def test_official_any_res_checkpoints_with_an_idle_carrier_token_conv_load(resolution, hat):
+    """The official any-resolution code builds the carrier-token conv of every level with hat on, also of one
+    that has a single window (by its count) and so no carrier tokens, and never runs it: its checkpoints hold
+    4 such tensors per level, which loading drops (and reports) as it does the derived buffers."""
+    model = randomize_(fastervit.create_model("faster_vit_0_any_res", resolution=resolution, hat=hat, **CHEAP)).eval()
+    idle_level = model.levels[2 if hat[3] is False else 3]
+    assert not idle_level.has_carrier_tokens
+    prefix = "levels.2." if hat[3] is False else "levels.3."
+    idle = {prefix + k: torch.randn(s) for k, s in idle_level.derived_state_shapes().items()}
+    convs = (prefix + "global_tokenizer.pos_embed.", prefix + "global_tokenizer.to_global_feature.pos.")
+    assert sorted(idle) == sorted(conv + p for conv in convs for p in ("weight", "bias"))
+    state = {**official_state_dict(model), **idle}
+    x = _small_input(model)
+    plain = fastervit.create_model("faster_vit_0_any_res", resolution=resolution, hat=hat, **CHEAP).eval()
+    plain.load_state_dict(state)  # strict
+    reported = fastervit.create_model("faster_vit_0_any_res", resolution=resolution, hat=hat, **CHEAP).eval()
+    report = hatplug.load_checkpoint(reported, state)
+    assert report.ok and set(idle) <= set(report.derived)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x)) and torch.equal(reported(x), model(x))
+    wrong = {**state, prefix + "global_tokenizer.pos_embed.bias": torch.zeros(3)}
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        plain.load_state_dict(wrong)
+
+
 def test_wrong_architecture_names_keys_and_shapes(tmp_path):
     path = write_official_checkpoint(fastervit.create_model("faster_vit_1_224", **SMALL), tmp_path / "one.pth")
     with pytest.raises(CheckpointMismatchError) as err:
