@@ -188,8 +188,6 @@ def _create(
     for flag, value in (("pretrained", pretrained), ("strict", strict), ("adapt_geometry", adapt_geometry)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
-    if adapt_geometry and not pretrained and checkpoint_path is None:
-        raise ValueError("adapt_geometry=True adapts weights being loaded: pass checkpoint_path or pretrained=True")
     if pretrained and checkpoint_path is not None:
         raise ValueError(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "
@@ -360,6 +358,8 @@ def create_model(
             ``ct_size``: transfer them with :func:`fastervit.resize.load_adapted` (nothing is resized;
             carrier-token modules that the new geometry adds keep their initialisation, those it removes
             are dropped, a classifier of another size is replaced). ``model.load_report`` says which.
+            Without weights to load, ``strict`` and ``adapt_geometry`` do nothing (timm records them with the
+            model's arguments, so a model rebuilt from ``timm.models.get_model_args`` gets them back).
         **kwargs: official model arguments (``resolution``, ``window_size``, ``ct_size``, ``dim``,
             ``depths``, ``hat``, ``num_classes``, ``drop_path_rate``, ...), and timm's ``features_only``
             with ``out_indices`` (default ``(0, 1, 2, 3)``): the model then returns the listed levels'

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from hatplug.checkpoint import LoadReport, extract_state_dict, load_state_dict_file
+from hatplug.checkpoint import LoadReport, _fill_aliases, extract_state_dict, load_state_dict_file
 from hatplug.errors import CheckpointMismatchError
 
 __all__ = ["AdaptReport", "adapt_checkpoint", "load_adapted", "summarise_keys", "CARRIER_TOKEN_MODULES"]
@@ -122,9 +122,10 @@ def adapt_checkpoint(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
         >>> report.ok, len(report.new), len(report.dropped), len(state) == len(source.state_dict())
         (True, 0, 0, True)
     """
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)  # keys, shapes and shared storage only (no copies)
     state: dict[str, Tensor] = {}
     report = AdaptReport()
+    state_dict = _fill_aliases(state_dict, own, report)  # a conv stored under one of its two names
     for key, value in state_dict.items():
         if key in own:
             if value.shape == own[key].shape:

@@ -427,10 +427,14 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
     arms = None if args.arms is None else [a for a in args.arms.split(",") if a]
     if arms == []:
         parser.error("--arms is empty; name at least one arm, or leave --arms out to run them all")
-    try:  # a bad YAML, path or profile: one line and exit status 2, as for a bad option
-        load_ablation(args.ablation, smoke=args.smoke, out=args.out, profile=args.profile)
-    except (ValueError, FileNotFoundError) as error:
+    try:  # a bad YAML, path, profile or arm name: one line and exit status 2, as for a bad option
+        _, resolved = load_ablation(args.ablation, smoke=args.smoke, out=args.out, profile=args.profile)
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as error:
         parser.error(str(error))
+    unknown = sorted(set(arms or ()) - {a.name for a in resolved})
+    if unknown:
+        names = [a.name for a in resolved]
+        parser.error(f"--arms names {unknown}, which {args.ablation} does not have; its arms: {names}")
     result = run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms, profile=args.profile)
     print(markdown_table(result.rows), flush=True)
     return result

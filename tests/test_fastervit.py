@@ -150,7 +150,7 @@ def test_state_dicts_save_with_safetensors_and_load_under_either_alias(tmp_path)
             assert torch.equal(model(x), source(x)), file
 
 
-@pytest.mark.parametrize("how", ["fastervit", "timm", "timm, then set_input_size"])
+@pytest.mark.parametrize("how", ["fastervit", "timm", "timm, then set_input_size", "timm, adapted weights"])
 def test_timm_model_folder_round_trip(how, tmp_path):
     """timm.models.save_for_hf writes weights (safetensors and pickle) and config.json with the model
     arguments; timm.create_model("local-dir:<folder>", pretrained=True) builds the same model from them."""
@@ -161,9 +161,18 @@ def test_timm_model_folder_round_trip(how, tmp_path):
         source = fastervit.create_model("faster_vit_0_any_res", resolution=[64, 96], **args)
     elif how == "timm":
         source = timm.create_model("faster_vit_0_any_res", resolution=[64, 96], **args)
-    else:
+    elif how == "timm, then set_input_size":
         source = timm.create_model("faster_vit_0_any_res", resolution=[64, 128], **args)
         source.set_input_size([64, 96])
+    else:  # weights of another size: timm records the loader options with the model's arguments
+        weights = tmp_path / "w.pth"
+        torch.save(fastervit.create_model("faster_vit_0_any_res", resolution=[64, 128], **args).state_dict(), weights)
+        source = timm.create_model(
+            "faster_vit_0_any_res", resolution=[64, 96], pretrained=True, adapt_geometry=True,
+            pretrained_cfg_overlay=dict(file=str(weights)), **args,
+        )  # fmt: skip
+        assert source.load_report.ok and get_model_args(source)["adapt_geometry"] is True
+        weights.unlink()
     source = randomize_(source).eval()
     save_for_hf(source, tmp_path, safe_serialization="both")
     assert {"model.safetensors", "pytorch_model.bin", "config.json"} <= {f.name for f in tmp_path.iterdir()}
@@ -174,6 +183,7 @@ def test_timm_model_folder_round_trip(how, tmp_path):
     assert loaded.img_size == (64, 96) and loaded.num_classes == 5
     with torch.no_grad():
         assert torch.equal(loaded(x), source(x))
+    assert timm.create_model(f"local-dir:{tmp_path}").img_size == (64, 96)  # the architecture alone
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "pytorch_model.bin").unlink()
     with pytest.raises(PretrainedWeightsNotFoundError, match="no weights in .*model.safetensors"):
@@ -360,8 +370,6 @@ def test_conflicting_or_ignored_arguments_are_refused(tmp_path):
         fastervit.create_model("faster_vit_0_224", out_indices=(3,), **SMALL)
     with pytest.raises(ValueError, match="got pretrained=True and checkpoint_path: pass one"):
         fastervit.create_model("faster_vit_0_224", pretrained=True, checkpoint_path=tmp_path / "x.pth")
-    with pytest.raises(ValueError, match="adapt_geometry=True adapts weights being loaded"):
-        fastervit.create_model("faster_vit_0_224", adapt_geometry=True, **SMALL)
     with pytest.raises(ValueError, match="strict must be True or False, got 'no'"):
         fastervit.create_model("faster_vit_0_224", strict="no", **SMALL)
 

@@ -205,6 +205,17 @@ def test_carrier_tokens_the_source_lacks_are_newly_initialised(source_224):
         assert torch.equal(model.state_dict()[key], init[key])  # kept the target's initialisation
 
 
+def test_a_state_dict_with_one_name_of_the_carrier_token_conv_adapts_fully(source_224):
+    """Deduplicating savers keep one of the conv's two names: the report must not call the other new."""
+    source, _, _ = source_224
+    state = {k: v for k, v in source.state_dict().items() if "to_global_feature.pos" not in k}
+    target = fastervit.create_model(ANY_RES, resolution=224, **SMALL)
+    report = load_adapted(target, state)
+    assert report.ok and not report.new and not report.dropped
+    conv = target.levels[2].global_tokenizer.pos_embed.weight
+    assert torch.equal(conv, source.levels[2].global_tokenizer.pos_embed.weight)
+
+
 def test_load_adapted_names_the_model_inside_a_backbone(source_224):
     _, path, _ = source_224
     backbone = fastervit.create_model(ANY_RES, resolution=224, features_only=True, **SMALL)

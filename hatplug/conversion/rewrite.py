@@ -94,11 +94,21 @@ class CarrierStage(torch.fx.GraphModule):
     def __prepare_scriptable__(self) -> None:  # torch.jit.script: a named error, not a parser trace
         refuse_scripting(self, f"{type(self).__name__} (a stage rewritten by hatplug.convert)")
 
+    # torch.fx copies and unpickles a GraphModule as a plain GraphModule without its forward hooks: a stage
+    # comes back as a stage (group_matcher's rules, grad checkpointing, the refused resize) with the hooks
+    # convert moved onto it
     def __reduce__(self) -> tuple:
-        # GraphModule pickles as its code and rebuilds a plain GraphModule: rebuild this class instead, or a
-        # model saved whole (torch.save(model)) would come back without group_matcher's stages and the rest
         _, (body, import_block) = super().__reduce__()
         return _rebuild_stage, (body, import_block)
+
+    def __copy__(self) -> CarrierStage:
+        copied = CarrierStage(self, self.graph)
+        copied.meta = getattr(self, "meta", {})
+        return _with_hooks(copied, self.__dict__)
+
+    def __deepcopy__(self, memo: dict) -> CarrierStage:
+        copied = super().__deepcopy__(memo)
+        return _with_hooks(copied, {name: copy.deepcopy(getattr(self, name), memo) for name in _HOOK_DICTS})
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -117,7 +127,15 @@ def _rebuild_stage(body: dict, import_block: str) -> CarrierStage:
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
-    return _deserialize_graph_module(forward, body, graph_module_cls=CarrierStage)
+    return _with_hooks(_deserialize_graph_module(forward, body, graph_module_cls=CarrierStage), body)
+
+
+def _with_hooks(stage: CarrierStage, source: dict) -> CarrierStage:
+    """``stage`` with the non-empty hook dicts of ``source`` (a stage's ``__dict__`` or copies of it)."""
+    for name in _HOOK_DICTS:
+        if source.get(name):
+            setattr(stage, name, source[name])
+    return stage
 
 
 def _adopt_mode(new: nn.Module, old: nn.Module) -> nn.Module:

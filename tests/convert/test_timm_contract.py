@@ -149,6 +149,13 @@ def test_new_position_mlps_get_no_weight_decay_in_every_family(family):
         assert clone.no_weight_decay() == excluded and clone.no_weight_decay.model is clone
 
 
+_CALLS: list[str] = []
+
+
+def _record_call(module, args, output) -> None:  # a module-level hook: it pickles with the model
+    _CALLS.append(type(module).__name__)
+
+
 def _pickled(model):
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -159,14 +166,24 @@ def _pickled(model):
 def test_a_model_saved_whole_comes_back_converted(family):
     """torch.save(model) / torch.load: the rewritten stages come back as rewritten stages (torch.fx alone
     rebuilds them as plain GraphModules), so the layer-decay groups, gradient checkpointing and the refused
-    resize hold, and the function is the same."""
+    resize hold, and the function is the same; copies keep them too, and the stages' forward hooks."""
     from hatplug.adapters import CarrierBlock
     from hatplug.conversion.rewrite import CarrierStage
 
     hat = hatplug.convert(make_model(family, family.sizes[0]))
-    loaded = _pickled(hat)
     stages = [n for n, m in hat.named_modules() if isinstance(m, CarrierStage)]
+    for name in stages:
+        hat.get_submodule(name).register_forward_hook(_record_call)
+    loaded = _pickled(hat)
     assert [n for n, m in loaded.named_modules() if isinstance(m, CarrierStage)] == stages
+    for name in stages:
+        stage = hat.get_submodule(name)
+        assert isinstance(copy.copy(stage), CarrierStage) and isinstance(copy.deepcopy(stage), CarrierStage)
+    for model in (loaded, copy.deepcopy(hat)):
+        _CALLS.clear()
+        with torch.no_grad():
+            model(torch.randn(1, 3, family.sizes[0], family.sizes[0]))
+        assert len(_CALLS) == len(stages)
     x = torch.randn(2, 3, family.sizes[0], family.sizes[0])
     with torch.no_grad():
         assert torch.equal(loaded(x), hat(x))

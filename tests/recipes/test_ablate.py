@@ -147,16 +147,23 @@ def test_profile_errors(tmp_path):
 
 
 def test_command_line_config_errors_are_one_line(tmp_path, capsys):
-    """A profile the YAML lacks (or a missing file) ends with argparse's usage line and status 2, no traceback."""
+    """A profile the YAML lacks, a missing or broken YAML, an unknown arm: argparse's usage line and status 2."""
     path = tmp_path / "p.yaml"
     base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
     path.write_text(yaml.safe_dump({"name": "p", "base": str(base), "smoke": {}, "arms": [{"name": "a"}]}))
-    for argv in ([str(path), "--profile", "cpu"], [str(tmp_path / "nope.yaml")]):
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    for argv in (
+        [str(path), "--profile", "cpu"],
+        [str(tmp_path / "nope.yaml")],
+        [str(tmp_path / "broken.yaml")],
+        [str(path), "--smoke", "--arms", "zzz"],
+    ):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "error: " in err and "has no 'cpu' profile" in err and "Traceback" not in err
+    assert "--arms names ['zzz'], which" in err
 
 
 def test_profile_merge_order(tmp_path):
