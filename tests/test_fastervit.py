@@ -150,6 +150,31 @@ def test_state_dicts_save_with_safetensors_and_load_under_either_alias(tmp_path)
             assert torch.equal(model(x), source(x)), file
 
 
+def test_fsdp2_loads_a_full_state_dict():
+    """torch.distributed.checkpoint shards a full state dict under the first name of a shared tensor only; the
+    carrier-token conv's second name then loads the same sharded tensor (one process, gloo, CPU)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        full = get_model_state_dict(randomize_(fastervit.create_model("faster_vit_0_224", **CHEAP)))
+        expected = {k: v.clone() for k, v in full.items()}  # set_model_state_dict shards the values in place
+        sharded = fastervit.create_model("faster_vit_0_224", **CHEAP)
+        fully_shard(sharded)
+        set_model_state_dict(sharded, full, options=StateDictOptions(full_state_dict=True))
+        back = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+        assert back.keys() == expected.keys() and all(torch.equal(back[k], v) for k, v in expected.items())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("how", ["fastervit", "timm", "timm, then set_input_size", "timm, adapted weights"])
 def test_timm_model_folder_round_trip(how, tmp_path):
     """timm.models.save_for_hf writes weights (safetensors and pickle) and config.json with the model

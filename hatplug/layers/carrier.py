@@ -49,13 +49,15 @@ def _copy_alias(module: nn.Module, state_dict: dict, prefix: str, local_metadata
 
 
 def _fill_alias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """A state dict holding the conv under one of its two names (deduplicating savers such as
-    ``safetensors.torch.save_model`` keep one) loads with ``load_state_dict``, strict or not."""
+    """Both names of the conv load the tensor given under ``pos_embed`` (else the one under the second name):
+    a state dict holding one of them (deduplicating savers such as ``safetensors.torch.save_model`` keep one)
+    loads with ``load_state_dict``, strict or not, and so does a full state dict that
+    ``torch.distributed.checkpoint`` has sharded under the first name only (FSDP2)."""
     for name, alias in _ALIASES:
         a, b = prefix + name, prefix + alias
-        if a in state_dict and b not in state_dict:
+        if a in state_dict:
             state_dict[b] = state_dict[a]
-        elif b in state_dict and a not in state_dict:
+        elif b in state_dict:
             state_dict[a] = state_dict[b]
 
 
