@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
 from timm.models._input import update_model_input_size
 from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from hatplug.checkpoint import LoadReport, load_checkpoint
 from hatplug.errors import PretrainedWeightsNotFoundError
 
-from .model import FasterViT
+from .model import FasterViT, _to_2tuple
 from .resize import load_adapted
 
 __all__ = ["create_model", "list_models", "checkpoint_filter_fn", "pretrained_file", "CHECKPOINT_DIR_ENV"]
@@ -164,7 +165,7 @@ def _create(
     # timm calls the input size img_size, the official code resolution: accept either, both only if they agree
     # (timm's get_model_args adds img_size to the resolution a model was created with)
     img_size, resolution = kwargs.pop("img_size", None), kwargs.pop("resolution", None)
-    if img_size is not None and resolution is not None and _size2(img_size) != _size2(resolution):
+    if img_size is not None and resolution is not None and _to_2tuple(img_size) != _to_2tuple(resolution):
         raise ValueError(f"got img_size={img_size} and resolution={resolution}; pass only one")
     feature_cls = kwargs.pop("feature_cls", "getter")
     if feature_cls != "getter":
@@ -243,10 +244,6 @@ def _create(
 _NOT_MODEL_ARGS = ("device", "dtype", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
 
 
-def _size2(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def _set_backbone_input_size(backbone: nn.Module, img_size=None, window_size=None) -> None:
     """``set_input_size`` of a ``features_only`` backbone: the FasterViT inside is rebuilt, and the wrapper's
     own record of the input size (timm's ``get_model_input_config`` / ``get_model_args``) follows it."""
@@ -280,23 +277,19 @@ def _pretrained_source(name: str, kwargs: dict) -> Path:
     return pretrained_file(name, cfg["url"])
 
 
-_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-_FOLDER_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".bin")
-
-
 def _checkpoint_in(folder: Path) -> Path:
-    """The weights of a model folder (timm's ``save_for_hf`` layout), chosen in timm's order: a file named
-    as timm names them, else the first file by suffix priority."""
-    for name in _FOLDER_FILES:
+    """The weights of a model folder (timm's ``save_for_hf`` layout), chosen as timm's
+    ``load_state_dict_from_path`` chooses them: a file named as timm names them, else the first by suffix."""
+    for name in _PREFERRED_FILES:
         if (folder / name).is_file():
             return folder / name
-    for suffix in _FOLDER_SUFFIXES:
+    for suffix in _EXT_PRIORITY:
         found = sorted(folder.glob("*" + suffix))
         if found:
             return found[0]
     raise PretrainedWeightsNotFoundError(
-        f"no weights in {str(folder)!r}: expected one of {', '.join(_FOLDER_FILES)} (what timm's save_for_hf "
-        f"writes) or a {'/'.join(_FOLDER_SUFFIXES)} file"
+        f"no weights in {str(folder)!r}: expected one of {', '.join(_PREFERRED_FILES)} (what timm's save_for_hf "
+        f"writes) or a {'/'.join(_EXT_PRIORITY)} file"
     )
 
 

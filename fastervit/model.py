@@ -18,6 +18,7 @@ from timm.models._input import update_model_input_size
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hatplug.checkpoint import drop_derived
 from hatplug.errors import refuse_scripting
 from hatplug.layers import HATStage
 from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_
@@ -295,10 +296,7 @@ class HATLevel(HATStage):
         }
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        for name, shape in self.derived_state_shapes().items():
-            value = state_dict.get(prefix + name)
-            if value is not None and tuple(value.shape) == shape:
-                del state_dict[prefix + name]  # unused by the official model too (see derived_state_shapes)
+        drop_derived(self, state_dict, prefix)  # misfits stay, and are unexpected keys (another width)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward_blocks(self, x: Tensor) -> Tensor:

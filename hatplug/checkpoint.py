@@ -160,6 +160,22 @@ def _derived_shapes(model: nn.Module) -> dict[str, tuple]:
     return shapes
 
 
+def drop_derived(module: nn.Module, state_dict: dict, prefix: str) -> list[tuple[str, tuple, tuple]]:
+    """Remove from ``state_dict`` the keys ``module.derived_state_shapes()`` names that have the shape it
+    gives (what its ``_load_from_state_dict`` does before loading), and return ``(key, shape in the
+    state dict, expected shape)`` of those that do not fit, which are left in place."""
+    misfits = []
+    for name, shape in getattr(module, "derived_state_shapes", dict)().items():
+        value = state_dict.get(prefix + name)
+        if value is None:
+            continue
+        if tuple(value.shape) == tuple(shape):
+            del state_dict[prefix + name]
+        else:
+            misfits.append((prefix + name, tuple(value.shape), tuple(shape)))
+    return misfits
+
+
 def _fill_aliases(state: dict[str, Tensor], own: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
     """Keys that name one shared tensor (e.g. FasterViT's ``pos_embed`` / ``to_global_feature.pos``) are
     filled from whichever the checkpoint has, as deduplicating savers (``safetensors.save_model``) keep one."""

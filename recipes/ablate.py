@@ -334,6 +334,22 @@ def run_arm(arm: Arm, out: Path, bench: dict) -> list[dict]:
     return [row] + [_evaluate_at(arm, cli, round(size * f), bench) for f in arm.eval_scales]
 
 
+def _select(
+    path: str | Path, out: str | Path | None, arms: Sequence[str] | None, profile: str | None
+) -> tuple[dict, dict[str, int], list[Arm]]:
+    """The ablation's spec, the YAML order of all its arms, and the arms to run: those in ``arms`` (all if
+    None) and the arms they warm-start from. ``ValueError`` for an arm the YAML does not have."""
+    spec, resolved = load_ablation(path, out=out, profile=profile)
+    order = {a.name: i for i, a in enumerate(resolved)}  # rows are tabulated in the YAML's arm order
+    if arms is not None:
+        missing = set(arms) - set(order)
+        if missing:
+            raise ValueError(f"{path}: no arms named {sorted(missing)}; it has {list(order)}")
+        needed = set(arms) | {a.warm_start for a in resolved if a.name in arms and a.warm_start}
+        resolved = [a for a in resolved if a.name in needed]
+    return spec, order, resolved
+
+
 def run_ablation(
     path: str | Path,
     smoke: bool = False,
@@ -352,15 +368,8 @@ def run_ablation(
         [row["arm"] for row in result.rows]  # ['window_only', 'swin', 'twins', 'edgevit', 'hat']
     """
     profile = _profile(smoke, profile)
-    spec, resolved = load_ablation(path, out=out, profile=profile)
+    spec, order, resolved = _select(path, out, arms, profile)
     out = Path(out) if out is not None else default_out(spec, profile)
-    order = {a.name: i for i, a in enumerate(resolved)}  # rows are tabulated in the YAML's arm order
-    if arms is not None:
-        missing = set(arms) - {a.name for a in resolved}
-        if missing:
-            raise ValueError(f"{path}: no arms named {sorted(missing)}; it has {[a.name for a in resolved]}")
-        needed = set(arms) | {a.warm_start for a in resolved if a.name in arms and a.warm_start}
-        resolved = [a for a in resolved if a.name in needed]
     bench = {**DEFAULT_BENCHMARK, **(spec.get(f"{profile}_benchmark" if profile else "benchmark") or {})}
     title = spec["name"] + (f" ({profile})" if profile else "")
     check_arms(resolved)
@@ -428,13 +437,9 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
     if arms == []:
         parser.error("--arms is empty; name at least one arm, or leave --arms out to run them all")
     try:  # a bad YAML, path, profile or arm name: one line and exit status 2, as for a bad option
-        _, resolved = load_ablation(args.ablation, smoke=args.smoke, out=args.out, profile=args.profile)
+        _select(args.ablation, args.out, arms, _profile(args.smoke, args.profile))
     except (ValueError, FileNotFoundError, yaml.YAMLError) as error:
         parser.error(str(error))
-    unknown = sorted(set(arms or ()) - {a.name for a in resolved})
-    if unknown:
-        names = [a.name for a in resolved]
-        parser.error(f"--arms names {unknown}, which {args.ablation} does not have; its arms: {names}")
     result = run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms, profile=args.profile)
     print(markdown_table(result.rows), flush=True)
     return result

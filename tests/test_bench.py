@@ -374,7 +374,8 @@ def test_sweep_skips_whatever_a_model_raises_and_says_n_a_for_one_size(tmp_path,
     assert [(p.model, p.img_size) for p in skipped] == [("picky_peers:make", 48)]
     assert skipped[0].skipped == "IndexError: too wide for this model"
     fits = dict((row[0], row[1]) for row in _markdown_rows(sweep_to_markdown(points).split("\n\n")[1]))
-    assert fits["picky_peers:make"] == "n/a (fewer than 2 sizes measured)" and fits["test_convnext"] != "nan"
+    assert fits["picky_peers:make"] == "n/a (fewer than 2 sizes measured)"
+    assert math.isfinite(float(fits["test_convnext"]))  # the peer that ran at both sizes has its exponent
 
 
 def test_ratio_columns_use_full_names_when_short_ones_collide():

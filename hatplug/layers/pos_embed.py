@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import drop_derived
 from ..errors import refuse_scripting
 
 __all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP", "CarrierPositionMLP"]
@@ -66,20 +67,13 @@ class CachedBias(nn.Module):
         """Official checkpoints store the derived tables too: where their shapes are this geometry's they are
         dropped (recomputed here), so that ``load_state_dict`` and timm's loaders take the files; where they
         are not, the checkpoint is for another window size, which is an error, not something to ignore."""
-        shapes = getattr(self, "derived_state_shapes", dict)()
-        for name, shape in shapes.items():
-            value = state_dict.get(prefix + name)
-            if value is None:
-                continue
-            if tuple(value.shape) == shape:
-                del state_dict[prefix + name]
-            else:
-                errors.append(
-                    f"{prefix}{name}: the checkpoint's table has shape {tuple(value.shape)}, this model's window "
-                    f"gives {shape}: it was trained at another window size or resolution; load it with "
-                    "fastervit.create_model(..., checkpoint_path=..., adapt_geometry=True)"
-                )
-                del state_dict[prefix + name]
+        for key, got, shape in drop_derived(self, state_dict, prefix):
+            errors.append(
+                f"{key}: the checkpoint's table has shape {got}, this model's window gives {shape}: it was trained "
+                "at another window size or resolution; load it with "
+                "fastervit.create_model(..., checkpoint_path=..., adapt_geometry=True)"
+            )
+            del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 

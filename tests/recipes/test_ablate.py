@@ -163,7 +163,7 @@ def test_command_line_config_errors_are_one_line(tmp_path, capsys):
         assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "error: " in err and "has no 'cpu' profile" in err and "Traceback" not in err
-    assert "--arms names ['zzz'], which" in err
+    assert "no arms named ['zzz']; it has ['a']" in err
 
 
 def test_profile_merge_order(tmp_path):
