@@ -165,8 +165,8 @@ class _EpochLoader(DataLoader):
     :class:`SeededSamples` data set gets ``sampler.epoch``, whichever sampler Lightning put in
     (``EpochShuffleSampler``, or a ``DistributedSampler`` under DDP).
 
-    :meth:`state_dict` is the epoch and how many of its batches training has run (``progress``; 0 once the
-    epoch is complete); :meth:`load_state_dict` makes the next pass over that epoch start after them, so
+    :meth:`position` is the epoch and how many of its batches training has run (``progress``; 0 once the
+    epoch is complete); :meth:`resume` makes the next pass over that epoch start after them, so
     that a run resumed from a checkpoint written inside an epoch sees the batches the uninterrupted run saw
     next. ``epoch_seed`` and ``progress`` are constructor arguments so that they survive Lightning's
     re-instantiation of the loader with another sampler.
@@ -187,18 +187,16 @@ class _EpochLoader(DataLoader):
             self.dataset.epoch = epoch  # before the loader processes copy it
         return super().__iter__()
 
-    def state_dict(self) -> dict[str, int]:
+    # not state_dict / load_state_dict: Lightning would checkpoint and restore the loader itself too, a
+    # second copy of the position the data module saves (RecipeDataModule.state_dict)
+    def position(self) -> dict[str, int]:
         if self.progress is None or not hasattr(self.sampler, "epoch"):
             return {}
         return {"epoch": int(self.sampler.epoch), "batches": int(self.progress())}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if not state or not state.get("batches"):
-            return
-        if isinstance(self.sampler, EpochShuffleSampler):
+    def resume(self, state: dict[str, int]) -> None:
+        if state and state.get("batches") and isinstance(self.sampler, EpochShuffleSampler):
             self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
-        else:
-            _warn_epoch_restarts(state["epoch"])
 
 
 class RecipeDataModule(pl.LightningDataModule):
@@ -222,7 +220,7 @@ class RecipeDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         trainer = self.trainer
         loader = trainer.train_dataloader if trainer is not None else None  # the one in use (DDP: rebuilt)
-        state = loader.state_dict() if isinstance(loader, _EpochLoader) else {}
+        state = loader.position() if isinstance(loader, _EpochLoader) else {}
         return {"train_loader": state} if state else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -339,7 +337,7 @@ def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory:
         if world > 1 and pending.get("batches"):
             _warn_epoch_restarts(pending["epoch"])  # Lightning swaps this loader's sampler for its own
         else:
-            loader.load_state_dict(pending)
+            loader.resume(pending)
     return loader
 
 

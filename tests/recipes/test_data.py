@@ -260,7 +260,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample(tmp_path):
         dm.setup("fit")
         loader = train_loader(dm, dm.train_set)
         if resume is not None:
-            loader.load_state_dict(resume)
+            loader.resume(resume)
         out = []
         for epoch in which:
             loader.sampler.set_epoch(epoch)
