@@ -8,6 +8,7 @@ need not be a multiple of the window: stage maps are zero-padded to whole window
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -59,6 +60,22 @@ def _to_2tuple(size: int | Sequence[int], what: str = "resolution") -> tuple[int
     if len(size) != 2:
         raise ValueError(f"{what} must be an int or [H, W], got {list(size)!r}")
     return _positive_int(size[0], f"{what}[0]"), _positive_int(size[1], f"{what}[1]")
+
+
+def _per_stage_ints(values: Sequence[int], what: str) -> list[int]:
+    """A per-stage list of positive ints (``depths``, ``num_heads``)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise TypeError(f"{what} must be a non-empty sequence of ints (one per stage), got {values!r}")
+    return [_positive_int(v, f"{what}[{i}]") for i, v in enumerate(values)]
+
+
+def _rate(value, what: str, upper_open: bool = False) -> float:
+    """A probability (dropout / drop-path rate) in [0, 1], or [0, 1) with ``upper_open``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number in [0, 1], got {value!r}")
+    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        raise ValueError(f"{what} must be in [0, {'1)' if upper_open else '1]'}, got {value}")
+    return float(value)
 
 
 def _window_sizes(window_size: int | Sequence[int], num_stages: int) -> list[int]:
@@ -388,7 +405,14 @@ class FasterViT(nn.Module):
         super().__init__()
         if img_size is not None:  # timm's name for the input size
             resolution = img_size
+        depths = _per_stage_ints(depths, "depths")  # a stage needs at least one block
         num_stages = len(depths)
+        num_heads = _per_stage_ints(num_heads, "num_heads")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number (the MLP's hidden width / dim), got {mlp_ratio!r}")
+        drop_path_rate = _rate(drop_path_rate, "drop_path_rate", upper_open=True)
+        attn_drop_rate = _rate(attn_drop_rate, "attn_drop_rate", upper_open=True)
+        drop_rate = _rate(drop_rate, "drop_rate")
         window_size = _window_sizes(window_size, num_stages)
         ct_size = _positive_int(ct_size, "ct_size")
         dim, in_dim = _positive_int(dim, "dim"), _positive_int(in_dim, "in_dim")

@@ -399,6 +399,27 @@ def test_conflicting_or_ignored_arguments_are_refused(tmp_path):
         fastervit.create_model("faster_vit_0_224", strict="no", **SMALL)
 
 
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        (dict(depths=[2, 3, 0, 5]), ValueError, r"depths\[2\] must be positive, got 0"),
+        (dict(depths=[2, -1, 6, 5]), ValueError, r"depths\[1\] must be positive, got -1"),
+        (dict(depths=[2, 3.5, 6, 5]), TypeError, r"depths\[1\] must be an integer, got 3.5"),
+        (dict(num_heads=[2, 4, 0, 16]), ValueError, r"num_heads\[2\] must be positive, got 0"),
+        (dict(mlp_ratio=0), ValueError, "mlp_ratio must be a positive number"),
+        (dict(mlp_ratio=-2.0), ValueError, "mlp_ratio must be a positive number"),
+        (dict(drop_path_rate=-0.1), ValueError, r"drop_path_rate must be in \[0, 1\), got -0.1"),
+        (dict(attn_drop_rate=1.0), ValueError, r"attn_drop_rate must be in \[0, 1\), got 1.0"),
+        (dict(drop_rate=1.5), ValueError, r"drop_rate must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_architecture_arguments_that_build_a_broken_model_are_refused(override, error, message):
+    # each of these built a model before (a stage without blocks, an MLP of width 0, negative drop-path
+    # rates) or failed deep inside torch with a message that did not name the argument
+    with pytest.raises(error, match=message):
+        fastervit.create_model("faster_vit_0_224", **{**SMALL, **override})
+
+
 def test_img_size_and_resolution_are_one_setting():
     assert fastervit.create_model("faster_vit_0_any_res", img_size=(96, 160), **SMALL).img_size == (96, 160)
     assert fastervit.create_model("faster_vit_0_any_res", resolution=[96, 160], **SMALL).img_size == (96, 160)
