@@ -20,6 +20,7 @@ Tolerances (worst measured value of the two geometries in brackets, torch 2.15 C
   float16: <= 5e-3 [1.1e-3]; the same for inputs scaled x100, where every level's map must stay finite.
 """
 
+import copy
 import io
 
 import pytest
@@ -181,3 +182,26 @@ def test_autocast_stays_close_to_float32_and_finite(geometry, dtype, tolerance):
         assert torch.isfinite(low_logits).all()
         assert _relative_error(low_logits, logits) <= tolerance, f"logits at input scale {scale}"
         assert _relative_error(low_features, features) <= tolerance, f"features at input scale {scale}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_result_does_not_depend_on_what_ran_before(geometry, dtype):
+    # the position biases are cached in eval mode; a cache filled by a float32 (or another autocast dtype's)
+    # forward once made later autocast forwards mix that dtype in: float32 or mixed-dtype level maps and
+    # other values than a model that ran under autocast first
+    if not _cpu_autocast_supports(dtype):
+        pytest.skip(f"this torch build has no CPU autocast for {dtype}")
+    model, x = geometry
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    fresh = copy.deepcopy(model).eval()  # eval() empties the copied caches
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=dtype):
+            first = fresh.forward_intermediates(x, intermediates_only=True)
+        model(x)  # fills the caches in float32 ...
+        with torch.autocast("cpu", dtype=other):
+            model(x)  # ... and in the other autocast dtype
+        with torch.autocast("cpu", dtype=dtype):
+            later = model.forward_intermediates(x, intermediates_only=True)
+    assert dtype in {m.dtype for m in first}  # autocast ran (a float32 layer scale may promote a level's map)
+    for a, b in zip(first, later):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -32,7 +32,8 @@ class CachedBias(nn.Module):
     Subclasses implement :meth:`compute`. In training, under tracing/compilation, and whenever
     autograd needs the result (grad enabled and a weight requires grad), it is computed afresh.
     Otherwise the cached value is returned while the weights and the geometry are unchanged; weight
-    identity, in-place version counters, device, dtype and the geometry form the cache key.
+    identity, in-place version counters, device, dtype, the autocast dtype (if autocast is on) and the
+    geometry form the cache key, so a cached value is always the one a fresh computation would give.
     """
 
     __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
@@ -45,7 +46,12 @@ class CachedBias(nn.Module):
         raise NotImplementedError
 
     def _cache_key(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        # under autocast the value is computed in the autocast dtype, as a fresh computation would be: the
+        # cache must not hand a float32 value to a float16 forward (or a bfloat16 one to a float16 forward)
+        device = params[0][3].type if params else "cpu"
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return params + (autocast,)
 
     def train(self, mode: bool = True) -> CachedBias:
         self._cache = None
