@@ -165,25 +165,24 @@ class ImageClassifier(pl.LightningModule):
             self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def _evaluate(self, stage: str, batch: tuple[Tensor, Tensor]) -> None:
         images, target = batch
         logits = self(images)
-        self.val_top1(logits, target)
-        self.val_top5(logits, target)
-        self.log("val/loss", F.cross_entropy(logits, target), on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True)
-        self.log("val/top5", self.val_top5, on_epoch=True)
+        top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
+        top1(logits, target)
+        top5(logits, target)
+        progress = stage == "val"
+        self.log(f"{stage}/loss", F.cross_entropy(logits, target), on_epoch=True, prog_bar=progress, sync_dist=True)
+        self.log(f"{stage}/top1", top1, on_epoch=True, prog_bar=progress)
+        self.log(f"{stage}/top5", top5, on_epoch=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate("val", batch)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """``python -m recipes test``: the validation metrics on the data module's test split (its labelled
         held-out split, which for the built-in data modules is the validation split)."""
-        images, target = batch
-        logits = self(images)
-        self.test_top1(logits, target)
-        self.test_top5(logits, target)
-        self.log("test/loss", F.cross_entropy(logits, target), on_epoch=True, sync_dist=True)
-        self.log("test/top1", self.test_top1, on_epoch=True)
-        self.log("test/top5", self.test_top5, on_epoch=True)
+        self._evaluate("test", batch)
 
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """``python -m recipes predict`` / ``Trainer.predict``: class probabilities ``(B, num_classes)`` of a
