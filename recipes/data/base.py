@@ -200,14 +200,23 @@ class _EpochLoader(DataLoader):
 
 
 class RecipeDataModule(pl.LightningDataModule):
-    """What every recipe data module shares: the held-out split as the test and predict data, and, in a
-    checkpoint, where its training loader stood in the epoch.
+    """What every recipe data module shares: the loaders of the ``train_set`` and ``val_set`` that its
+    ``setup`` makes, the held-out split as the test and predict data, and, in a checkpoint, where its
+    training loader stood in the epoch.
 
     Lightning restores a data module's state before it asks for the loaders (it restores the loaders' own
     state only when they are made after the restore, which ``estimated_stepping_batches`` in
     ``configure_optimizers`` prevents), so the resume point travels here and :func:`train_loader` hands it
     to the new loader of a fit that resumes from a checkpoint.
     """
+
+    def train_dataloader(self) -> DataLoader:
+        """``train_set`` in whole, shuffled batches (:func:`train_loader`), pinned when CUDA is present."""
+        return train_loader(self, self.train_set, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        """``val_set`` in order (:func:`eval_loader`), pinned when CUDA is present."""
+        return eval_loader(self, self.val_set, pin_memory=torch.cuda.is_available())
 
     def test_dataloader(self) -> DataLoader:
         """The labelled held-out split (validation: the data sets here have no other labelled split)."""

@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 
 from timm.data import create_transform
-from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader, with_safe_posterize
+from .base import DatasetNotFoundError, MixupDataModule, with_safe_posterize
 
 __all__ = ["CIFARDataModule"]
 
@@ -80,9 +79,3 @@ class CIFARDataModule(MixupDataModule):
         )
         self.train_set = cls(str(self.root), train=True, transform=train_tf, download=False)
         self.val_set = cls(str(self.root), train=False, transform=val_tf, download=False)
-
-    def train_dataloader(self) -> DataLoader:
-        return train_loader(self, self.train_set)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self, self.val_set)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-from .base import DatasetNotFoundError, MixupDataModule, eval_loader, train_loader, with_safe_posterize
+from .base import DatasetNotFoundError, MixupDataModule, with_safe_posterize
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -99,11 +97,6 @@ class ImageFolderDataModule(MixupDataModule):
             )
         self.val_set = _labelled_like(_image_folder(self._split_dir("val"), val_tf), self.train_set)
 
-    def train_dataloader(self) -> DataLoader:
-        return train_loader(self, self.train_set, pin_memory=torch.cuda.is_available())
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self, self.val_set, pin_memory=torch.cuda.is_available())
 
 
 def _load_image(path: str):

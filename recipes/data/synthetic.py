@@ -27,9 +27,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .base import RecipeDataModule, eval_loader, train_loader
+from .base import RecipeDataModule
 
 __all__ = ["SHAPES", "SameShapeDataset", "SyntheticDataModule"]
 
@@ -273,9 +273,3 @@ class SyntheticDataModule(RecipeDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._dataset("train", self.train_samples)
         self.val_set = self._dataset("val", self.val_samples)
-
-    def train_dataloader(self) -> DataLoader:
-        return train_loader(self, self.train_set)
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self, self.val_set)
