@@ -42,9 +42,10 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
+from .cli import check_config
 from .cli import main as cli_main
 from .measure import count_params, gflops, throughput
 from .module import ImageClassifier
@@ -274,7 +276,9 @@ def _build(arm: Arm, size: int | None = None) -> tuple[pl.LightningDataModule, I
     data_cfg = arm.config["data"]
     data_args = dict(data_cfg.get("init_args", {}))
     if size is not None:
-        model_cfg["model_kwargs"] = {**(model_cfg.get("model_kwargs") or {}), "img_size": size}
+        model_kwargs = dict(model_cfg.get("model_kwargs") or {})
+        model_kwargs.pop("resolution", None)  # FasterViT's own name for img_size
+        model_cfg["model_kwargs"] = {**model_kwargs, "img_size": size}
         data_args["image_size"] = size
     model_cfg["init_checkpoint"] = None  # trained or warm-start weights are loaded by the caller
     module_name, _, cls_name = data_cfg["class_path"].rpartition(".")
@@ -284,14 +288,39 @@ def _build(arm: Arm, size: int | None = None) -> tuple[pl.LightningDataModule, I
 
 
 def check_arms(arms: Sequence[Arm]) -> None:
-    """Build every arm's data module and model once before any arm trains, so that a typo in the last arm's
-    options fails in seconds, not after the first arms have run."""
+    """Check every arm before any arm trains, so that a mistake in the last arm fails in seconds, not after the
+    first arms have run: its config is parsed as ``python -m recipes fit`` would (a misspelt trainer option or
+    top-level key), its data module and model are built, and for each ``eval_scales`` size the model is built
+    at that size and must take the weights of the model built at the training size."""
     for arm in arms:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = copy.deepcopy(arm.config)
+            config.setdefault("model", {})["init_checkpoint"] = None  # a warm start's file does not exist yet
+            path = Path(tmp) / f"{arm.name}.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            try:
+                check_config(path)
+            except ValueError as error:
+                message = str(error).split(": ", 1)[-1]
+                raise ValueError(f"arm {arm.name!r}: {message}; fix its options in the ablation YAML") from None
         try:
-            _build(arm)
+            datamodule, module = _build(arm)
         except Exception as error:
             raise ValueError(f"arm {arm.name!r} cannot be built ({type(error).__name__}: {error}); fix its "
                              "options in the ablation YAML") from error  # fmt: skip
+        trained = module.model.state_dict()
+        for scale in arm.eval_scales:
+            size = round(datamodule.image_size * scale)
+            try:
+                _build(arm, size)[1].model.load_state_dict(trained, strict=True)
+            except Exception as error:
+                detail = " ".join(str(error).split())[:300]
+                raise ValueError(
+                    f"arm {arm.name!r}: eval scale {scale} ({size} px) cannot be evaluated: the model built for "
+                    f"{size} px does not take the weights of the one trained at {datamodule.image_size} px "
+                    f"({type(error).__name__}: {detail}). Drop that scale, or pick one where the architecture "
+                    "stays the same (with FasterViT: no stage gains or loses carrier tokens)"
+                ) from error
 
 
 def _evaluate_at(arm: Arm, cli, size: int, bench: dict) -> dict:
@@ -306,7 +335,7 @@ def _evaluate_at(arm: Arm, cli, size: int, bench: dict) -> dict:
         precision=trainer_cfg.get("precision", "32-true"),
         logger=False,
         enable_checkpointing=False,
-        limit_val_batches=trainer_cfg.get("limit_val_batches", 1.0),
+        limit_val_batches=cli.trainer.limit_val_batches,  # as the CLI read it (an int 1 there means 1.0)
         default_root_dir=trainer_cfg["default_root_dir"],
     )
     row = {"arm": f"{arm.name}@{size}", **_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))}
@@ -318,6 +347,12 @@ def _evaluate_at(arm: Arm, cli, size: int, bench: dict) -> dict:
 
 def run_arm(arm: Arm, out: Path, bench: dict) -> list[dict]:
     """Train and validate one arm with the recipes CLI, measure it, and return its result rows."""
+    return list(_arm_rows(arm, out, bench))
+
+
+def _arm_rows(arm: Arm, out: Path, bench: dict) -> Iterator[dict]:
+    """:func:`run_arm`'s rows, each as soon as it is measured (so that a trained arm's row is kept even if
+    one of its eval scales then fails)."""
     start = time.perf_counter()
     config_path = out / "arms" / f"{arm.name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +366,9 @@ def run_arm(arm: Arm, out: Path, bench: dict) -> list[dict]:
     row = {"arm": arm.name, **_metrics(results), **_measure(cli.model.model, size, bench, cli.trainer)}
     row["wall_time_s"] = time.perf_counter() - start
     row["resolution"] = size
-    return [row] + [_evaluate_at(arm, cli, round(size * f), bench) for f in arm.eval_scales]
+    yield row
+    for f in arm.eval_scales:
+        yield _evaluate_at(arm, cli, round(size * f), bench)
 
 
 def _select(
@@ -356,11 +393,13 @@ def run_ablation(
     out: str | Path | None = None,
     arms: Sequence[str] | None = None,
     profile: str | None = None,
+    check: bool = True,
 ) -> AblationResult:
     """Run the arms of the ablation at ``path`` (all, or those named in ``arms``) and write the results.
 
-    ``profile`` / ``smoke`` pick a reduced form as in :func:`load_ablation`. Results are rewritten after every
-    arm, so an interrupted ablation keeps what finished.
+    ``profile`` / ``smoke`` pick a reduced form as in :func:`load_ablation`. Every arm is checked first
+    (:func:`check_arms`; ``check=False`` skips that, for a caller that has just done it). Results are rewritten
+    after every row, so an interrupted ablation keeps what finished.
 
     Example (about 10 s on one CPU core)::
 
@@ -372,7 +411,8 @@ def run_ablation(
     out = Path(out) if out is not None else default_out(spec, profile)
     bench = {**DEFAULT_BENCHMARK, **(spec.get(f"{profile}_benchmark" if profile else "benchmark") or {})}
     title = spec["name"] + (f" ({profile})" if profile else "")
-    check_arms(resolved)
+    if check:
+        check_arms(resolved)
     rows: list[dict] = []
     points: list[tuple[str, float, float]] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -383,11 +423,12 @@ def run_ablation(
     rows += kept
     for i, arm in enumerate(resolved, 1):
         print(f"[ablate] {title}: arm {i}/{len(resolved)}: {arm.name}", flush=True)
-        rows += run_arm(arm, out, bench)
-        rows.sort(key=lambda row: order.get(_arm_of(row), len(order)))
-        write_csv(rows, out / "results.csv")
-        write_markdown(rows, out / "results.md", title=title, notes=spec.get("description", ""))
-        points = plot_pareto(rows, out / "pareto.png", title=title)
+        for row in _arm_rows(arm, out, bench):
+            rows.append(row)
+            rows.sort(key=lambda r: order.get(_arm_of(r), len(order)))
+            write_csv(rows, out / "results.csv")
+            write_markdown(rows, out / "results.md", title=title, notes=spec.get("description", ""))
+            points = plot_pareto(rows, out / "pareto.png", title=title)
     print(f"[ablate] {title}: results in {out}", flush=True)
     return AblationResult(rows, points, out)
 
@@ -436,11 +477,11 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
     arms = None if args.arms is None else [a for a in args.arms.split(",") if a]
     if arms == []:
         parser.error("--arms is empty; name at least one arm, or leave --arms out to run them all")
-    try:  # a bad YAML, path, profile or arm name: one line and exit status 2, as for a bad option
-        _select(args.ablation, args.out, arms, _profile(args.smoke, args.profile))
+    try:  # a bad YAML, path, profile, arm name or arm option: one line and exit status 2, as for a bad option
+        check_arms(_select(args.ablation, args.out, arms, _profile(args.smoke, args.profile))[2])
     except (ValueError, FileNotFoundError, yaml.YAMLError) as error:
         parser.error(str(error))
-    result = run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms, profile=args.profile)
+    result = run_ablation(args.ablation, smoke=args.smoke, out=args.out, arms=arms, profile=args.profile, check=False)
     print(markdown_table(result.rows), flush=True)
     return result
 

@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from .callbacks import RNGStateCheckpoint
 from .module import ImageClassifier
 
-__all__ = ["DEFAULT_LOGGERS", "RecipeCLI", "main"]
+__all__ = ["DEFAULT_LOGGERS", "RecipeCLI", "check_config", "main"]
 
 DEFAULT_LOGGERS = [
     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "recipes"}},
@@ -56,6 +56,15 @@ class RecipeCLI(LightningCLI):
             )
 
 
+def _cli_kwargs() -> dict:
+    return dict(
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": DEFAULT_LOGGERS, "callbacks": [RNGStateCheckpoint()]},
+    )
+
+
 def main(args: list[str] | dict | None = None, run: bool = True) -> RecipeCLI:
     """Run the recipes CLI (``args`` as on the command line, or a config dict; ``None`` reads ``sys.argv``).
 
@@ -63,13 +72,47 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> RecipeCLI:
 
         python -m recipes fit --config recipes/configs/synthetic_fastervit.yaml --trainer.fast_dev_run 2
     """
-    return RecipeCLI(
-        ImageClassifier,
-        pl.LightningDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": DEFAULT_LOGGERS, "callbacks": [RNGStateCheckpoint()]},
-        args=args,
-        run=run,
-    )
+    return RecipeCLI(ImageClassifier, pl.LightningDataModule, args=args, run=run, **_cli_kwargs())
+
+
+class _ParseOnlyCLI(RecipeCLI):
+    """The recipes CLI's parser and nothing else: no seeding, no classes built, no subcommand run."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def check_config(config: str | os.PathLike, subcommand: str = "fit") -> None:
+    """Parse ``python -m recipes <subcommand> --config <config>`` as the CLI would, without building or running
+    anything; ``ValueError`` with the parser's message for an option the CLI does not accept (a misspelt
+    trainer option, an unknown top-level key, a data module argument that does not exist).
+
+    >>> import pathlib, tempfile, yaml
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.yaml"
+    >>> _ = path.write_text(yaml.safe_dump({"trainer": {"max_epoch": 3}}))
+    >>> check_config(path)
+    Traceback (most recent call last):
+    ...
+    ValueError: ...: Subcommand 'fit' does not accept option 'trainer.max_epoch'
+    """
+    from jsonargparse import ArgumentError
+
+    try:
+        _ParseOnlyCLI(
+            ImageClassifier,
+            pl.LightningDataModule,
+            args=[subcommand, "--config", str(config)],
+            parser_kwargs={"exit_on_error": False},
+            **_cli_kwargs(),
+        )
+    except ArgumentError as error:
+        raise ValueError(f"{config}: {error}") from None

@@ -258,3 +258,71 @@ def test_kept_rows_keep_their_numbers(tmp_path):
     assert kept[0] == {"arm": "a", "top1": 0.5, "params": 28_312_456, "resolution": 224}
     write_csv(kept, path)
     assert "28312456" in path.read_text()
+
+
+def _tiny_spec(tmp_path, arms, trainer=None):
+    base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
+    smoke_trainer = {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 1, "num_sanity_val_steps": 0,
+                     "enable_model_summary": False, "enable_progress_bar": False, **(trainer or {})}  # fmt: skip
+    spec = {
+        "name": "tiny",
+        "base": str(base),
+        "smoke": {
+            "trainer": smoke_trainer,
+            # FasterViT's own name for the input size, as a user of fastervit.create_model would write it
+            # (the base config's img_size set to null)
+            "model": {"model_kwargs": {"img_size": None, "resolution": 32, "dim": 16, "in_dim": 16,
+                                       "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4],
+                                       "window_size": [4, 4, 2, 2]}},  # fmt: skip
+            "data": {"init_args": {"image_size": 32, "train_samples": 16, "val_samples": 16, "batch_size": 8,
+                                   "num_workers": 0, "distractors": 0, "grid": 2, "min_cell_distance": 1}},  # fmt: skip
+        },
+        "smoke_benchmark": {"batch_size": 2, "warmup": 0, "iters": 1},
+        "arms": arms,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_arm_options_and_eval_scales_are_checked_before_any_arm_trains(tmp_path, capsys):
+    typo = _tiny_spec(tmp_path, [{"name": "a"}, {"name": "b", "overrides": {"trainer": {"max_epoch": 3}}}])
+    with pytest.raises(SystemExit) as stop:
+        main([str(typo), "--smoke", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "arm 'b': Subcommand 'fit' does not accept option 'trainer.max_epoch'" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "runs").exists()  # arm a did not train first
+    # at 64 px stage 3 (window 2) has four windows and so carrier tokens, which the 32 px model (one window)
+    # has not: its trained weights cannot be evaluated there
+    grows = _tiny_spec(tmp_path, [{"name": "a", "eval_scales": [2.0]}])
+    with pytest.raises(ValueError, match=r"arm 'a': eval scale 2.0 \(64 px\) cannot be evaluated.*global_tokenizer"):
+        run_ablation(grows, smoke=True, out=tmp_path / "out")
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_eval_scale_rows_use_the_arm_setup_and_a_trained_row_outlives_a_failing_scale(tmp_path, monkeypatch):
+    import recipes.ablate as ablate
+
+    no_ct = {"model": {"model_kwargs": {"hat": [False, False, False, False]}}}
+    path = _tiny_spec(
+        tmp_path,
+        [{"name": "a", "overrides": no_ct, "eval_scales": [1.0, 2.0]}, {"name": "b", "eval_scales": [1.0]}],
+        trainer={"limit_val_batches": 1},  # LightningCLI reads an int 1 as 1.0: every batch (two here)
+    )
+    real = ablate._evaluate_at
+
+    def evaluate_at(arm, *args):
+        if arm.name == "b":
+            raise RuntimeError("scale evaluation failed")
+        return real(arm, *args)
+
+    monkeypatch.setattr(ablate, "_evaluate_at", evaluate_at)
+    with pytest.raises(RuntimeError, match="scale evaluation failed"):
+        run_ablation(path, smoke=True, out=tmp_path / "out")
+    rows = {row["arm"]: row for row in read_csv(tmp_path / "out" / "results.csv")}
+    assert list(rows) == ["a", "a@32", "a@64", "b"]  # b trained: its row is kept
+    # the model rebuilt at the training size on the same validation batches scores exactly the same
+    for key in ("top1", "top5", "loss", "params", "gflops"):
+        assert rows["a@32"][key] == rows["a"][key], key
+    assert float(rows["a@64"]["gflops"]) > float(rows["a"]["gflops"])  # the model was rebuilt at 64 px

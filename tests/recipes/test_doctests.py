@@ -9,6 +9,7 @@ MODULES = [
     "hatplug.mixers",
     "recipes.ablate",
     "recipes.callbacks",
+    "recipes.cli",
     "recipes.data.base",
     "recipes.data.cifar",
     "recipes.data.folder",
