@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["LabelledProgressBar", "RNGStateCheckpoint"]
+__all__ = ["LabelledProgressBar", "PredictionWriter", "RNGStateCheckpoint"]
 
 
 class LabelledProgressBar(TQDMProgressBar):
@@ -79,3 +81,40 @@ class RNGStateCheckpoint(pl.Callback):
                     f"{torch.cuda.device_count()}: CUDA random numbers start afresh (a resumed fit repeats the "
                     "uninterrupted one only with the same CUDA_VISIBLE_DEVICES)"
                 )
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what ``predict`` returned to ``<log dir>/predictions.pt``: ``{"predictions": (N, ...) tensor,
+    "indices": (N,) sample indices into the predicted data set}`` (one file per process under DDP,
+    ``predictions-rank<r>.pt``). The recipes CLI adds it to every run, so ``python -m recipes predict`` keeps
+    the class probabilities it computes (LightningCLI itself discards them).
+
+    >>> PredictionWriter().filename(rank=0, world_size=1), PredictionWriter().filename(rank=1, world_size=2)
+    ('predictions.pt', 'predictions-rank1.pt')
+    """
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    @staticmethod
+    def filename(rank: int, world_size: int) -> str:
+        return "predictions.pt" if world_size == 1 else f"predictions-rank{rank}.pt"
+
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence, batch_indices: Sequence
+    ) -> None:
+        if not predictions:
+            return
+        if isinstance(predictions[0], list):  # several predict dataloaders: not what the recipes make
+            raise ValueError("PredictionWriter writes one predict dataloader's outputs; got several")
+        indices = _flatten(batch_indices)  # Lightning nests them per dataloader, then per batch
+        out = Path(trainer.log_dir or trainer.default_root_dir) / self.filename(trainer.global_rank, trainer.world_size)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"predictions": torch.cat([p.cpu() for p in predictions]), "indices": torch.tensor(indices)}, out)
+        rank_zero_info(f"predictions written to {out}")
+
+
+def _flatten(nested: Any) -> list[int]:
+    if isinstance(nested, (list, tuple)):
+        return [i for item in nested for i in _flatten(item)]
+    return [int(nested)]

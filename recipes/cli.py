@@ -8,13 +8,14 @@ ran is saved next to the logs as ``config.yaml`` (LightningCLI's ``SaveConfigCal
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import RNGStateCheckpoint
-from .module import ImageClassifier
+from .callbacks import PredictionWriter, RNGStateCheckpoint
+from .module import ImageClassifier, weights_from_checkpoint
 
 __all__ = ["DEFAULT_LOGGERS", "RecipeCLI", "check_config", "main"]
 
@@ -33,19 +34,20 @@ class RecipeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path <file>`` every weight comes from that checkpoint, so the model's warm-start file
         (``model.init_checkpoint``) is not read: it need not exist any more when a run is resumed, tested or
-        used to predict."""
+        used to predict. The config that is saved, and the model's hyper-parameters, keep its path."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
         # only a checkpoint that is there: "last" / "best" / a missing file can leave Lightning starting from
         # scratch (it warns and trains when no last checkpoint exists yet), and then the warm start must happen
-        if ckpt_path and os.path.isfile(ckpt_path) and config.get("model.init_checkpoint"):
-            config["model.init_checkpoint"] = None
+        self._weights_from_checkpoint = bool(ckpt_path and os.path.isfile(ckpt_path))
         self._requested_num_classes = config.get("model.num_classes")
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, then a check: the link overwrites a ``model.num_classes`` given in a config file with
         the data module's, which would silently train another classifier than the one asked for."""
-        super().instantiate_classes()
+        skip = getattr(self, "_weights_from_checkpoint", False)
+        with weights_from_checkpoint() if skip else contextlib.nullcontext():  # the config keeps the path
+            super().instantiate_classes()
         requested = getattr(self, "_requested_num_classes", None)
         found = getattr(self.datamodule, "num_classes", None)
         if requested is not None and found is not None and requested != found:
@@ -61,7 +63,7 @@ def _cli_kwargs() -> dict:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"logger": DEFAULT_LOGGERS, "callbacks": [RNGStateCheckpoint()]},
+        trainer_defaults={"logger": DEFAULT_LOGGERS, "callbacks": [RNGStateCheckpoint(), PredictionWriter()]},
     )
 
 

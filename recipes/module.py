@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -27,7 +30,7 @@ from hatplug.checkpoint import load_checkpoint
 
 from .models import create_model
 
-__all__ = ["ImageClassifier", "convert_model", "warmup_cosine"]
+__all__ = ["ImageClassifier", "convert_model", "warmup_cosine", "weights_from_checkpoint"]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, warmup_start: float, min_ratio: float) -> float:
@@ -58,6 +61,23 @@ def convert_model(model: nn.Module, options: dict) -> nn.Module:
     return model if converted is None else converted
 
 
+_WEIGHTS_FROM_CHECKPOINT = False
+
+
+@contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Inside this block :class:`ImageClassifier` does not read its ``init_checkpoint`` (it still records it):
+    every weight is about to come from a checkpoint (``load_from_checkpoint``, the CLI's ``--ckpt_path``), so
+    the warm-start file need not exist any more, and the saved config and hyper-parameters still say which
+    warm start the run began from."""
+    global _WEIGHTS_FROM_CHECKPOINT
+    previous, _WEIGHTS_FROM_CHECKPOINT = _WEIGHTS_FROM_CHECKPOINT, True
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT = previous
+
+
 class ImageClassifier(pl.LightningModule):
     """Image classification with any timm / FasterViT / recipe model.
 
@@ -86,9 +106,9 @@ class ImageClassifier(pl.LightningModule):
     def __init__(
         self,
         model: str | nn.Module = "faster_vit_0_any_res",
-        model_kwargs: dict | None = None,
+        model_kwargs: dict[str, Any] | None = None,
         num_classes: int | None = None,
-        convert: dict | None = None,
+        convert: dict[str, Any] | None = None,
         init_checkpoint: str | os.PathLike | None = None,
         label_smoothing: float = 0.0,
         optimizer: str = "adamw",
@@ -110,9 +130,14 @@ class ImageClassifier(pl.LightningModule):
         else:
             kwargs = dict(model_kwargs or {})
             if num_classes is not None:
+                if kwargs.get("num_classes", num_classes) != num_classes:
+                    raise ValueError(
+                        f"model_kwargs.num_classes is {kwargs['num_classes']} but num_classes is {num_classes} (the "
+                        "CLI links it from the data module): remove num_classes from model_kwargs"
+                    )
                 kwargs["num_classes"] = num_classes
             self.model = create_model(model, **kwargs)
-        if init_checkpoint is not None:
+        if init_checkpoint is not None and not _WEIGHTS_FROM_CHECKPOINT:
             new_head: list[str] = []  # classifier keys left at their init, filled by _warm_start_state
             load_checkpoint(
                 self.model,
@@ -141,8 +166,8 @@ class ImageClassifier(pl.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
         """Lightning's ``load_from_checkpoint``; the checkpoint holds every weight, so the warm-start file
         that its run started from (``init_checkpoint``) is not read and need not exist any more."""
-        kwargs.setdefault("init_checkpoint", None)
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+        with weights_from_checkpoint():
+            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -17,8 +17,9 @@ __all__ = ["ImageFolderDataModule"]
 class ImageFolderDataModule(MixupDataModule):
     """Train/val loaders over an ImageNet-layout folder, with FasterViT's training augmentation by default.
 
-    Training images get timm's ``RandomResizedCrop`` + flip + colour jitter + RandAugment (``auto_augment``) +
-    random erasing (``re_prob``); validation images are resized and centre-cropped with ``crop_pct``.
+    Training images get timm's ``RandomResizedCrop`` + flip + RandAugment (``auto_augment``; colour jitter
+    instead when it is ``None``) + random erasing (``re_prob``); validation images are resized and centre-cropped
+    with ``crop_pct``.
     Mixup/CutMix: see :class:`~recipes.data.base.MixupDataModule`. The defaults are FasterViT's recipe
     (RandAugment ``rand-m9-mstd0.5-inc1``, Mixup 0.8, CutMix 1.0, random erasing 0.25, crop_pct 0.875).
 
@@ -28,7 +29,7 @@ class ImageFolderDataModule(MixupDataModule):
         batch_size: per-device batch size.
         num_workers: loader processes.
         auto_augment: timm auto-augment string, or ``None``.
-        color_jitter: colour jitter strength.
+        color_jitter: colour jitter strength; timm applies it only when ``auto_augment`` is ``None``.
         re_prob: random-erasing probability.
         crop_pct: evaluation centre-crop fraction.
         train_interpolation: interpolation of the training crops (``"random"`` mixes bilinear and bicubic).

@@ -86,7 +86,8 @@ class SameShapeDataset(Dataset):
             readable from pixels by a linear map, so a short training run measures communication between windows
             rather than shape recognition.
         cache: keep every rendered image in memory (``4 * 3 * image_size**2`` bytes each) instead of drawing
-            it again every epoch.
+            it again every epoch (with loader processes, :class:`SyntheticDataModule` renders them all in
+            ``setup``, since the processes and their memory end with every epoch).
         seed: data set seed.
         split: ``"train"`` or ``"val"``: the two draw from disjoint random streams.
 
@@ -193,6 +194,13 @@ class SameShapeDataset(Dataset):
         image += rng.normal(0.0, self.noise, size=image.shape).astype(np.float32)
         return image, label
 
+    def fill_cache(self) -> None:
+        """Render every image now (with ``cache=True``; nothing to do without). Loader processes restart every
+        epoch and their caches go with them, so a data set used with ``num_workers > 0`` is filled up front."""
+        if self._cache is not None:
+            for index in range(len(self)):
+                self[index]
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
@@ -273,3 +281,6 @@ class SyntheticDataModule(RecipeDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._dataset("train", self.train_samples)
         self.val_set = self._dataset("val", self.val_samples)
+        if self.num_workers > 0:  # with cache=True: the loader processes inherit every rendered image
+            self.train_set.fill_cache()
+            self.val_set.fill_cache()

@@ -1,9 +1,11 @@
 """``python -m recipes``: LightningCLI runs, saved configs, fast_dev_run, exact resume, and DDP on CPU."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from recipes.cli import main
 
@@ -90,8 +92,16 @@ def test_test_and_predict_subcommands_and_loading_without_the_warm_start_file(tm
     loaded = ImageClassifier.load_from_checkpoint(checkpoint)
     a, b = warm.model.state_dict(), loaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.hparams.init_checkpoint == str(weights)  # recorded, not read
     with pytest.raises(TypeError, match="cannot be called on an instance"):  # Lightning's guard is kept
         loaded.load_from_checkpoint(checkpoint)
+    # resuming the fit: the file is not read either, and the run's saved config still names the warm start
+    # (it said null, so running that config.yaml again trained from a random init)
+    resumed_config = tiny_config(tmp_path, "warm", trainer={"max_epochs": 2}, model={"init_checkpoint": str(weights)})
+    resumed = _fit(resumed_config, "--ckpt_path", str(checkpoint))
+    assert resumed.trainer.current_epoch == 2 and resumed.model.hparams.init_checkpoint == str(weights)
+    saved = yaml.safe_load((tmp_path / "warm" / "version_1" / "config.yaml").read_text())
+    assert saved["model"]["init_checkpoint"] == str(weights)
 
     tested = main(["test", "--config", str(tiny_config(tmp_path, "warm")), "--ckpt_path", str(checkpoint)])
     metrics = tested.trainer.callback_metrics
@@ -101,6 +111,9 @@ def test_test_and_predict_subcommands_and_loading_without_the_warm_start_file(tm
     probs = torch.cat(predicted.trainer.predict_loop.predictions)
     assert probs.shape == (TINY["data"]["init_args"]["val_samples"], 2)
     assert torch.allclose(probs.sum(-1), torch.ones(len(probs)))
+    written = torch.load(Path(predicted.trainer.log_dir) / "predictions.pt", weights_only=True)  # not discarded
+    assert torch.equal(written["predictions"], probs)
+    assert written["indices"].tolist() == list(range(len(probs)))  # the held-out split, in order
 
 
 @pytest.mark.slow
@@ -140,3 +153,16 @@ def test_a_num_classes_in_the_config_that_the_data_contradicts_is_refused(tmp_pa
         main(["--config", str(tiny_config(tmp_path, model={"num_classes": 5}))], run=False)
     cli = main(["--config", str(tiny_config(tmp_path, "same", model={"num_classes": 2}))], run=False)
     assert cli.model.num_classes == 2  # a saved config.yaml that repeats the linked value still runs
+    with pytest.raises(ValueError, match="model_kwargs.num_classes is 10 but num_classes is 2"):
+        main(["--config", str(tiny_config(tmp_path, "kw", model={"model_kwargs": {"num_classes": 10}}))], run=False)
+
+
+def test_model_kwargs_given_one_by_one_on_the_command_line_keep_their_types(tmp_path):
+    config = str(tiny_config(tmp_path))
+    cli = main(["--config", config, "--model.model_kwargs.drop_path_rate", "0.1",
+                "--model.model_kwargs.window_size", "[4, 4, 2, 2]"], run=False)  # fmt: skip
+    kwargs = cli.config.model.model_kwargs
+    assert kwargs["drop_path_rate"] == 0.1 and kwargs["window_size"] == [4, 4, 2, 2]  # not the strings
+    assert kwargs["dim"] == main(["--config", config], run=False).config.model.model_kwargs["dim"]  # merged in
+    rates = [b.drop_path.drop_prob for b in cli.model.model.levels[2].blocks if hasattr(b.drop_path, "drop_prob")]
+    assert rates and max(rates) > 0

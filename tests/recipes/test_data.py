@@ -82,6 +82,18 @@ def test_colour_by_shape_and_cache():
     assert len(colours) == 1  # label 1: both objects have the same shape, hence the same colour
 
 
+def test_cache_with_loader_processes_is_filled_before_they_start():
+    # loader processes end with every epoch, and the images they cached with them: the cache did nothing
+    options = dict(image_size=32, train_samples=16, val_samples=8, batch_size=4, grid=4)
+    cached = SyntheticDataModule(**options, num_workers=2, cache=True)
+    cached.setup("fit")
+    assert len(cached.train_set._cache) == 16 and len(cached.val_set._cache) == 8
+    plain = SyntheticDataModule(**options)
+    plain.setup("fit")
+    for (a, y), (b, z) in zip(cached.train_dataloader(), plain.train_dataloader(), strict=True):
+        assert torch.equal(a, b) and torch.equal(y, z)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="cannot place 3 objects"):
         SameShapeDataset(4, 32, grid=2, num_objects=3, min_cell_distance=2)
