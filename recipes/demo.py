@@ -20,7 +20,7 @@ import torch
 
 from hatplug.bench import machine_info
 
-from .ablate import ABLATIONS, AblationResult, run_ablation
+from .ablate import ABLATIONS, AblationResult, _select, run_ablation
 from .report import markdown_table
 
 __all__ = ["main"]
@@ -58,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
         logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
     arms = args.arms.split(",") if args.arms else None
+    try:  # an unknown arm name: one line and exit status 2, as in python -m recipes.ablate
+        _select(ABLATION, args.out, arms, "cpu")
+    except ValueError as error:
+        parser.error(str(error))
     result = run_ablation(ABLATION, profile="cpu", out=args.out, arms=arms)
     print("\n" + summary(result, time.perf_counter() - start), flush=True)
     return result

@@ -42,3 +42,12 @@ def test_summary_prints_the_measured_rows(tmp_path, capsys):
     assert [r["arm"] for r in shown] == ["swin", "swin_hat_warm"]
     assert list(shown[0]) == demo.SHOWN
     assert shown == [{k: row[k] for k in demo.SHOWN} for row in csv_rows]
+
+
+def test_an_unknown_arm_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--arms", "swn", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "no arms named ['swn']" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing ran
