@@ -35,13 +35,14 @@ import datetime
 import difflib
 import gc
 import importlib
+import inspect
 import math
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "machine_info",
     "main",
     "plot_sweep",
+    "sweep_figure",
     "resolution_sweep",
     "size_label",
     "results_to_csv",
@@ -202,6 +204,7 @@ CSV_COLUMNS = [
     "spread_pct",
     "repeats",
     "iters",
+    "samples_per_sec_runs",
 ]
 SWEEP_COLUMNS = [
     "model",
@@ -217,6 +220,7 @@ SWEEP_COLUMNS = [
     "channels_last",
     "compiled",
     "skipped",
+    "ms_per_image_runs",
 ]
 
 
@@ -274,7 +278,7 @@ class BenchResult:
         return {
             "model": self.model,
             "infer_samples_per_sec": f"{self.samples_per_sec:.2f}",
-            "infer_step_time": f"{self.step_time_ms:.2f}",
+            "infer_step_time": f"{self.step_time_ms:.3f}",  # timm rounds to 3 decimals
             "infer_batch_size": str(self.batch_size),
             "infer_img_size": size_label(self.img_size),
             "param_count": f"{self.param_count:.2f}",
@@ -287,6 +291,8 @@ class BenchResult:
             "spread_pct": f"{self.spread_pct:.1f}",
             "repeats": str(len(self.samples_per_sec_runs)),
             "iters": str(self.iters),
+            # every repeat, in run order: the paired ratios can be recomputed from the CSV alone
+            "samples_per_sec_runs": ";".join(f"{v:.6g}" for v in self.samples_per_sec_runs),
         }
 
 
@@ -340,6 +346,7 @@ class SweepPoint:
             "channels_last": str(self.channels_last),
             "compiled": str(self.compiled),
             "skipped": self.skipped,
+            "ms_per_image_runs": ";".join(f"{v:.6g}" for v in self.ms_per_image_runs),
         }
 
 
@@ -359,6 +366,14 @@ class _Unfused(nn.Module):
             return self.model(x)
 
 
+def _takes_img_size(function: Callable) -> bool:
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass the size and let it say
+        return True
+    return any(p.name == "img_size" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def build_model(name: str, img_size: Size | None = None) -> nn.Module:
     """Create ``name`` through timm (FasterViT and hatplug models included), for ``img_size`` if given.
 
@@ -370,7 +385,8 @@ def build_model(name: str, img_size: Size | None = None) -> nn.Module:
     (the plain modules, as before folding existed), to measure folding against it in one run. Any other
     name of the form ``package.module:function`` measures a model that timm does not know (another
     implementation, your own network): the function is imported and called as ``function(img_size=...)``
-    (without arguments when ``img_size`` is ``None``) and must return an ``nn.Module``.
+    (without arguments when ``img_size`` is ``None`` or the function takes no ``img_size``: it then builds
+    its own default size, as timm models without the argument do) and must return an ``nn.Module``.
 
     >>> build_model("faster_vit_0_any_res", img_size=320).img_size
     (320, 320)
@@ -383,7 +399,7 @@ def build_model(name: str, img_size: Size | None = None) -> nn.Module:
         return _Unfused(build_model(name[: -len(UNFUSED_SUFFIX)], img_size)).eval()
     if _is_import_path(name):
         factory = _factory(name)
-        model = factory() if img_size is None else factory(img_size=img_size)
+        model = factory(img_size=img_size) if img_size is not None and _takes_img_size(factory) else factory()
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} returned {type(model).__name__}, not an nn.Module")
         return model.eval()
@@ -790,7 +806,7 @@ def results_to_markdown(results: Sequence[BenchResult], peers: Sequence[str] = (
 
     >>> r = BenchResult("a", [10.0, 12.0], 1, 224, 1.0, "cpu", "none", False, False, 1, "a", 1.0)
     >>> print(results_to_markdown([r]).splitlines()[2])
-    | a | 11.00 | 90.91 | 1 | 224 | 1.00 | 1.000 | 18.2 |
+    | a | 11.00 | 90.909 | 1 | 224 | 1.00 | 1.000 | 18.2 |
     """
     by_name = {r.model: r for r in results}
     peers = [p for p in dict.fromkeys(peers) if p in by_name and (not results or p != results[0].baseline)]
@@ -808,16 +824,20 @@ def results_to_markdown(results: Sequence[BenchResult], peers: Sequence[str] = (
     return _markdown_table(header, rows, [False] + [True] * (len(header) - 1))
 
 
-def results_to_csv(results: Sequence[BenchResult], path: str | os.PathLike) -> None:
-    """Write a :func:`benchmark` run as CSV in timm ``benchmark.py`` columns (:data:`CSV_COLUMNS`).
+def results_to_csv(results: Sequence[BenchResult], path: str | os.PathLike, peers: Sequence[str] = ()) -> None:
+    """Write a :func:`benchmark` run as CSV in timm ``benchmark.py`` columns (:data:`CSV_COLUMNS`), plus a
+    ``ratio_vs_<peer>`` column (paired, like ``ratio_vs_baseline``) for each of ``peers`` that was measured.
 
     >>> import tempfile, os
     >>> r = BenchResult("a", [10.0], 1, 224, 1.0, "cpu", "none", False, False, 1, "a", 1.0)
     >>> p = os.path.join(tempfile.mkdtemp(), "r.csv"); results_to_csv([r], p)
     >>> open(p).read().splitlines()[1].split(",")[:3]
-    ['a', '10.00', '100.00']
+    ['a', '10.00', '100.000']
     """
-    _write_csv(path, CSV_COLUMNS, [r.as_row() for r in results])
+    by_name = {r.model: r for r in results}
+    peers = [p for p in dict.fromkeys(peers) if p in by_name]
+    rows = [{**r.as_row(), **{f"ratio_vs_{p}": f"{r.ratio_to(by_name[p]):.3f}" for p in peers}} for r in results]
+    _write_csv(path, CSV_COLUMNS + [f"ratio_vs_{p}" for p in peers], rows)
 
 
 def sweep_to_csv(points: Sequence[SweepPoint], path: str | os.PathLike) -> None:
@@ -825,8 +845,8 @@ def sweep_to_csv(points: Sequence[SweepPoint], path: str | os.PathLike) -> None:
 
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "s.csv"); sweep_to_csv([SweepPoint("m", 64, 1, skipped="x")], p)
-    >>> open(p).read().splitlines()[1].endswith(",x")
-    True
+    >>> open(p).read().splitlines()[1].split(",")[-2:]  # skipped (why), and no repeats
+    ['x', '']
     """
     _write_csv(path, SWEEP_COLUMNS, [p.as_row() for p in points])
 
@@ -889,6 +909,13 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
     >>> open(p, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
     True
     """
+    fig = sweep_figure(points, title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def sweep_figure(points: Sequence[SweepPoint], title: str = ""):
+    """The matplotlib ``Figure`` that :func:`plot_sweep` saves (latency panel first, cost panel second)."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
     from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator, ScalarFormatter
 
@@ -910,14 +937,21 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
         ax_t.plot(side, [p.ms_per_image for p in pts], marker="o", label=label)
         ax_c.plot(side, [p.cost_per_pixel_rel for p in pts], marker="o", label=label)
     ax_c.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="linear in pixels (k = 1)")
-    smallest = "/".join(next(iter(ticks.values()))) if ticks else "1"
+    firsts = {min(p.pixels for p in measured if p.model == m) for m in {p.model for p in measured}}
+    if len(firsts) == 1:  # every model's cost is relative to the same size
+        reference = "relative to " + "/".join(next(iter(ticks.values()))) + " px"
+    else:
+        reference = "relative to each model's smallest measured size"
     ax_t.set_yscale("log")  # latency spans decades; relative cost per pixel stays within a few x
     ax_t.yaxis.set_major_formatter(ScalarFormatter())
-    ax_t.yaxis.set_minor_formatter(NullFormatter())
+    latencies = [p.ms_per_image for p in measured]
+    spans_a_decade = bool(latencies) and max(latencies) >= 10 * min(latencies)
+    # within one decade there may be no power of ten on the axis at all: label the minor ticks then
+    ax_t.yaxis.set_minor_formatter(NullFormatter() if spans_a_decade else ScalarFormatter())
     ax_c.set_ylim(bottom=0)
     for ax, ylabel in (
         (ax_t, "latency per image (ms)"),
-        (ax_c, f"time per pixel, relative to {smallest} px"),
+        (ax_c, f"time per pixel, {reference}"),
     ):
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(FixedLocator(list(ticks)))
@@ -928,12 +962,12 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_title("Latency per image")
     ax_c.set_title("Cost per pixel (k = fitted growth exponent, t ~ pixels^k)")
+    ax_t.legend(fontsize=8)
     ax_c.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -1137,7 +1171,7 @@ def _run(s: dict, command: str, info: dict[str, str]) -> None:
     if s.get("csv") and sweep:
         sweep_to_csv(points, s["csv"])
     elif s.get("csv"):
-        results_to_csv(results, s["csv"])
+        results_to_csv(results, s["csv"], s.get("peers", ()))
     if s.get("markdown"):
         Path(s["markdown"]).parent.mkdir(parents=True, exist_ok=True)
         Path(s["markdown"]).write_text(report)

@@ -82,6 +82,24 @@ def test_benchmark_csv_and_markdown_agree(tiny_results, tmp_path):
     assert by_model["test_convnext"]["ratio_vs_baseline"] == "1.000"
 
 
+def test_csv_alone_reproduces_the_ratios(tiny_results, tmp_path):
+    # the ratios are medians of per-repeat ratios, which the medians in the CSV cannot give: every repeat is
+    # written, and a column per peer
+    path = tmp_path / "peers.csv"
+    results_to_csv(tiny_results, path, peers=["test_vit", "not_measured"])
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS + ["ratio_vs_test_vit"]
+        rows = {r["model"]: r for r in reader}
+    runs = {name: [float(v) for v in row["samples_per_sec_runs"].split(";")] for name, row in rows.items()}
+    for name, row in rows.items():
+        assert len(runs[name]) == int(row["repeats"]) == 3
+        assert float(row["infer_samples_per_sec"]) == pytest.approx(sorted(runs[name])[1], abs=6e-3)
+        for column, other in (("ratio_vs_baseline", "test_convnext"), ("ratio_vs_test_vit", "test_vit")):
+            paired = sorted(a / b for a, b in zip(runs[name], runs[other]))[1]  # median of three
+            assert float(row[column]) == pytest.approx(paired, abs=1.5e-3), (name, column)
+
+
 def test_ratios_are_paired_per_repeat(tiny_results):
     vit, convnext, fastervit = tiny_results
     assert convnext.ratio_vs_baseline == 1.0
@@ -124,6 +142,8 @@ def test_models_outside_timm_by_import_path(tmp_path, monkeypatch):
         "    return nn.Sequential(nn.Conv2d(3, 4, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
         "def not_a_model(img_size=None):\n"
         "    return 'model'\n"
+        "def sizeless():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     rows = benchmark(["test_convnext", "my_peers:tiny"], **TINY)
@@ -134,6 +154,9 @@ def test_models_outside_timm_by_import_path(tmp_path, monkeypatch):
 
     calls = my_peers.SIZES
     assert calls == [TINY["img_size"]]  # called once, with the run's input size
+    # a function without img_size builds its own size (as timm models without the argument do); it was
+    # called with img_size= and failed with advice to change the size
+    assert benchmark(["my_peers:sizeless"], **TINY)[0].param_count == pytest.approx((3 * 4 * 9 + 4) / 1e6)
     with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
         benchmark(["no_such_module:tiny"], **TINY)
     with pytest.raises(ValueError, match="has no function 'missing'"):
@@ -199,6 +222,12 @@ def test_sweep_csv_markdown_and_plot(sweep_points, tmp_path):
         cells = md[(row["model"], row["img_size"])]
         assert cells[3:7] == [row["ms_per_image"], row["ms_per_megapixel"], row["cost_per_pixel_rel"], row["skipped"]]
     assert "growth exponent" in text and "patch size" in text
+    measured = {(r["model"], r["img_size"]): r for r in rows if not r["skipped"]}
+    for (name, _), row in measured.items():  # the relative cost, recomputed from the CSV's own repeats
+        runs = [float(v) for v in row["ms_per_image_runs"].split(";")]
+        ref = [float(v) for v in measured[(name, "32")]["ms_per_image_runs"].split(";")]
+        paired = [(t / int(row["pixels"])) / (t0 / 32**2) for t, t0 in zip(runs, ref)]
+        assert float(row["cost_per_pixel_rel"]) == pytest.approx(math.sqrt(paired[0] * paired[1]), abs=1.5e-3)
 
     plot_sweep(sweep_points, tmp_path / "plots" / "sweep.png", title="test")
     data = (tmp_path / "plots" / "sweep.png").read_bytes()
@@ -390,3 +419,24 @@ def test_device_names_are_checked():
     for device, message in cases:
         with pytest.raises(bench.DeviceUnavailableError, match=message):
             benchmark(["test_vit"], device=device, **TINY)
+
+
+def test_sweep_plot_labels_latency_within_a_decade_and_names_each_reference():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def points(sizes_by_model):
+        pts = [SweepPoint(m, s, 1, ms_per_image_runs=[88 + s / 4]) for m, ss in sizes_by_model.items() for s in ss]
+        bench._fill_relative_cost(pts)
+        return pts
+
+    fig = bench.sweep_figure(points({"a": [224, 320], "b": [224, 320]}))
+    FigureCanvasAgg(fig).draw()
+    latency, cost = fig.axes
+    low, high = latency.get_ylim()
+    labels = [t for t in latency.get_yticklabels() + latency.get_yticklabels(minor=True)
+              if t.get_text() and low <= t.get_position()[1] <= high]  # fmt: skip
+    assert labels, "no number on the latency axis of a sweep that spans less than a decade"
+    assert cost.get_ylabel() == "time per pixel, relative to 224 px"
+    assert latency.get_legend() is not None
+    fig = bench.sweep_figure(points({"a": [224, 320], "b": [320, 448]}))
+    assert fig.axes[1].get_ylabel() == "time per pixel, relative to each model's smallest measured size"
