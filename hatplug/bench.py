@@ -1040,10 +1040,23 @@ def _parser() -> argparse.ArgumentParser:
         "OpenMP barrier stalls when other processes share the cores",
     )
     p.add_argument(
-        "--warmup", type=int, help="untimed forwards per model before timing (at least 1 runs: it checks the model)"
+        "--warmup",
+        type=int,
+        help="untimed forwards per model before timing (at least 1 runs: it checks the model); default "
+        f"{_BENCH_DEFAULTS['warmup']}, sweep {_SWEEP_DEFAULTS['warmup']}",
     )
-    p.add_argument("--repeats", type=int, help="timed repeats (median reported), interleaved over models")
-    p.add_argument("--iters", type=int, help="forwards per timed repeat")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed repeats (median reported), interleaved over models; default "
+        f"{_BENCH_DEFAULTS['repeats']}, sweep {_SWEEP_DEFAULTS['repeats']}",
+    )
+    p.add_argument(
+        "--iters",
+        type=int,
+        help=f"forwards per timed repeat; default {_BENCH_DEFAULTS['iters']}, sweep {_SWEEP_DEFAULTS['iters']} "
+        "(presets set their own)",
+    )
     p.add_argument(
         "--sweep", type=_size_list, help="resolution sweep over these sizes (sides or HxW), e.g. 224,320,448,224x448"
     )
