@@ -88,7 +88,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     """Map an official (or timm-saved) FasterViT state dict onto this implementation's keys.
 
     The official layout is ours, so this only strips wrappers: a leading ``encoder.`` (the official
-    detection/segmentation backbones) and ``_orig_mod.`` (``torch.compile``).
+    detection/segmentation backbones), ``_orig_mod.`` (``torch.compile``) and, when every key has it, ``model.``
+    (the state dict of a ``features_only`` backbone, whose FasterViT is its ``model``).
     """
     out = {}
     for key, value in state_dict.items():
@@ -96,6 +97,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
             if key.startswith(prefix):
                 key = key[len(prefix) :]
         out[key] = value
+    if out and all(key.startswith("model.") for key in out):  # FasterViT itself has no submodule "model"
+        out = {key[len("model.") :]: value for key, value in out.items()}
     return out
 
 
@@ -176,6 +179,8 @@ def _create(
         )
     if "out_indices" in kwargs and not kwargs.get("features_only"):
         raise ValueError("out_indices selects feature maps: pass it together with features_only=True")
+    if "out_indices" in kwargs:
+        _check_out_indices(kwargs["out_indices"], len(kwargs.get("depths", arch["depths"])))
     if "out_indices" in kwargs and not isinstance(kwargs["out_indices"], int):
         chosen = list(kwargs["out_indices"])
         if not chosen:
@@ -194,7 +199,9 @@ def _create(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "
             "published weights)"
         )
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    num_levels = len(kwargs.get("depths", arch["depths"]))
+    out_indices = kwargs.pop("out_indices", tuple(range(num_levels)))
+    pruned = _PrunedKeys(out_indices, num_levels) if kwargs.get("features_only") else None
     kwargs = {**arch, **kwargs}
     default = kwargs.pop("resolution")
     kwargs["img_size"] = img_size if img_size is not None else resolution if resolution is not None else default
@@ -218,6 +225,7 @@ def _create(
                     checkpoint_path,
                     strict=strict,
                     filter_fn=checkpoint_filter_fn,
+                    ignore_missing=pruned,
                     mismatch_hint="If the checkpoint was trained at another resolution, window size or number of "
                     "classes, pass adapt_geometry=True (keeps every tensor that fits, re-initialises the classifier "
                     "and the carrier-token tensors that do not, and reports which); otherwise strict=False loads "
@@ -238,7 +246,78 @@ def _create(
         if hasattr(inner, "load_report"):
             model.load_report = inner.load_report
         model.set_input_size = partial(_set_backbone_input_size, model)
+        # timm's training helpers, which the wrapper lacks; the names it gives parameters begin with "model."
+        model.set_grad_checkpointing = inner.set_grad_checkpointing
+        model.no_weight_decay = partial(_prefixed_no_weight_decay, inner)
+        model.group_matcher = partial(_prefixed_group_matcher, inner)
+        model.register_load_state_dict_pre_hook(_ClassifierKeysIntoBackbone(pruned))
     return model
+
+
+def _prefixed_no_weight_decay(inner: FasterViT) -> set[str]:
+    return {f"model.{name}" for name in inner.no_weight_decay()}
+
+
+def _prefixed_group_matcher(inner: FasterViT, coarse: bool = False) -> dict:
+    def prefix(pattern: str) -> str:
+        return r"^model\." + pattern[1:] if pattern.startswith("^") else r"model\." + pattern
+
+    matcher = {}
+    for group, spec in inner.group_matcher(coarse).items():
+        if isinstance(spec, str):
+            matcher[group] = prefix(spec)
+        else:
+            matcher[group] = [(prefix(pattern), suffix) for pattern, suffix in spec]
+    return matcher
+
+
+def _check_out_indices(out_indices, num_levels: int) -> None:
+    """A ``ValueError`` naming the problem for ``out_indices`` outside the model's levels (timm asserts)."""
+    if isinstance(out_indices, bool):
+        raise ValueError(f"out_indices must be an int or a sequence of level indices, got {out_indices!r}")
+    if isinstance(out_indices, int):
+        if not 1 <= out_indices <= num_levels:
+            raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} levels of {num_levels}")
+        return
+    bad = [i for i in out_indices if isinstance(i, bool) or not isinstance(i, int) or not -num_levels <= i < num_levels]
+    if bad:
+        raise ValueError(
+            f"out_indices={tuple(out_indices)}: {bad} not level indices of this model, which has {num_levels} levels "
+            f"(0..{num_levels - 1}, or -{num_levels}..-1 from the end)"
+        )
+
+
+class _PrunedKeys:
+    """Keys that a ``features_only`` backbone for ``out_indices`` prunes (the levels after the last one it
+    returns, that level's downsample, the final norm and the head): a checkpoint saved from such a backbone
+    lacks them, and the FasterViT built before the wrapping need not find them. A class, not a closure, so
+    that a backbone holding it still pickles."""
+
+    def __init__(self, out_indices, num_levels: int) -> None:
+        _, last = feature_take_indices(num_levels, out_indices)
+        levels = tuple(f"levels.{j}." for j in range(last + 1, num_levels))
+        self.prefixes = ("norm.", "head.", f"levels.{last}.downsample.", *levels)
+
+    def __call__(self, key: str) -> bool:
+        return key.startswith(self.prefixes)
+
+
+class _ClassifierKeysIntoBackbone:
+    """``load_state_dict`` pre-hook of a ``features_only`` wrapper: a state dict of the FasterViT itself (an
+    official or timm checkpoint, which ``timm.create_model(..., checkpoint_path=...)`` loads into the wrapper)
+    is moved under ``model.``, less the parts the wrapper pruned; the wrapper's own state dict passes as it is."""
+
+    def __init__(self, pruned: _PrunedKeys) -> None:
+        self.pruned = pruned
+
+    def __call__(self, module, state_dict, prefix, *args) -> None:
+        keys = [k for k in state_dict if k.startswith(prefix)]
+        if not keys or any(k.startswith(prefix + "model.") for k in keys):
+            return
+        body = checkpoint_filter_fn({k[len(prefix) :]: state_dict.pop(k) for k in keys}, module)
+        for key, value in body.items():
+            if not self.pruned(key):
+                state_dict[prefix + "model." + key] = value
 
 
 _NOT_MODEL_ARGS = ("device", "dtype", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")

@@ -658,7 +658,25 @@ class FasterViT(nn.Module):
         num_stages = len(self.window_size)
         img_size = self.img_size if img_size is None else _to_2tuple(img_size, "img_size")
         window_size = list(self.window_size) if window_size is None else _window_sizes(window_size, num_stages)
-        sizes = stage_resolutions(img_size, num_stages)
+        rebuilt, refusal = self._rebuilt_levels(img_size, window_size)
+        if refusal:
+            raise ValueError(
+                f"set_input_size(img_size={list(img_size)}, window_size={window_size}) {refusal}. The model was left "
+                "unchanged; build a model for the new geometry and transfer the weights with "
+                "fastervit.create_model(..., adapt_geometry=True) or fastervit.resize.load_adapted."
+            )
+        for i, new in rebuilt.items():  # every check passed: now change the model
+            _take_over_weights(self.levels[i], new)
+            self.levels[i] = new
+        self.img_size = img_size
+        self.window_size = window_size
+        update_model_input_size(self, img_size, window_size=window_size)
+        self._model_args.pop("resolution", None)  # img_size (recorded above) is the size now
+
+    def _rebuilt_levels(self, img_size: tuple[int, int], window_size: list[int]) -> tuple[dict[int, HATLevel], str]:
+        """The HAT levels built for another geometry, and why they cannot replace the current ones ("" if they
+        can: they hold the same tensors)."""
+        sizes = stage_resolutions(img_size, len(window_size))
         rebuilt = {}
         for i, args in self._hat_level_args.items():
             if i >= len(self.levels):  # pruned by prune_intermediate_layers
@@ -673,23 +691,14 @@ class FasterViT(nn.Module):
             )
             old_keys, new_keys = set(old.state_dict()), set(new.state_dict())
             if old_keys != new_keys:
-                raise ValueError(
-                    f"set_input_size(img_size={list(img_size)}, window_size={window_size}) changes which weights "
-                    f"levels.{i} has (dropped: {summarise_keys(old_keys - new_keys) or 'none'}; added: "
-                    f"{summarise_keys(new_keys - old_keys) or 'none'}): carrier tokens exist only where a stage has "
-                    "more than one window (official rule: floor(size / 2**(stage+2)) exceeds the window), and their "
-                    "position embedding only where the window grid is square. "
-                    "The model was left unchanged; build a model for the new geometry and transfer the weights "
-                    "with fastervit.create_model(..., adapt_geometry=True) or fastervit.resize.load_adapted."
+                return {}, (
+                    f"changes which weights levels.{i} has (dropped: {summarise_keys(old_keys - new_keys) or 'none'}; "
+                    f"added: {summarise_keys(new_keys - old_keys) or 'none'}): carrier tokens exist only where a "
+                    "stage has more than one window (official rule: floor(size / 2**(stage+2)) exceeds the window), "
+                    "and their position embedding only where the window grid is square"
                 )
             rebuilt[i] = new
-        for i, new in rebuilt.items():  # every check passed: now change the model
-            _take_over_weights(self.levels[i], new)
-            self.levels[i] = new
-        self.img_size = img_size
-        self.window_size = window_size
-        update_model_input_size(self, img_size, window_size=window_size)
-        self._model_args.pop("resolution", None)  # img_size (recorded above) is the size now
+        return rebuilt, ""
 
     def _check_input(self, x: Tensor) -> None:
         """A clear error for an input the model was not built for (skipped while tracing or compiling)."""
@@ -717,10 +726,18 @@ class FasterViT(nn.Module):
         if tuple(x.shape[-2:]) != tuple(self.img_size):
             H, W = self.img_size
             h, w = x.shape[-2:]
+            _, refusal = self._rebuilt_levels((h, w), list(self.window_size))
             raise ValueError(
                 f"this FasterViT was built for {H}x{W} inputs (its HAT stages have a fixed window layout), got "
-                f"{h}x{w}: call model.set_input_size([{h}, {w}]) (same weights), or create the model with "
-                f"resolution=[{h}, {w}] (an *_any_res variant for sizes other than the checkpoint's)"
+                f"{h}x{w}: resize or pad the inputs to {H}x{W} (torchvision's detection models: "
+                f"GeneralizedRCNNTransform(..., fixed_size=({H}, {W}))), or "
+                + (
+                    f"call model.set_input_size([{h}, {w}]) (same weights)"
+                    if not refusal
+                    else f"build a model for {h}x{w} and move the weights to it with "
+                    f"fastervit.create_model(..., resolution=[{h}, {w}], checkpoint_path=..., adapt_geometry=True) "
+                    f"(set_input_size cannot: that size {refusal})"
+                )
             )
 
     def forward_features(self, x: Tensor) -> Tensor:

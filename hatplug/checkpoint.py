@@ -264,6 +264,12 @@ def load_checkpoint(
         message = f"checkpoint {source} does not match {type(model).__name__}:\n{report}"
         if strict:
             raise CheckpointMismatchError(message + "\n" + (mismatch_hint or _STRICT_HINT))
+        if state and own and not report.loaded:  # strict=False is for a partial fit, not for none at all
+            raise CheckpointMismatchError(
+                message + f"\nNot one of its {len(state)} tensors fits, even with strict=False: the keys have another "
+                f"layout (e.g. {next(iter(state))!r} against the model's {next(iter(own))!r}); strip or add the "
+                "prefix that differs, or load it into the model it was saved from."
+            )
         _logger.warning(message)
     model.load_state_dict(to_load, strict=False)
     return report

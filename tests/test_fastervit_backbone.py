@@ -361,8 +361,15 @@ def test_bad_geometry_is_refused_and_a_failed_resize_changes_nothing():
 
 def test_wrong_input_says_which_size_the_model_was_built_for():
     model = _any_res(size=[64, 64]).eval()
-    with pytest.raises(ValueError, match=r"built for 64x64 inputs .*got 96x80: call model.set_input_size\(\[96, 80"):
+    with pytest.raises(ValueError, match=r"built for 64x64 inputs .*got 96x80: resize or pad the inputs to 64x64 .*"
+                       r"fixed_size=\(64, 64\).*or call model.set_input_size\(\[96, 80"):  # fmt: skip
         model(torch.randn(1, 3, 96, 80))
+    # a size whose carrier-token layout needs other weights: set_input_size would refuse it, so it is not advised
+    wide = _any_res(size=[96, 96]).eval()  # stage 3: 2x2 windows, a square grid with its position embedding
+    with pytest.raises(ValueError, match=r"got 96x160: resize or pad .* or build a model for 96x160 .*adapt_geometry"
+                       r"=True\) \(set_input_size cannot: that size changes which weights levels.2 has") as error:  # fmt: skip
+        wide(torch.randn(1, 3, 96, 160))
+    assert "call model.set_input_size" not in str(error.value)
     with pytest.raises(ValueError, match=r"got a 3-D tensor .*model\(x\[None\]\)"):
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="built for 64x64 inputs"):
@@ -403,3 +410,68 @@ def test_feature_indices_and_sizes_are_checked():
     ]:
         with pytest.raises(ValueError, match=message):
             fastervit.create_model(ANY_RES, **{**SMALL, **kwargs})
+
+
+def test_default_out_indices_follow_the_number_of_levels_and_bad_ones_are_named():
+    three = dict(depths=[1, 1, 1], num_heads=[2, 4, 8], window_size=[7, 7, 7], hat=[False, False, True])
+    feats = fastervit.create_model(ANY_RES, features_only=True, resolution=[64, 64], **{**SMALL, **three})
+    assert feats.feature_info.reduction() == [4, 8, 16]  # it asked for a fourth level and failed
+    five = dict(depths=[1] * 5, num_heads=[2, 4, 8, 16, 32], window_size=[7] * 5, hat=[False] * 5)
+    feats = fastervit.create_model(ANY_RES, features_only=True, resolution=[128, 128], **{**SMALL, **five})
+    assert feats.feature_info.reduction() == [4, 8, 16, 32, 64]  # the fifth level was pruned, weights and all
+    for out_indices, message in [((0, 4), r"\[4\] not level indices of this model, which has 4 levels"),
+                                 ((-5,), r"\[-5\] not level indices"), (5, "the last 5 levels of 4")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            fastervit.create_model(ANY_RES, features_only=True, out_indices=out_indices, **SMALL)
+
+
+def test_a_backbone_reloads_its_own_state_dict_and_timm_loads_a_classifier_checkpoint(tmp_path):
+    backbone = _any_res(features_only=True, out_indices=(1, 2)).eval()
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        expected = backbone(x)
+    options = dict(resolution=SIZE, window_size=WINDOWS, features_only=True, out_indices=(1, 2), **SMALL)
+    for name, state in [("own", backbone.state_dict()), ("compiled", {f"_orig_mod.{k}": v for k, v in
+                                                                       backbone.state_dict().items()})]:  # fmt: skip
+        torch.save(state, tmp_path / f"{name}.pth")
+        again = fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / f"{name}.pth", **options).eval()
+        assert not again.load_report.missing and not again.load_report.unexpected  # strict, every tensor
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(again(x), expected))
+    # a classifier's official checkpoint through timm.create_model, which loads it into the wrapper
+    classifier = _any_res(seed=3).eval()
+    save_official_checkpoint(classifier, tmp_path / "official.pth.tar")
+    ours = fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / "official.pth.tar", **options).eval()
+    theirs = timm.create_model(ANY_RES, checkpoint_path=str(tmp_path / "official.pth.tar"), **options).eval()
+    with torch.no_grad():
+        reference = classifier.forward_intermediates(x, indices=(1, 2), intermediates_only=True)
+        for a, b, c in zip(ours(x), theirs(x), reference):
+            assert torch.equal(a, c) and torch.equal(b, c)
+    # strict=False is for a partial fit: a file none of whose tensors fits is an error, not a random model
+    torch.save({f"net.{k}": v for k, v in classifier.state_dict().items()}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointMismatchError, match="Not one of its .* tensors fits, even with strict=False"):
+        fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / "other.pth", strict=False, **options)
+
+
+def test_a_backbone_has_timm_training_helpers_under_its_own_parameter_names():
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+
+    full, backbone = _any_res(), _any_res(features_only=True)
+    backbone.set_grad_checkpointing(True)
+    assert backbone.model.grad_checkpointing
+    names = {n for n, _ in backbone.named_parameters()}
+    no_decay = backbone.no_weight_decay()
+    assert no_decay and no_decay <= names and {n[len("model."):] for n in no_decay} == full.no_weight_decay()
+    optimizer = create_optimizer_v2(backbone, opt="adamw", weight_decay=0.05)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    cpb = [p for n, p in backbone.named_parameters() if "cpb_mlp" in n and p.ndim > 1]
+    assert cpb and not any(id(p) in decayed for p in cpb)  # as for the classifier: they were decayed
+    for coarse in (False, True):
+        groups = group_parameters(backbone, backbone.group_matcher(coarse))
+        expected = group_parameters(full, full.group_matcher(coarse))
+        grouped = {n for names_ in groups.values() for n in names_}
+        assert grouped == names  # every parameter in a group
+        full_of = {n: g for g, names_ in expected.items() for n in names_}
+        # each parameter in the layer of the classifier's parameter of that name (the prefix is the only change)
+        assert all(full_of[n[len("model.") :]] == g for g, names_ in groups.items() for n in names_)
