@@ -366,8 +366,8 @@ def test_wrong_input_says_which_size_the_model_was_built_for():
         model(torch.randn(1, 3, 96, 80))
     # a size whose carrier-token layout needs other weights: set_input_size would refuse it, so it is not advised
     wide = _any_res(size=[96, 96]).eval()  # stage 3: 2x2 windows, a square grid with its position embedding
-    with pytest.raises(ValueError, match=r"got 96x160: resize or pad .* or build a model for 96x160 .*adapt_geometry"
-                       r"=True\) \(set_input_size cannot: that size changes which weights levels.2 has") as error:  # fmt: skip
+    refused = r"got 96x160: resize or pad .* or build a model for 96x160 .*adapt_geometry=True\) \(set_input_size "
+    with pytest.raises(ValueError, match=refused + "cannot: that size changes which weights levels.2 has") as error:
         wide(torch.randn(1, 3, 96, 160))
     assert "call model.set_input_size" not in str(error.value)
     with pytest.raises(ValueError, match=r"got a 3-D tensor .*model\(x\[None\]\)"):
