@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -109,12 +110,14 @@ def check_config(config: str | os.PathLike, subcommand: str = "fit") -> None:
     from jsonargparse import ArgumentError
 
     try:
-        _ParseOnlyCLI(
-            ImageClassifier,
-            pl.LightningDataModule,
-            args=[subcommand, "--config", str(config)],
-            parser_kwargs={"exit_on_error": False},
-            **_cli_kwargs(),
-        )
+        with warnings.catch_warnings():  # args are passed on purpose (the caller's argv, e.g. Jupyter's, is not ours)
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            _ParseOnlyCLI(
+                ImageClassifier,
+                pl.LightningDataModule,
+                args=[subcommand, "--config", str(config)],
+                parser_kwargs={"exit_on_error": False},
+                **_cli_kwargs(),
+            )
     except ArgumentError as error:
         raise ValueError(f"{config}: {error}") from None

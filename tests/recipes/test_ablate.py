@@ -326,3 +326,12 @@ def test_eval_scale_rows_use_the_arm_setup_and_a_trained_row_outlives_a_failing_
     for key in ("top1", "top5", "loss", "params", "gflops"):
         assert rows["a@32"][key] == rows["a"][key], key
     assert float(rows["a@64"]["gflops"]) > float(rows["a"]["gflops"])  # the model was rebuilt at 64 px
+
+
+def test_checking_arms_from_a_notebook_does_not_warn_about_its_argv(monkeypatch, recwarn):
+    from recipes.ablate import check_arms
+
+    monkeypatch.setattr("sys.argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel.json"])  # what Jupyter has
+    _, arms = load_ablation(ROOT / "recipes" / "ablations" / "hat_components.yaml", smoke=True)
+    check_arms(arms[:2])
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
