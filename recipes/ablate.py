@@ -401,7 +401,7 @@ def run_ablation(
     (:func:`check_arms`; ``check=False`` skips that, for a caller that has just done it). Results are rewritten
     after every row, so an interrupted ablation keeps what finished.
 
-    Example (about 10 s on one CPU core)::
+    Example (about 20 s on one CPU core)::
 
         result = run_ablation("recipes/ablations/attention_type.yaml", smoke=True, out="/tmp/attention")
         [row["arm"] for row in result.rows]  # ['window_only', 'swin', 'twins', 'edgevit', 'hat']
