@@ -247,3 +247,28 @@ def test_eval_again_after_data_edits():
         model.levels[2].blocks[0].mlp.fc1.weight.data.mul_(0.5)
         model.eval()
         torch.testing.assert_close(model(x), _plain(model, x), **TOL)
+
+
+def _same_storage_parameter(old: torch.Tensor) -> torch.nn.Parameter:
+    """A new Parameter at ``old``'s address with a fresh version counter: what a replaced weight can get from
+    the allocator after the old one was freed (seen with load_state_dict(assign=True) and nn.Parameter swaps)."""
+    new = torch.empty(0, dtype=old.dtype).set_(old.untyped_storage(), old.storage_offset(), old.shape, old.stride())
+    with torch.no_grad():
+        while new._version < old._version:  # no-op writes until the version counters agree as well
+            new.mul_(1)
+    return torch.nn.Parameter(new)
+
+
+def test_caches_notice_a_replaced_weight_at_the_freed_address_with_the_same_version():
+    model = _model()
+    x = torch.randn(2, 3, 64, 80)
+    block, hat = model.levels[0].blocks[0], model.levels[2].blocks[0]
+    with torch.no_grad():
+        model(x)  # both caches filled: folded conv weights and the position biases
+        for module, name in ((block.conv1, "weight"), (hat.attn.pos_emb_funct.cpb_mlp[2], "weight")):
+            old = getattr(module, name)
+            new = _same_storage_parameter(old)
+            assert new.data_ptr() == old.data_ptr() and new._version == old._version  # the old key, exactly
+            old.data.copy_(torch.randn_like(old))  # new values in that memory, bypassing the version counter
+            setattr(module, name, new)
+        torch.testing.assert_close(model(x), _plain(model, x), **TOL)  # computed afresh, not the stale values

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._sources import same_sources, source_refs
 from .pos_embed import _tracing
 
 __all__ = [
@@ -169,10 +170,11 @@ class FoldedTensors:
     Not a module and not a buffer: it never appears in ``state_dict``.
     """
 
-    __slots__ = ("_key", "_value")
+    __slots__ = ("_key", "_refs", "_value")
 
     def __init__(self) -> None:
         self._key: tuple | None = None
+        self._refs: tuple = ()
         self._value: tuple[Tensor | None, ...] | None = None
 
     @staticmethod
@@ -188,14 +190,16 @@ class FoldedTensors:
         extra: tuple = (),
     ) -> tuple[Tensor | None, ...]:
         key = self._key_of(sources, extra)
-        if self._value is None or self._key != key:
+        # the same key is not enough: a replaced tensor can get the freed one's address and version 0
+        if self._value is None or self._key != key or not same_sources(self._refs, sources):
             with torch.inference_mode(False), torch.no_grad():
                 value = compute()
-            self._key, self._value = key, value
+            self._key, self._refs, self._value = key, source_refs(sources), value
         return self._value
 
     def clear(self) -> None:
         self._key = self._value = None
+        self._refs = ()
 
     def __deepcopy__(self, memo: dict) -> FoldedTensors:
         return FoldedTensors()  # the copy has other storages: it folds again on first use
@@ -204,7 +208,7 @@ class FoldedTensors:
         return {"derived": None}  # pickling (torch.save(model)) stores no derived tensors
 
     def __setstate__(self, state: dict) -> None:
-        self._key = self._value = None
+        self.clear()
 
 
 def passes_through(*modules: nn.Module) -> bool:
