@@ -220,3 +220,26 @@ def test_stage_is_fx_traceable_with_same_output():
             torch.testing.assert_close(graph(x), stage(x), rtol=0, atol=0)
         # eager eval mode runs the folded form (hatplug.layers.fusion): equal up to float32 rounding
         torch.testing.assert_close(graph(x), stage(x), rtol=1e-5, atol=1e-6)
+
+
+def test_stage_names_bad_inputs_and_arguments():
+    stage = HATStage(8, depth=1, num_heads=2, input_resolution=(14, 14), window_size=7)
+    for x, message in [
+        (torch.randn(8, 14, 14), r"3-D tensor of shape \(8, 14, 14\); for one map add the batch dimension"),
+        (torch.randn(1, 14, 14, 8), r"got shape \(1, 14, 14, 8\); that looks channels-last .*permute\(0, 3, 1, 2\)"),
+        (torch.randn(1, 4, 14, 14), r"takes 8-channel maps \(B, 8, 14, 14\), got shape \(1, 4, 14, 14\)$"),
+    ]:  # an IndexError, a size error about a map of the right size, a conv error before
+        with pytest.raises(ValueError, match=message):
+            stage(x)
+    base = dict(dim=8, depth=2, num_heads=2, input_resolution=(14, 14), window_size=7)
+    for override, message in [
+        (dict(window_size=0), "window_size must be a positive int, got 0"),  # ZeroDivisionError before
+        (dict(num_heads=0), "num_heads must be a positive int, got 0"),
+        (dict(depth=0), "depth must be a positive int, got 0"),
+        (dict(drop_path=[0.1]), "drop_path has 1 rates for 2 blocks"),  # IndexError before
+        (dict(window_size=3, ct_size=4), "ct_size=4 carrier tokens per window side"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            HATStage(**{**base, **override})
+    with pytest.raises(ValueError, match=r"ct_size=4 .* the window is 3x3"):  # AvgPool2d(stride=0) before
+        CarrierTokenizer(8, (14, 14), 3, 4)

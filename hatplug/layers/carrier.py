@@ -102,6 +102,11 @@ class CarrierTokenizer(nn.Module):
     ) -> None:
         super().__init__()
         window = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+        if not 1 <= ct_size <= min(window):
+            raise ValueError(
+                f"ct_size={ct_size} carrier tokens per window side need 1 <= ct_size <= the window side, and the "
+                f"window is {window[0]}x{window[1]}: lower ct_size or raise window_size"
+            )
         self.window_size = window
         self.ct_size = ct_size
         self.channels_last = channels_last

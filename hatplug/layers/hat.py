@@ -58,7 +58,11 @@ def _is_channels_last(x: Tensor) -> bool:
 
 def _drop_path_rates(drop_path: float | Sequence[float], depth: int) -> list[float]:
     """One stochastic-depth rate per block: ``drop_path`` as given, or one rate repeated ``depth`` times."""
-    return list(drop_path) if isinstance(drop_path, Sequence) else [drop_path] * depth
+    if not isinstance(drop_path, Sequence):
+        return [drop_path] * depth
+    if len(drop_path) != depth:
+        raise ValueError(f"drop_path has {len(drop_path)} rates for {depth} blocks: give one per block, or one number")
+    return list(drop_path)
 
 
 def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
@@ -437,7 +441,11 @@ class HATStage(nn.Module):
         **block_kwargs,
     ) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads), ("window_size", window_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         H, W = input_resolution
+        self.dim = dim
         self.input_resolution = (H, W)
         self.window_size = window_size
         self.padded_resolution = (ceil_to_multiple(H, window_size), ceil_to_multiple(W, window_size))
@@ -472,7 +480,24 @@ class HATStage(nn.Module):
     def has_carrier_tokens(self) -> bool:
         return self.global_tokenizer is not None
 
+    def _check_input(self, x: Tensor) -> None:
+        """A named error for what would fail deep inside (an unbatched map, channels-last data, other channels)."""
+        if x.dim() != 4:
+            raise ValueError(
+                f"HATStage takes (B, C, H, W) maps, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+                + ("; for one map add the batch dimension: stage(x[None])" if x.dim() == 3 else "")
+            )
+        if x.shape[1] != self.dim:
+            H, W = self.input_resolution
+            nhwc = x.shape[-1] == self.dim
+            raise ValueError(
+                f"this HATStage takes {self.dim}-channel maps (B, {self.dim}, {H}, {W}), got shape {tuple(x.shape)}"
+                + ("; that looks channels-last (B, H, W, C): pass x.permute(0, 3, 1, 2)" if nhwc else "")
+            )
+
     def forward(self, x: Tensor) -> Tensor:
+        if not _tracing():
+            self._check_input(x)
         H, W = self.input_resolution
         torch._assert(x.shape[2] == H, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         torch._assert(x.shape[3] == W, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
