@@ -243,3 +243,9 @@ def test_stage_names_bad_inputs_and_arguments():
             HATStage(**{**base, **override})
     with pytest.raises(ValueError, match=r"ct_size=4 .* the window is 3x3"):  # AvgPool2d(stride=0) before
         CarrierTokenizer(8, (14, 14), 3, 4)
+    with pytest.raises(ValueError, match=r"empty batch \(0 maps\)"):  # a reshape error before
+        stage(torch.randn(0, 8, 14, 14))
+    block = HATStage(8, depth=1, num_heads=2, input_resolution=(14, 14), window_size=7).blocks[0]
+    assert block.hat_attn is not None
+    with pytest.raises(ValueError, match=r"call it as block\(x, ct\)"):  # "NoneType + Tensor" before
+        block(torch.randn(4, 49, 8))

@@ -380,6 +380,11 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         return x, ct_windows.reshape(B, -1, C)
 
     def forward(self, x: Tensor, ct: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if ct is None and self.hat_attn is not None and not _tracing():
+            raise ValueError(
+                "this HATBlock has carrier tokens (it was built with a ct_grid): call it as block(x, ct) with the "
+                "(B, num_windows * ct_size**2, C) tokens of a CarrierTokenizer, or use a HATStage, which makes them"
+            )
         hidden = mlp_hidden(self.mlp)
         if (
             hidden is not None
@@ -487,6 +492,8 @@ class HATStage(nn.Module):
                 f"HATStage takes (B, C, H, W) maps, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
                 + ("; for one map add the batch dimension: stage(x[None])" if x.dim() == 3 else "")
             )
+        if x.shape[0] == 0:
+            raise ValueError("got an empty batch (0 maps): HATStage needs at least one")
         if x.shape[1] != self.dim:
             H, W = self.input_resolution
             nhwc = x.shape[-1] == self.dim
