@@ -122,7 +122,8 @@ def _mix_softmaxes(
     o_win = (p_win @ v_win) / s_win
     o_ct = (p_ct @ v_ct) / s_ct
     w_ct = torch.sigmoid((m_ct + s_ct.log()) - (m_win + s_win.log()))  # (B_, h, rows, 1)
-    return torch.lerp(o_win, o_ct, gate.view(1, -1, 1, 1) * w_ct)
+    # in the activations' dtype: under autocast they are half precision while the gate stays float32
+    return torch.lerp(o_win, o_ct.to(o_win.dtype), (gate.view(1, -1, 1, 1) * w_ct).to(o_win.dtype))
 
 
 def gated_carrier_attention(
@@ -290,6 +291,8 @@ class CarrierWindowAttention(nn.Module):
         """
         B_, n = windows.shape[0], ct_windows.shape[1]
         q, k, v = self.project(torch.cat((ct_windows, windows), dim=1))  # (B_, h, L, hd)
+        if q.dtype != v.dtype or k.dtype != v.dtype:  # autocast with SwinV2's cosine attention: float32 q, k
+            q, k = q.to(v.dtype), k.to(v.dtype)  # as autocast's own matmul of q and k would cast them
         h, L, hd = q.shape[1], q.shape[2], q.shape[3]
         bias = None if bias is None else bias.to(q.dtype)
         mask = None if mask is None else mask.to(q.dtype).unsqueeze(1)  # (nW, 1, N, N)
