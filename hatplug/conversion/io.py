@@ -26,6 +26,9 @@ FORMAT = "hatplug.convert/1"
 def save(model: nn.Module, path: str | Path) -> Path:
     """Write a converted model's state dict and its conversion config to one safetensors file.
 
+    ``model`` may be inside the wrappers of training (``torch.compile``, DDP, timm's ``ModelEmaV3``): the
+    converted model inside is written, under its own keys.
+
     >>> import tempfile, os, timm, torch, hatplug
     >>> def base():
     ...     return timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2), num_heads=(1, 2),
@@ -37,6 +40,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     >>> torch.equal(restored(x), hat(x))
     True
     """
+    model = _unwrapped(model)
     info = getattr(model, "hatplug_conversion", None)
     if info is None:
         raise HatplugError(
@@ -51,6 +55,18 @@ def save(model: nn.Module, path: str | Path) -> Path:
     metadata = {"format": FORMAT, "model": info["model"], "config": json.dumps(info["config"])}
     save_file(state, str(path), metadata=metadata)
     return path
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The converted model inside the wrappers that training puts around it: ``torch.compile``'s (whose state
+    dict keys start with ``_orig_mod.``) and those that hold it as ``.module`` (DDP, timm's ``ModelEmaV3``)."""
+    while True:
+        inner = model._modules.get("_orig_mod")
+        if inner is None and getattr(model, "hatplug_conversion", None) is None:
+            inner = model._modules.get("module")
+        if inner is None:
+            return model
+        model = inner
 
 
 def read_config(path: str | Path) -> dict:

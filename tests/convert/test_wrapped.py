@@ -83,3 +83,21 @@ def test_edgevit_is_judged_at_its_img_size_and_the_skip_reason_names_it():
     model = timm.create_model("edgevit_xxs", img_size=512).eval()
     assert timm.models.get_model_input_config(model)["input_size"] == (3, 512, 512)
     assert not hatplug.report(hatplug.convert(model)).skipped  # 512 px: 3x3 windows in the last stage
+
+
+def test_save_unwraps_compile_ddp_style_and_ema_wrappers(tmp_path):
+    # hatplug.save(torch.compile(model)) wrote "_orig_mod."-prefixed keys that hatplug.load refused
+    from timm.utils import ModelEmaV3
+
+    family = FAMILIES["swin"]
+    size = family.sizes[0]
+    hat = hatplug.convert(make_model(family, size), init="random").eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = hat(x)
+    for name, wrapped in [("compiled", torch.compile(hat)), ("ema", ModelEmaV3(hat)),
+                          ("ddp_like", torch.nn.ModuleDict({"module": hat}))]:  # fmt: skip
+        path = hatplug.save(wrapped, tmp_path / f"{name}.safetensors")
+        restored = hatplug.load(path, make_model(family, size)).eval()
+        with torch.no_grad():
+            assert torch.equal(restored(x), expected), name
