@@ -99,15 +99,16 @@ class CarrierStage(torch.fx.GraphModule):
     # convert moved onto it
     def __reduce__(self) -> tuple:
         _, (body, import_block) = super().__reduce__()
-        return _rebuild_stage, (body, import_block)
+        return _rebuild_stage, ({**body, "_graphmodule_cls_name": type(self).__name__}, import_block)
 
     def __copy__(self) -> CarrierStage:
-        copied = CarrierStage(self, self.graph)
+        copied = CarrierStage(self, self.graph, class_name=type(self).__name__)
         copied.meta = getattr(self, "meta", {})
         return _with_hooks(copied, self.__dict__)
 
     def __deepcopy__(self, memo: dict) -> CarrierStage:
         copied = super().__deepcopy__(memo)
+        copied.__class__.__name__ = type(self).__name__  # fx names a copy "GraphModule"; each has its own class
         return _with_hooks(copied, {name: copy.deepcopy(getattr(self, name), memo) for name in _HOOK_DICTS})
 
     @property

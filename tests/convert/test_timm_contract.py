@@ -179,6 +179,9 @@ def test_a_model_saved_whole_comes_back_converted(family):
     for name in stages:
         stage = hat.get_submodule(name)
         assert isinstance(copy.copy(stage), CarrierStage) and isinstance(copy.deepcopy(stage), CarrierStage)
+        # and under the stage's own name (print(model) showed the copies' stages as "GraphModule")
+        for twin in (copy.copy(stage), copy.deepcopy(stage), loaded.get_submodule(name)):
+            assert type(twin).__name__ == type(stage).__name__ != "GraphModule"
     for model in (loaded, copy.deepcopy(hat)):
         _CALLS.clear()
         with torch.no_grad():
