@@ -218,7 +218,9 @@ def _create(
             model.load_report = _load_pretrained(model, source, cfg, adapt_pretrained)
         if checkpoint_path is not None:
             if adapt_geometry:
-                model.load_report = load_adapted(model, checkpoint_path, strict, filter_fn=checkpoint_filter_fn)
+                model.load_report = load_adapted(
+                    model, checkpoint_path, strict, filter_fn=checkpoint_filter_fn, ignore_missing=pruned
+                )
             else:
                 model.load_report = load_checkpoint(
                     model,

@@ -99,7 +99,9 @@ class AdaptReport(LoadReport):
         return "\n".join(lines)
 
 
-def adapt_checkpoint(state_dict: Mapping[str, Tensor], model: nn.Module) -> tuple[dict[str, Tensor], AdaptReport]:
+def adapt_checkpoint(
+    state_dict: Mapping[str, Tensor], model: nn.Module, ignore_missing: Callable[[str], bool] | None = None
+) -> tuple[dict[str, Tensor], AdaptReport]:
     """Map a FasterViT state dict trained for one geometry onto ``model``, built for another.
 
     A pure function in the manner of timm's ``checkpoint_filter_fn``: it returns the tensors to load
@@ -109,6 +111,8 @@ def adapt_checkpoint(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
     Args:
         state_dict: the source weights, e.g. of ``faster_vit_0_224``.
         model: the target, e.g. ``faster_vit_0_any_res`` built for ``resolution=[320, 480]``.
+        ignore_missing: keys of ``model`` the checkpoint need not have and that are not reported (the parts a
+            ``features_only`` backbone prunes, when the checkpoint was saved from one).
 
     Returns:
         ``(state, report)``: ``state`` holds only keys of ``model`` with matching shapes; ``report.ok`` is
@@ -144,6 +148,8 @@ def adapt_checkpoint(state_dict: Mapping[str, Tensor], model: nn.Module) -> tupl
     for key in own:
         if key in state or key in mismatched or key.endswith("num_batches_tracked"):
             continue
+        if ignore_missing is not None and ignore_missing(key):
+            continue
         if _geometry_dependent(key) or _classifier(key):
             report.new.append(key)
         else:
@@ -157,6 +163,7 @@ def load_adapted(
     checkpoint: str | Path | Mapping[str, Tensor],
     strict: bool = True,
     filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None,
+    ignore_missing: Callable[[str], bool] | None = None,
 ) -> AdaptReport:
     """Load weights trained for another geometry into ``model`` with :func:`adapt_checkpoint`.
 
@@ -166,6 +173,7 @@ def load_adapted(
         strict: raise :class:`~hatplug.errors.CheckpointMismatchError` when something other than the
             geometry differs; with False load what fits and log the rest.
         filter_fn: maps the checkpoint onto this layout first, e.g. :func:`fastervit.checkpoint_filter_fn`.
+        ignore_missing: see :func:`adapt_checkpoint`.
 
     Returns:
         The :class:`AdaptReport`.
@@ -193,7 +201,7 @@ def load_adapted(
         source, state = "state dict", extract_state_dict(checkpoint)
     if filter_fn is not None:
         state = filter_fn(state, model)
-    state, report = adapt_checkpoint(state, model)
+    state, report = adapt_checkpoint(state, model, ignore_missing)
     if not report.ok:
         message = f"checkpoint {source} does not fit {type(model).__name__} even allowing for the geometry:\n{report}"
         if strict:

@@ -438,6 +438,11 @@ def test_a_backbone_reloads_its_own_state_dict_and_timm_loads_a_classifier_check
         assert not again.load_report.missing and not again.load_report.unexpected  # strict, every tensor
         with torch.no_grad():
             assert all(torch.equal(a, b) for a, b in zip(again(x), expected))
+    # and into a backbone for another size, moved by adapt_geometry (strict: the pruned norm and head were
+    # reported missing, which failed the load)
+    moved = fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / "own.pth", adapt_geometry=True,
+                                   **{**options, "resolution": [128, 192]})  # fmt: skip
+    assert moved.load_report.ok and not moved.load_report.new and not moved.load_report.missing
     # a classifier's official checkpoint through timm.create_model, which loads it into the wrapper
     classifier = _any_res(seed=3).eval()
     save_official_checkpoint(classifier, tmp_path / "official.pth.tar")
