@@ -141,7 +141,7 @@ class TestBiasCache:
             torch.testing.assert_close(fresh, other.compute())
             assert not torch.allclose(fresh, stale)
             pe.train()
-            assert pe._cache is None
+            assert pe._cache.empty
             pe.eval()
             assert pe() is not fresh
 
@@ -156,7 +156,7 @@ class TestBiasCache:
         cpb = ContinuousPositionBias(num_heads=2, window_size=(3, 3)).eval()
         cpb().sum().backward()
         assert cpb.cpb_mlp[0].weight.grad is not None
-        assert cpb._cache is None  # nothing graph-attached was cached
+        assert cpb._cache.empty  # nothing graph-attached was cached
 
     def test_cache_made_in_inference_mode_is_usable_for_autograd(self):
         attn = BiasedAttention(8, num_heads=2, window_size=(2, 2)).eval().requires_grad_(False)

@@ -24,14 +24,14 @@ place, and the fused-kernel attention of converted blocks (:class:`~hatplug.laye
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._sources import same_sources, source_refs
+from ._cache import FoldedTensors
 from .pos_embed import _tracing
 
 __all__ = [
@@ -159,56 +159,6 @@ def fold_scale(weight: Tensor, bias: Tensor | None, scale: Tensor) -> tuple[Tens
     """
     scale = scale.to(weight.dtype)
     return weight * _channel_view(scale, weight.ndim), None if bias is None else bias * scale
-
-
-class FoldedTensors:
-    """Cache of tensors derived from some source tensors (parameters, BN statistics).
-
-    ``get(sources, compute)`` returns ``compute()``'s tuple, recomputed whenever a source changed: the key
-    is each source's storage address, in-place version counter, shape, dtype and device. The result is
-    computed outside inference mode and without autograd, so it is a plain constant usable anywhere.
-    Not a module and not a buffer: it never appears in ``state_dict``.
-    """
-
-    __slots__ = ("_key", "_refs", "_value")
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._refs: tuple = ()
-        self._value: tuple[Tensor | None, ...] | None = None
-
-    @staticmethod
-    def _key_of(sources: Sequence[Tensor | None], extra: tuple) -> tuple:
-        return extra + tuple(
-            None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in sources
-        )
-
-    def get(
-        self,
-        sources: Sequence[Tensor | None],
-        compute: Callable[[], tuple[Tensor | None, ...]],
-        extra: tuple = (),
-    ) -> tuple[Tensor | None, ...]:
-        key = self._key_of(sources, extra)
-        # the same key is not enough: a replaced tensor can get the freed one's address and version 0
-        if self._value is None or self._key != key or not same_sources(self._refs, sources):
-            with torch.inference_mode(False), torch.no_grad():
-                value = compute()
-            self._key, self._refs, self._value = key, source_refs(sources), value
-        return self._value
-
-    def clear(self) -> None:
-        self._key = self._value = None
-        self._refs = ()
-
-    def __deepcopy__(self, memo: dict) -> FoldedTensors:
-        return FoldedTensors()  # the copy has other storages: it folds again on first use
-
-    def __getstate__(self) -> dict:
-        return {"derived": None}  # pickling (torch.save(model)) stores no derived tensors
-
-    def __setstate__(self, state: dict) -> None:
-        self.clear()
 
 
 def passes_through(*modules: nn.Module) -> bool:

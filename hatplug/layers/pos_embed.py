@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import drop_derived
 from ..errors import refuse_scripting
-from ._sources import same_sources, source_refs
+from ._cache import FoldedTensors
 
 __all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP", "CarrierPositionMLP"]
 
@@ -33,34 +33,23 @@ class CachedBias(nn.Module):
     Subclasses implement :meth:`compute`. In training, under tracing/compilation, and whenever
     autograd needs the result (grad enabled and a weight requires grad), it is computed afresh.
     Otherwise the cached value is returned while the weights and the geometry are unchanged: the same weight
-    objects (held by weak reference), storages, in-place version counters, devices and dtypes, the same
-    autocast dtype (if autocast is on) and geometry, so a cached value is always the one a fresh computation
-    would give.
+    objects, storages, in-place version counters, devices and dtypes, the same autocast dtype (if autocast is
+    on) and geometry (the cache of the folded weights, :class:`~hatplug.layers.fusion.FoldedTensors`), so a
+    cached value is always the one a fresh computation would give.
     """
 
     __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
 
     def __init__(self) -> None:
         super().__init__()
-        self._cache: tuple[tuple, tuple, Tensor] | None = None  # (key, weak references to the weights, value)
+        self._cache = FoldedTensors()  # the cache of the folded weights, keyed also by autocast and geometry
 
     def compute(self, *geometry: int) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _cache_key(self, params: list[Tensor]) -> tuple:
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        # under autocast the value is computed in the autocast dtype, as a fresh computation would be: the
-        # cache must not hand a float32 value to a float16 forward (or a bfloat16 one to a float16 forward)
-        device = params[0].device.type if params else "cpu"
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return key + (autocast,)
-
     def train(self, mode: bool = True) -> CachedBias:
-        self._cache = None
+        self._cache.clear()
         return super().train(mode)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None}  # weak references do not pickle; the copy computes afresh
 
     def forward(self, *geometry: int) -> Tensor:
         if self.training or _tracing():
@@ -68,13 +57,11 @@ class CachedBias(nn.Module):
         params = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return self.compute(*geometry)
-        key = (self._cache_key(params), geometry)
-        # the same key is not enough: a replaced weight can get the freed one's address and version 0
-        if self._cache is None or self._cache[0] != key or not same_sources(self._cache[1], params):
-            # A normal (not inference-mode) tensor, so it stays usable outside inference_mode.
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, source_refs(params), self.compute(*geometry))
-        return self._cache[2]
+        # under autocast the value is computed in the autocast dtype, as a fresh computation would be: the
+        # cache must not hand a float32 value to a float16 forward (or a bfloat16 one to a float16 forward)
+        device = params[0].device.type if params else "cpu"
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return self._cache.get(params, lambda: (self.compute(*geometry),), extra=(autocast, geometry))[0]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """Official checkpoints store the derived tables too: where their shapes are this geometry's they are

@@ -1,0 +1,86 @@
+"""The one cache of eval-mode values derived from weights: folded conv / linear weights
+(:mod:`hatplug.layers.fusion`) and position biases (:class:`hatplug.layers.CachedBias`).
+
+A storage address and an in-place version counter do not identify a tensor over time: a new weight can be
+given the address of a freed one, and a fresh tensor's version is 0 again. A weak reference to each source
+does: it is dead, or points at another object, once the source was replaced, and it keeps nothing alive.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["FoldedTensors"]
+
+
+def source_refs(tensors: Sequence[Tensor | None]) -> tuple[weakref.ref | None, ...]:
+    return tuple(None if t is None else weakref.ref(t) for t in tensors)
+
+
+def same_sources(refs: Sequence[weakref.ref | None], tensors: Sequence[Tensor | None]) -> bool:
+    """Whether ``tensors`` are, object for object, the tensors ``refs`` were taken of (and those still live)."""
+    if len(refs) != len(tensors):
+        return False
+    for ref, t in zip(refs, tensors):
+        if (ref is None) != (t is None) or (ref is not None and ref() is not t):
+            return False
+    return True
+
+
+class FoldedTensors:
+    """Cache of tensors derived from some source tensors (parameters, BN statistics).
+
+    ``get(sources, compute, extra)`` returns ``compute()``'s tuple, recomputed whenever a source changed or
+    ``extra`` (anything else the value depends on) differs: the key is each source's storage address, in-place
+    version counter, shape, dtype and device, and ``extra``. The result is
+    computed outside inference mode and without autograd, so it is a plain constant usable anywhere.
+    Not a module and not a buffer: it never appears in ``state_dict``.
+    """
+
+    __slots__ = ("_key", "_refs", "_value")
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._refs: tuple = ()
+        self._value: tuple[Tensor | None, ...] | None = None
+
+    @staticmethod
+    def _key_of(sources: Sequence[Tensor | None], extra: tuple) -> tuple:
+        return extra + tuple(
+            None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in sources
+        )
+
+    def get(
+        self,
+        sources: Sequence[Tensor | None],
+        compute: Callable[[], tuple[Tensor | None, ...]],
+        extra: tuple = (),
+    ) -> tuple[Tensor | None, ...]:
+        key = self._key_of(sources, extra)
+        # the same key is not enough: a replaced tensor can get the freed one's address and version 0
+        if self._value is None or self._key != key or not same_sources(self._refs, sources):
+            with torch.inference_mode(False), torch.no_grad():
+                value = compute()
+            self._key, self._refs, self._value = key, source_refs(sources), value
+        return self._value
+
+    @property
+    def empty(self) -> bool:
+        return self._value is None
+
+    def clear(self) -> None:
+        self._key = self._value = None
+        self._refs = ()
+
+    def __deepcopy__(self, memo: dict) -> FoldedTensors:
+        return FoldedTensors()  # the copy has other storages: it folds again on first use
+
+    def __getstate__(self) -> dict:
+        return {"derived": None}  # pickling (torch.save(model)) stores no derived tensors
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
