@@ -177,20 +177,11 @@ def _create(
             "forward_intermediates (feature_cls='getter', the default), since a level's feature map is the "
             "output of its blocks before the downsample, which no single module returns"
         )
-    if "out_indices" in kwargs and not kwargs.get("features_only"):
-        raise ValueError("out_indices selects feature maps: pass it together with features_only=True")
+    num_levels = len(kwargs.get("depths", arch["depths"]))
     if "out_indices" in kwargs:
-        _check_out_indices(kwargs["out_indices"], len(kwargs.get("depths", arch["depths"])))
-    if "out_indices" in kwargs and not isinstance(kwargs["out_indices"], int):
-        chosen = list(kwargs["out_indices"])
-        if not chosen:
-            raise ValueError("out_indices is empty: list the levels to return, e.g. (1, 2, 3), or leave it out for all")
-        levels, _ = feature_take_indices(len(kwargs.get("depths", arch["depths"])), chosen)  # negatives resolved
-        if levels != sorted(set(levels)):
-            raise ValueError(
-                f"out_indices={tuple(chosen)} must name distinct levels in increasing order (the maps come back in "
-                "level order, and feature_info must list them the same way), e.g. (1, 2, 3)"
-            )
+        if not kwargs.get("features_only"):
+            raise ValueError("out_indices selects feature maps: pass it together with features_only=True")
+        _check_out_indices(kwargs["out_indices"], num_levels)
     for flag, value in (("pretrained", pretrained), ("strict", strict), ("adapt_geometry", adapt_geometry)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
@@ -199,7 +190,6 @@ def _create(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "
             "published weights)"
         )
-    num_levels = len(kwargs.get("depths", arch["depths"]))
     out_indices = kwargs.pop("out_indices", tuple(range(num_levels)))
     pruned = _PrunedKeys(out_indices, num_levels) if kwargs.get("features_only") else None
     kwargs = {**arch, **kwargs}
@@ -274,18 +264,28 @@ def _prefixed_group_matcher(inner: FasterViT, coarse: bool = False) -> dict:
 
 
 def _check_out_indices(out_indices, num_levels: int) -> None:
-    """A ``ValueError`` naming the problem for ``out_indices`` outside the model's levels (timm asserts)."""
+    """A ``ValueError`` naming the problem for ``out_indices`` that timm would assert on or take wrongly: outside
+    the model's levels, empty, repeated or out of order."""
     if isinstance(out_indices, bool):
         raise ValueError(f"out_indices must be an int or a sequence of level indices, got {out_indices!r}")
     if isinstance(out_indices, int):
         if not 1 <= out_indices <= num_levels:
             raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} levels of {num_levels}")
         return
-    bad = [i for i in out_indices if isinstance(i, bool) or not isinstance(i, int) or not -num_levels <= i < num_levels]
+    chosen = list(out_indices)
+    if not chosen:
+        raise ValueError("out_indices is empty: list the levels to return, e.g. (1, 2, 3), or leave it out for all")
+    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not -num_levels <= i < num_levels]
     if bad:
         raise ValueError(
-            f"out_indices={tuple(out_indices)}: {bad} not level indices of this model, which has {num_levels} levels "
+            f"out_indices={tuple(chosen)}: {bad} not level indices of this model, which has {num_levels} levels "
             f"(0..{num_levels - 1}, or -{num_levels}..-1 from the end)"
+        )
+    levels, _ = feature_take_indices(num_levels, chosen)  # negatives resolved
+    if levels != sorted(set(levels)):
+        raise ValueError(
+            f"out_indices={tuple(chosen)} must name distinct levels in increasing order (the maps come back in "
+            "level order, and feature_info must list them the same way), e.g. (1, 2, 3)"
         )
 
 
@@ -436,7 +436,7 @@ def create_model(
             model's arguments, so a model rebuilt from ``timm.models.get_model_args`` gets them back).
         **kwargs: official model arguments (``resolution``, ``window_size``, ``ct_size``, ``dim``,
             ``depths``, ``hat``, ``num_classes``, ``drop_path_rate``, ...), and timm's ``features_only``
-            with ``out_indices`` (default ``(0, 1, 2, 3)``): the model then returns the listed levels'
+            with ``out_indices`` (default: every level): the model then returns the listed levels'
             maps before their downsample, NCHW at strides 4, 8, 16, 32 with ``dim * 2**i`` channels, and
             its ``feature_info`` describes them.
 
