@@ -1,0 +1,46 @@
+"""Per-call cost of the eval-mode caches and of a converted Swin-T forward: the numbers behind the CHANGELOG's
+"measured per cached call" notes (run before and after a change, interleaved, on the same machine).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/eval_overheads.py
+
+Prints the best of 7 repeats of: a cached position bias (``pos_embed()`` and the attention's continuous bias of
+a stage-3 block of ``faster_vit_0_224``), one ``FoldedTensors.get`` hit (a conv block's folded weights), and an
+eval forward of ``hatplug.convert(swin_tiny_patch4_window7_224)`` at batch 8, 224 px (random weights).
+"""
+
+from __future__ import annotations
+
+import timeit
+
+import timm
+import torch
+
+import fastervit
+import hatplug
+from hatplug.layers.fusion import FoldedTensors
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = fastervit.create_model("faster_vit_0_224").eval()
+    block, conv_block = model.levels[2].blocks[0], model.levels[0].blocks[0]
+    sources = (conv_block.conv1.weight, conv_block.conv1.bias, conv_block.conv2.weight, conv_block.conv2.bias)
+    cache = FoldedTensors()  # a cache of its own: the block's keeps its folded weights
+    swin = hatplug.convert(timm.create_model("swin_tiny_patch4_window7_224").eval())
+    x = torch.randn(8, 3, 224, 224)
+    with torch.inference_mode():
+        calls = {
+            "pos_embed() (cached)": block.pos_embed,
+            "continuous position bias (cached)": block.attn.pos_emb_funct,
+            "FoldedTensors.get (hit)": lambda: cache.get(sources, lambda: (None,)),
+        }
+        for name, fn in calls.items():
+            fn()
+            print(f"{name:40} {min(timeit.repeat(fn, number=5000, repeat=7)) / 5000 * 1e6:8.2f} us")
+        swin(x)
+        seconds = min(timeit.repeat(lambda: swin(x), number=1, repeat=7))
+        print(f"{'converted Swin-T, eval, batch 8':40} {seconds * 1e3:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
