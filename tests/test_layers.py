@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hatplug.layers import (
     AbsolutePositionMLP,
     BiasedAttention,
+    CarrierPositionMLP,
     CarrierTokenGrid,
     CarrierTokenizer,
     ContinuousPositionBias,
@@ -78,13 +79,13 @@ def test_carrier_token_grid_orders(windows):
         assert sorted(official.block_perm.tolist()) == list(range(official.num_tokens))
 
 
-def _independent_cpb(mlp, h, w, heads):
+def _independent_cpb(mlp, h, w, heads, dtype=torch.float32):
     """SwinV2 log-CPB written out per token pair."""
-    bias = torch.zeros(heads, h * w, h * w)
+    bias = torch.zeros(heads, h * w, h * w, dtype=dtype)
     for p in range(h * w):
         for q in range(h * w):
             dy, dx = p // w - q // w, p % w - q % w
-            c = torch.tensor([dy / max(h - 1, 1), dx / max(w - 1, 1)]) * 8
+            c = torch.tensor([dy / max(h - 1, 1), dx / max(w - 1, 1)], dtype=dtype) * 8
             c = torch.sign(c) * torch.log2(c.abs() + 1) / 3
             bias[:, p, q] = 16 * torch.sigmoid(mlp(c))
     return bias
@@ -98,6 +99,34 @@ def test_continuous_position_bias_against_per_pair_loop():
     assert out.shape == (3, 14, 14)
     assert torch.all(out[:, :2] == 0) and torch.all(out[:, :, :2] == 0)
     torch.testing.assert_close(out[:, 2:, 2:], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_position_mlps_are_float64_accurate_after_double():
+    """The coordinate tables are float32 buffers (as in the official code); a float64 model must not compute
+    on float32 coordinates (about 1e-7 off, which shows as ~1e-8 in the biases)."""
+    torch.manual_seed(0)
+    cpb = ContinuousPositionBias(num_heads=2, window_size=(3, 7)).double().eval()
+    pe = AbsolutePositionMLP(dim=3, side=7).double().eval()
+    ct = CarrierPositionMLP(dim=3, ct_size=2).double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cpb()[0], _independent_cpb(cpb.cpb_mlp, 3, 7, 2, torch.float64), rtol=0, atol=1e-12)
+        grid = torch.tensor([[(i - 3) / 3, (j - 3) / 3] for i in range(7) for j in range(7)], dtype=torch.float64)
+        torch.testing.assert_close(pe()[0], pe.cpb_mlp(grid), rtol=0, atol=1e-12)
+        # a 2 x 3 window grid of 2 x 2 carrier tokens: centres (2 * index + 1) / tokens - 1, window by window
+        centres = [
+            [(2 * (2 * wy + i) + 1) / 4 - 1, (2 * (2 * wx + j) + 1) / 6 - 1]
+            for wy in range(2)
+            for wx in range(3)
+            for i in range(2)
+            for j in range(2)
+        ]
+        torch.testing.assert_close(
+            ct(2, 3)[0], ct.cpb_mlp(torch.tensor(centres, dtype=torch.float64)), rtol=0, atol=1e-12
+        )
+    # float32 models keep the float32 tables bit for bit (what makes them match the official code)
+    cpb32 = ContinuousPositionBias(num_heads=2, window_size=(3, 7))
+    assert cpb32.relative_coords_table.dtype == torch.float32
+    assert torch.equal(cpb32.double().float().relative_coords_table, cpb32.relative_coords_table)
 
 
 def test_absolute_position_mlp_coordinates():

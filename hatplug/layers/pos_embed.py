@@ -77,16 +77,33 @@ class CachedBias(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
-def _log_relative_coords(window_h: int, window_w: int) -> Tensor:
-    """SwinV2 log-spaced relative coordinates, ``(1, 2h-1, 2w-1, 2)``."""
-    dh = torch.arange(-(window_h - 1), window_h, dtype=torch.float32)
-    dw = torch.arange(-(window_w - 1), window_w, dtype=torch.float32)
+def _log_relative_coords(window_h: int, window_w: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """SwinV2 log-spaced relative coordinates, ``(1, 2h-1, 2w-1, 2)``.
+
+    Built in float32 by default, as the official FasterViT and SwinV2 code build them (the float32 log2 differs
+    from the rounded float64 value in the last bit, so this keeps float32 results identical to theirs)."""
+    dh = torch.arange(-(window_h - 1), window_h, dtype=dtype)
+    dw = torch.arange(-(window_w - 1), window_w, dtype=dtype)
     table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).unsqueeze(0)
     # a single-row window has no relative offsets to normalise; avoid 0/0
     table[..., 0] /= max(window_h - 1, 1)
     table[..., 1] /= max(window_w - 1, 1)
     table = table * 8
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def _centred_axis(side: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(i - side // 2) / (side // 2)`` for ``i < side``: a 7-wide grid spans ``[-1, 1]``."""
+    return (torch.arange(side, dtype=dtype) - side // 2) / max(side // 2, 1)
+
+
+def _at_full_precision(coords: Tensor, build) -> Tensor:
+    """A coordinate buffer holds float32 values; after ``.double()`` they are float32 values stored in float64
+    (about 1e-7 off). For float64 models the coordinates are built again in float64 (cheap: a few hundred
+    numbers, and cached with the bias in eval mode), so float64 results are float64-accurate."""
+    if coords.dtype != torch.float64:
+        return coords
+    return build(torch.float64).to(coords.device)
 
 
 def _relative_position_index(window_h: int, window_w: int) -> Tensor:
@@ -151,7 +168,10 @@ class ContinuousPositionBias(CachedBias):
 
     def compute(self) -> Tensor:
         n = self.window_size[0] * self.window_size[1]
-        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        coords = _at_full_precision(
+            self.relative_coords_table, lambda dtype: _log_relative_coords(*self.window_size, dtype=dtype)
+        )
+        table = self.cpb_mlp(coords).view(-1, self.num_heads)
         bias = table[self.relative_position_index.view(-1)].view(n, n, self.num_heads)
         bias = 16 * torch.sigmoid(bias.permute(2, 0, 1))  # (heads, n, n)
         p = self.num_prefix_tokens
@@ -182,18 +202,19 @@ class AbsolutePositionMLP(CachedBias):
         super().__init__()
         self.side = side
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(), nn.Linear(512, dim, bias=False))
-        half = max(side // 2, 1)
-        ax = (torch.arange(side, dtype=torch.float32) - side // 2) / half
-        grid = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), dim=-1).view(1, side * side, 2)
-        self.register_buffer("coords", grid, persistent=False)
+        self.register_buffer("coords", self._grid(torch.float32), persistent=False)
         self.register_buffer("token_order", token_order, persistent=False)
+
+    def _grid(self, dtype: torch.dtype) -> Tensor:
+        ax = _centred_axis(self.side, dtype)
+        return torch.stack(torch.meshgrid(ax, ax, indexing="ij"), dim=-1).view(1, self.side * self.side, 2)
 
     def derived_state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Official checkpoints store the last computed embedding as ``relative_bias``."""
         return {"relative_bias": (1, self.side * self.side, self.cpb_mlp[2].out_features)}
 
     def compute(self) -> Tensor:
-        emb = self.cpb_mlp(self.coords)
+        emb = self.cpb_mlp(_at_full_precision(self.coords, self._grid))
         if self.token_order is not None:
             emb = emb[:, self.token_order]
         return emb
@@ -229,7 +250,10 @@ class CarrierPositionMLP(CachedBias):
         rows = torch.arange(windows_h, device=device).view(-1, 1, 1, 1) * c + local.view(1, 1, -1, 1)
         cols = torch.arange(windows_w, device=device).view(1, -1, 1, 1) * c + local.view(1, 1, 1, -1)
         shape = (windows_h, windows_w, c, c)
-        y = (2 * rows.expand(shape) + 1) / (windows_h * c) - 1
-        x = (2 * cols.expand(shape) + 1) / (windows_w * c) - 1
-        coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(self.cpb_mlp[0].weight.dtype)
+        dtype = self.cpb_mlp[0].weight.dtype
+        # float32 coordinates (cast afterwards) for float32 and half-precision weights, float64 for float64 ones
+        exact = torch.float64 if dtype == torch.float64 else torch.float32
+        y = (2 * rows.expand(shape).to(exact) + 1) / (windows_h * c) - 1
+        x = (2 * cols.expand(shape).to(exact) + 1) / (windows_w * c) - 1
+        coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(dtype)
         return self.cpb_mlp(coords)
