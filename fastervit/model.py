@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from hatplug.checkpoint import drop_derived
 from hatplug.errors import refuse_scripting
 from hatplug.layers import HATStage
-from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_
+from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_, stream_dtype
 from hatplug.layers.pos_embed import _tracing
 from hatplug.models.heads import check_head
 
@@ -248,7 +248,9 @@ class ConvBlock(nn.Module):
             )
             w1, b1, w2, b2 = self._folded.get(sources, self._fold)
             y = gelu_(self.conv1._conv_forward(x, w1, b1), self.act1.approximate)
-            return self.conv2._conv_forward(y, w2, b2).add_(x)  # x + y: the same sum, no new buffer
+            y = self.conv2._conv_forward(y, w2, b2)
+            dtype = stream_dtype(y, x, self.gamma)  # y's dtype unless autocast meets a float32 map or layer scale
+            return y.add_(x) if dtype == y.dtype else x + y.to(dtype)  # add_: the same sum, no new buffer
         y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)

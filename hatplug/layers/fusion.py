@@ -45,6 +45,7 @@ __all__ = [
     "mlp_hidden",
     "passes_through",
     "residual_linear",
+    "stream_dtype",
 ]
 
 _ENABLED = True
@@ -196,6 +197,26 @@ def mlp_hidden(mlp: nn.Module) -> Callable[[Tensor], Tensor] | None:
     if type(act) is nn.GELU:
         return lambda x: mlp.norm(mlp.drop1(gelu_(mlp.fc1(x), act.approximate)))
     return lambda x: mlp.norm(mlp.drop1(act(mlp.fc1(x))))
+
+
+def stream_dtype(x: Tensor, *terms: Tensor | None) -> torch.dtype:
+    """The dtype of a residual stream ``x`` after the plain (unfolded) form has added terms involving ``terms``
+    (layer scales, position embeddings, carrier tokens): type promotion over them.
+
+    Under autocast a float32 layer scale turns a half-precision stream into float32 in the plain form
+    (``x + gamma * branch``); a folded form, which has the scale inside a GEMM's weights, casts the stream to
+    this dtype first so that it keeps the same precision and gives the same dtype. Without autocast every term
+    has the stream's dtype and this is ``x.dtype``.
+
+    >>> x = torch.zeros(2, dtype=torch.bfloat16)
+    >>> stream_dtype(x, None, torch.ones(2))
+    torch.float32
+    """
+    dtype = x.dtype
+    for t in terms:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def residual_linear(x: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -27,7 +27,15 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import refuse_scripting
 from .attention import BiasedAttention
 from .carrier import CarrierTokenizer
-from .fusion import FoldedTensors, fold_scale, fusion_active, mlp_hidden, passes_through, residual_linear
+from .fusion import (
+    FoldedTensors,
+    fold_scale,
+    fusion_active,
+    mlp_hidden,
+    passes_through,
+    residual_linear,
+    stream_dtype,
+)
 from .pos_embed import AbsolutePositionMLP, _tracing
 from .windows import (
     ceil_to_multiple,
@@ -189,6 +197,7 @@ class CarrierTokenHalf:
             w_attn, b_attn, w_mlp, b_mlp = _folded_residual_pair(
                 self._hat_folded, self.hat_attn.proj, self.gamma1, self.hat_mlp.fc2, self.gamma2
             )
+            ct = ct.to(stream_dtype(ct, self.gamma1, self.gamma2))  # a no-op unless autocast meets a layer scale
             ct = residual_linear(ct, self.hat_attn.attend(self.hat_norm1(ct)), w_attn, b_attn)
             return residual_linear(ct, hidden(self.hat_norm2(ct)), w_mlp, b_mlp)
         ct = ct + self.hat_drop_path(_scale(self.hat_attn(self.hat_norm1(ct)), self.gamma1))
@@ -353,14 +362,16 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         )
         pos = self.pos_embed()
         if self.hat_attn is None:
-            x = x + pos
+            x = x.to(stream_dtype(x, pos, self.gamma3, self.gamma4)) + pos
         else:
             C = ct.shape[-1]
             if self.ct_block_perm is not None:
                 ct = ct[:, self.ct_block_perm]
             ct = self.carrier_attention(ct, self.hat_pos_embed() if self.hat_pos_embed is not None else None)
             n = self.ct_per_window
-            seq = x.new_empty((x.shape[0], n + x.shape[1], C))
+            # the dtype the plain form's cat and layer-scaled residuals give (differs only under autocast)
+            dtype = stream_dtype(x, pos, ct, self.gamma3, self.gamma4)
+            seq = x.new_empty((x.shape[0], n + x.shape[1], C), dtype=dtype)
             seq[:, :n] = ct.view(x.shape[0], n, C)
             torch.add(x, pos, out=seq[:, n:])  # (B*nW, ct*ct + ws*ws, C)
             x = seq
