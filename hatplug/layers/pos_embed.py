@@ -251,8 +251,9 @@ class CarrierPositionMLP(CachedBias):
         cols = torch.arange(windows_w, device=device).view(1, -1, 1, 1) * c + local.view(1, 1, 1, -1)
         shape = (windows_h, windows_w, c, c)
         dtype = self.cpb_mlp[0].weight.dtype
-        # float32 coordinates (cast afterwards) for float32 and half-precision weights, float64 for float64 ones
-        exact = torch.float64 if dtype == torch.float64 else torch.float32
+        # float32 coordinates (cast afterwards) for float32 and half-precision weights, float64 for float64 ones;
+        # a tracer records float32 (the dtype is a proxy there, and a recorded graph cannot branch on it anyway)
+        exact = torch.float64 if not _tracing() and dtype == torch.float64 else torch.float32
         y = (2 * rows.expand(shape).to(exact) + 1) / (windows_h * c) - 1
         x = (2 * cols.expand(shape).to(exact) + 1) / (windows_w * c) - 1
         coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(dtype)
