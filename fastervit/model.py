@@ -177,7 +177,9 @@ class PatchEmbed(nn.Module):
             return self.conv_down(x)
         conv1, bn1, _, conv2, bn2, _ = self.conv_down
         w1, b1, w2, b2 = self._folded.get(
-            (conv1.weight, conv1.bias, *_bn_state(bn1), conv2.weight, conv2.bias, *_bn_state(bn2)), self._fold
+            (conv1.weight, conv1.bias, *_bn_state(bn1), conv2.weight, conv2.bias, *_bn_state(bn2)),
+            self._fold,
+            extra=(bn1.eps, bn2.eps),  # a plain attribute: the weights' versions do not see it change
         )
         x = _nhwc_on_cpu(x)
         chunk = self._batch_chunk(x) if x.device.type == "cpu" else x.shape[0]
@@ -246,7 +248,7 @@ class ConvBlock(nn.Module):
                 *_bn_state(self.norm2),
                 self.gamma,
             )
-            w1, b1, w2, b2 = self._folded.get(sources, self._fold)
+            w1, b1, w2, b2 = self._folded.get(sources, self._fold, extra=(self.norm1.eps, self.norm2.eps))
             y = gelu_(self.conv1._conv_forward(x, w1, b1), self.act1.approximate)
             y = self.conv2._conv_forward(y, w2, b2)
             dtype = stream_dtype(y, x, self.gamma)  # y's dtype unless autocast meets a float32 map or layer scale

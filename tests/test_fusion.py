@@ -174,6 +174,84 @@ def test_autograd_and_mc_dropout_take_the_plain_path():
     assert torch.equal(a, b)
 
 
+def test_fused_optimizer_steps_invalidate_the_caches():
+    """Fused optimizers update weights in place without bumping their version counters: with the model kept in
+    eval mode through fine-tuning (frozen BatchNorm), the next no-grad forward reused folds of the old weights."""
+    model = _model()
+    x = torch.randn(2, 3, 64, 80)
+    for make in (torch.optim.SGD, torch.optim.AdamW):
+        optimizer = make(model.parameters(), lr=0.05, fused=True)
+        with torch.no_grad():
+            model(x)  # validation fills the caches
+        model(x).square().mean().backward()  # eval mode with autograd: the plain path
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), _plain(model, x), **TOL)
+
+
+def test_submodules_in_training_mode_take_the_plain_path():
+    """Test-time BatchNorm adaptation (eval model, BatchNorms back in train mode or without running statistics)
+    and MC drop path in the conv blocks: the folded form would skip what those modules do."""
+    x = torch.randn(2, 3, 64, 80)
+    adapted = _model()
+    for m in adapted.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        with inference_fusion(False):
+            expected = copy.deepcopy(adapted)(x)  # batch statistics, running statistics updated
+        torch.testing.assert_close(adapted(x), expected, **TOL)
+    stats_free = _model()
+    for m in stats_free.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # TENT-style: normalise with the batch's statistics, keep none
+            m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+    with torch.no_grad():
+        torch.testing.assert_close(stats_free(x), _plain(stats_free, x), **TOL)
+    mc = _model(drop_path_rate=0.5)
+    for m in mc.modules():
+        if type(m).__name__ == "DropPath":
+            m.train()
+    block, h = mc.levels[1].blocks[1], torch.randn(2, 32, 8, 10)  # a conv block with a nonzero rate
+    assert type(block.drop_path).__name__ == "DropPath"
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = block(h)
+        torch.manual_seed(0)
+        with inference_fusion(False):
+            b = block(h)
+    assert torch.equal(a, b)
+
+
+def test_batchnorm_eps_is_part_of_the_fold():
+    model = _model()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        model(x)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eps = 0.5
+        torch.testing.assert_close(model(x), _plain(model, x), **TOL)
+
+
+def test_per_sample_gradients_with_vmap():
+    """``vmap(grad(functional_call))`` (DP-SGD, influence functions) on an eval model, padded HAT stages
+    included: the channels-last handling asked vmap's batched tensors for a memory format they do not have."""
+    model = _model()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, image):
+        return torch.func.functional_call(model, (p, buffers), (image[None],)).logsumexp(-1).sum()
+
+    x = torch.randn(2, 3, 64, 80)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(2):
+        one = torch.func.grad(loss)(params, x[i])
+        for k in ("patch_embed.conv_down.0.weight", "levels.2.blocks.0.attn.qkv.weight", "head.weight"):
+            torch.testing.assert_close(per_sample[k][i], one[k], **TOL)
+
+
 def test_stem_batch_chunks_change_nothing(monkeypatch):
     model = _model()
     x = torch.randn(5, 3, 64, 80)

@@ -4,6 +4,10 @@
 A storage address and an in-place version counter do not identify a tensor over time: a new weight can be
 given the address of a freed one, and a fresh tensor's version is 0 again. A weak reference to each source
 does: it is dead, or points at another object, once the source was replaced, and it keeps nothing alive.
+
+Fused optimizers (``torch.optim.AdamW(..., fused=True)`` and the like) update weights in place without
+bumping their version counters, so the key also holds a count of optimizer steps, kept by a global
+``torch.optim`` step hook (one Python call per step): any optimizer step invalidates every cached value.
 """
 
 from __future__ import annotations
@@ -13,8 +17,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["FoldedTensors"]
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def source_refs(tensors: Sequence[Tensor | None]) -> tuple[weakref.ref | None, ...]:
@@ -36,7 +51,7 @@ class FoldedTensors:
 
     ``get(sources, compute, extra)`` returns ``compute()``'s tuple, recomputed whenever a source changed or
     ``extra`` (anything else the value depends on) differs: the key is each source's storage address, in-place
-    version counter, shape, dtype and device, and ``extra``. The result is
+    version counter, shape, dtype and device, ``extra`` and the number of optimizer steps taken so far. The result is
     computed outside inference mode and without autograd, so it is a plain constant usable anywhere.
     Not a module and not a buffer: it never appears in ``state_dict``.
     """
@@ -50,7 +65,7 @@ class FoldedTensors:
 
     @staticmethod
     def _key_of(sources: Sequence[Tensor | None], extra: tuple) -> tuple:
-        return extra + tuple(
+        return (_optimizer_steps, *extra) + tuple(
             None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in sources
         )
 

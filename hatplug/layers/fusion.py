@@ -6,15 +6,18 @@ channel; the same holds for a linear followed by a layer-scale ``gamma``: ``gamm
 + gamma b``. Modules that use this keep their parameters, buffers and state-dict keys exactly as they are
 (official checkpoints load unchanged) and derive the folded tensors on demand, cached like the position
 biases (:class:`~hatplug.layers.CachedBias`): the cache key is the identity, in-place version, dtype and
-device of every source tensor, so an optimiser step, ``load_state_dict``, ``.to()`` or new BatchNorm
-statistics make the next call fold again, and ``train()`` drops the cache. Edits through ``.data`` bypass
+device of every source tensor and the number of optimizer steps taken (fused optimizers do not bump
+versions), so an optimiser step, ``load_state_dict``, ``.to()`` or new BatchNorm statistics or ``eps`` make
+the next call fold again, and ``train()`` drops the cache. Edits through ``.data`` bypass
 the version counters: after one, call ``model.eval()`` again (it drops the cache).
 
 The folded path is taken only where it computes the same function up to float32 rounding and nothing can
 observe the difference: eval mode, no tracer or compiler recording the forward (those see the plain
 modules and fuse on their own), and no autograd through the weights or the input. In training the plain
 modules run, so training is bit-identical with or without this. A submodule with hooks (a feature or
-attention-map probe) makes its module run the plain form, so that the hooks fire.
+attention-map probe) makes its module run the plain form, so that the hooks fire, and so does one in
+training mode under an eval-mode parent (test-time BatchNorm adaptation, MC dropout / drop path) or a
+BatchNorm without running statistics.
 ``inference_fusion(False)`` switches it off globally (A/B measurements, debugging), together with the
 other inference-only forms that use
 :func:`fusion_active`: FasterViT's conv levels in channels-last on CPU and its stem in batch chunks
@@ -77,10 +80,12 @@ def inference_fusion(enabled: bool) -> Iterator[None]:
         _ENABLED = previous
 
 
-def _hooked_below(module: nn.Module) -> bool:
-    """Whether a submodule of ``module`` (which a folded path may not call) has hooks, or global module hooks
-    are registered: those must see every module run. A plain walk over ``_modules`` (about 10 us for a HAT
-    block; ``module.modules()`` takes 7x that)."""
+def _not_foldable_below(module: nn.Module) -> bool:
+    """Whether a submodule of ``module`` must run as itself, which the folded form (it skips their calls) cannot
+    do: one with hooks, or any while global module hooks are registered (those must see every module run); one
+    in training mode under an eval-mode parent (test-time BatchNorm adaptation, MC dropout); a BatchNorm
+    without running statistics (it normalises with the batch's). A plain walk over ``_modules`` (about 10 us
+    for a HAT block; ``module.modules()`` takes 7x that)."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return True
     stack = list(module._modules.values())
@@ -88,17 +93,20 @@ def _hooked_below(module: nn.Module) -> bool:
         m = stack.pop()
         if m is None:
             continue
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if m.training or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        # a BatchNorm without running statistics has them registered as None (a dict lookup, not isinstance)
+        if m._buffers.get("running_mean", 0) is None or m._buffers.get("running_var", 0) is None:
             return True
         stack.extend(m._modules.values())
     return False
 
 
 def fusion_active(module: nn.Module, *inputs: Tensor | None) -> bool:
-    """True where ``module`` may run its folded form: fusion enabled, eval mode, no tracer/compiler, no
-    autograd through its parameters or ``inputs``, and no hooks on its submodules (the folded form skips
-    their calls)."""
-    if not _ENABLED or module.training or _tracing() or _hooked_below(module):
+    """True where ``module`` may run its folded form: fusion enabled, ``module`` and every submodule in eval
+    mode, no tracer/compiler, no autograd through its parameters or ``inputs``, no hooks on its submodules (the
+    folded form skips their calls) and no BatchNorm without running statistics."""
+    if not _ENABLED or module.training or _tracing() or _not_foldable_below(module):
         return False
     if torch.is_grad_enabled():
         if any(t is not None and t.requires_grad for t in inputs):

@@ -60,8 +60,14 @@ __all__ = [
 
 
 def _is_channels_last(x: Tensor) -> bool:
-    """A 4D map stored channels-last (and not also contiguous, which tiny maps can be); False while tracing."""
-    return not _tracing() and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """A 4D map stored channels-last (and not also contiguous, which tiny maps can be); False while tracing and
+    under ``torch.func.vmap``, whose batched tensors have no memory format to query (it raises)."""
+    if _tracing() or x.is_contiguous():
+        return False
+    try:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:
+        return False
 
 
 def _drop_path_rates(drop_path: float | Sequence[float], depth: int) -> list[float]:
@@ -529,12 +535,14 @@ class HATStage(nn.Module):
                 x, ct = checkpoint(blk, x, ct, use_reentrant=False)
             else:
                 x, ct = blk(x, ct)
-        if channels_last:  # the output keeps the input's memory format, as a conv's does
-            x = window_reverse_nhwc(x, (self.window_size, self.window_size), Hp, Wp).permute(0, 3, 1, 2)
-        else:
-            x = window_reverse(x, self.window_size, Hp, Wp)
+        # the output keeps the input's memory format, as a conv's does; cropped (and copied) in that layout, so
+        # that no memory_format argument is needed (torch.func.vmap has none but the contiguous one)
+        if channels_last:
+            x = window_reverse_nhwc(x, (self.window_size, self.window_size), Hp, Wp)  # (B, Hp, Wp, C)
+            if Hp != H or Wp != W:
+                x = x[:, :H, :W].contiguous()
+            return x.permute(0, 3, 1, 2)
+        x = window_reverse(x, self.window_size, Hp, Wp)
         if Hp != H or Wp != W:
-            x = x[:, :, :H, :W].contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format
-            )
+            x = x[:, :, :H, :W].contiguous()
         return x
