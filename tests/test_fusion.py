@@ -37,6 +37,15 @@ def _plain(model, x):
         return model(x)
 
 
+def _fused_and_plain(fn, seed=0):
+    """``fn()`` with folding on, then off, each from the same random state."""
+    torch.manual_seed(seed)
+    fused = fn()
+    torch.manual_seed(seed)
+    with inference_fusion(False):
+        return fused, fn()
+
+
 def test_folded_eval_forward_matches_the_plain_one():
     model = _model()
     x = torch.randn(3, 3, 64, 80)
@@ -91,12 +100,8 @@ def test_state_dict_and_training_are_untouched():
     # training runs the plain modules: the same numbers with folding on or off
     model.train()
     x = torch.randn(2, 3, 64, 80)
-    torch.manual_seed(3)
     with inference_fusion(True):
-        a = model(x)
-    torch.manual_seed(3)
-    with inference_fusion(False):
-        b = model(x)
+        a, b = _fused_and_plain(lambda: model(x), seed=3)
     assert torch.equal(a, b)
 
 
@@ -166,11 +171,7 @@ def test_autograd_and_mc_dropout_take_the_plain_path():
         if isinstance(m, torch.nn.Dropout):
             m.train()
     with torch.no_grad():
-        torch.manual_seed(0)
-        a = mc.levels[2](torch.randn(2, 64, 4, 5))
-        torch.manual_seed(0)
-        with inference_fusion(False):
-            b = mc.levels[2](torch.randn(2, 64, 4, 5))
+        a, b = _fused_and_plain(lambda: mc.levels[2](torch.randn(2, 64, 4, 5)))
     assert torch.equal(a, b)
 
 
@@ -215,11 +216,7 @@ def test_submodules_in_training_mode_take_the_plain_path():
     block, h = mc.levels[1].blocks[1], torch.randn(2, 32, 8, 10)  # a conv block with a nonzero rate
     assert type(block.drop_path).__name__ == "DropPath"
     with torch.no_grad():
-        torch.manual_seed(0)
-        a = block(h)
-        torch.manual_seed(0)
-        with inference_fusion(False):
-            b = block(h)
+        a, b = _fused_and_plain(lambda: block(h))
     assert torch.equal(a, b)
 
 
