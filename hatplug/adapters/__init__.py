@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import BlockAdapter, CarrierBlock, ConversionSettings, init_new_weights, padded_grid
+from .base import BlockAdapter, CarrierBlock, ConversionSettings, block_rates, init_new_weights, padded_grid
 from .edgevit import EdgeViTAdapter, EdgeViTCarrierAttention, EdgeViTHATBlock
 from .swin import SwinAdapter, SwinCarrierAttention, SwinHATBlock, shifted_window_mask
 from .swinv2 import SwinV2Adapter, SwinV2CarrierAttention, SwinV2HATBlock
@@ -33,6 +33,7 @@ __all__ = [
     "SwinV2HATBlock",
     "TwinsAdapter",
     "TwinsHATAttention",
+    "block_rates",
     "find_adapter",
     "init_new_weights",
     "padded_grid",

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import refuse_scripting
+from ..errors import ConversionError, refuse_scripting
 from ..layers import (
     BiasedAttention,
     CarrierPositionMLP,
@@ -28,7 +28,14 @@ from ..layers import (
     window_reverse_nhwc,
 )
 
-__all__ = ["BlockAdapter", "CarrierBlock", "ConversionSettings", "init_new_weights", "padded_grid"]
+__all__ = [
+    "BlockAdapter",
+    "CarrierBlock",
+    "ConversionSettings",
+    "block_rates",
+    "init_new_weights",
+    "padded_grid",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,38 @@ def init_new_weights(module: nn.Module) -> nn.Module:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     return module
+
+
+def _rate(module: nn.Module | None, what: str) -> float:
+    if module is None or isinstance(module, nn.Identity):
+        return 0.0
+    if isinstance(module, nn.Dropout):
+        return float(module.p)
+    rate = getattr(module, "drop_prob", None)  # timm's DropPath
+    if rate is None:
+        raise ConversionError(
+            f"cannot read the {what} rate of a {type(module).__name__}: the new carrier-token half takes its "
+            "block's rates; expected nn.Dropout, timm's DropPath (drop_prob) or nn.Identity"
+        )
+    return float(rate)
+
+
+def block_rates(drop_path: nn.Module | None, mlp: nn.Module | None, attn: nn.Module | None) -> dict[str, float]:
+    """The regularisation a block applies, for the carrier-token half a conversion adds to it: FasterViT gives
+    that half its block's stochastic depth and dropouts. ``drop_path`` is the block's drop-path module (timm's
+    ``DropPath`` or ``nn.Identity``), ``mlp`` a timm ``Mlp`` (``drop1``) and ``attn`` an attention with
+    ``attn_drop`` / ``proj_drop`` dropouts; ``None`` where there is none.
+
+    >>> from timm.layers import DropPath, Mlp
+    >>> block_rates(DropPath(0.1), Mlp(8, 32, drop=0.2), None)
+    {'drop_path': 0.1, 'drop': 0.2, 'attn_drop': 0.0, 'proj_drop': 0.0}
+    """
+    return {
+        "drop_path": _rate(drop_path, "drop-path"),
+        "drop": _rate(getattr(mlp, "drop1", None), "MLP dropout"),
+        "attn_drop": _rate(getattr(attn, "attn_drop", None), "attention dropout"),
+        "proj_drop": _rate(getattr(attn, "proj_drop", None), "projection dropout"),
+    }
 
 
 def padded_grid(H: int, W: int, window_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -116,17 +155,29 @@ class CarrierBlock(CarrierTokenHalf, nn.Module):
         mlp_ratio: float,
         propagate: bool,
         like: Tensor,
+        rates: dict[str, float] | None = None,
     ) -> None:
-        """Create the new parts on the device and in the dtype of ``like`` (a weight of the original block)."""
+        """Create the new parts on the device and in the dtype of ``like`` (a weight of the original block),
+        with the block's stochastic depth and dropouts ``rates`` (see :func:`block_rates`; none if ``None``)."""
+        rates = rates or {}
         self.window_size = tuple(window_size)
         self.ct_size = settings.ct_size
         # built on the meta device and initialised once: PyTorch's default init would be thrown away
         with torch.device("meta"):
+            attn = BiasedAttention(
+                dim,
+                num_heads,
+                window_size=None,
+                attn_drop=rates.get("attn_drop", 0.0),
+                proj_drop=rates.get("proj_drop", 0.0),
+            )
             self.init_carrier_half(
                 dim,
-                hat_attn=BiasedAttention(dim, num_heads, window_size=None),
+                hat_attn=attn,
                 hat_pos_embed=CarrierPositionMLP(dim, settings.ct_size),
                 mlp_ratio=mlp_ratio,
+                drop=rates.get("drop", 0.0),
+                drop_path=rates.get("drop_path", 0.0),
             )
         for name in ("hat_norm1", "hat_norm2", "hat_attn", "hat_mlp", "hat_pos_embed"):
             init_new_weights(getattr(self, name).to_empty(device=like.device)).to(like.dtype)
@@ -161,6 +212,8 @@ class BlockAdapter:
     subclass whose ``forward_block(x, ct)`` returns ``(x, ct)`` and whose attention is a
     :class:`~hatplug.layers.CarrierWindowAttention` subclass (the family's ``project`` and
     ``window_bias``); ``tests/convert/test_register_adapter.py`` does it for a new block type in 40 lines.
+    Pass :func:`block_rates` of the block to :meth:`CarrierBlock.init_carriers` so that the new carrier-token
+    half gets the block's stochastic depth and dropouts.
 
     Class attributes:
         family: a name for reports and errors, e.g. ``"timm Swin v1"``.
@@ -244,6 +297,13 @@ class BlockAdapter:
         """The HAT twin of ``block``, taking over its modules; ``propagate`` is set for the last block of a
         stage when propagation is on."""
         raise NotImplementedError
+
+    def build_at(
+        self, model: nn.Module, path: str, block: nn.Module, settings: ConversionSettings, propagate: bool
+    ) -> nn.Module:
+        """What :func:`hatplug.convert` calls: :meth:`build`, for the ``block`` at ``path`` in ``model``. Override
+        it where the twin needs more than the matched module (Twins: its owning block's MLP and drop path)."""
+        return self.build(block, settings, propagate)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.family!r}: {', '.join(t.__name__ for t in self.source_types)})"

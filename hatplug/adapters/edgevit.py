@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..layers import CarrierWindowAttention, window_partition_nhwc, window_reverse_nhwc
 from ..models.edgevit import EdgeViT, GlobalSparseAttn, GlobalSparseBlock
-from .base import BlockAdapter, CarrierBlock, ConversionSettings, padded_grid
+from .base import BlockAdapter, CarrierBlock, ConversionSettings, block_rates, padded_grid
 
 __all__ = ["EdgeViTAdapter", "EdgeViTCarrierAttention", "EdgeViTHATBlock"]
 
@@ -105,8 +105,9 @@ class EdgeViTHATBlock(CarrierBlock):
         self.drop_path2 = block.drop_path2
         dim = block.attn.dim
         mlp_ratio = block.mlp.fc1.out_features / dim
+        rates = block_rates(block.drop_path1, block.mlp, block.attn)
         self.init_carriers(
-            dim, block.attn.num_heads, (window, window), settings, mlp_ratio, propagate, block.norm1.weight
+            dim, block.attn.num_heads, (window, window), settings, mlp_ratio, propagate, block.norm1.weight, rates
         )
 
     def forward_block(self, x: Tensor, ct: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..layers import CarrierWindowAttention, window_partition_nhwc, window_reverse_nhwc
 from ..layers.fusion import fusion_active, mlp_hidden, passes_through, residual_linear
-from .base import BlockAdapter, CarrierBlock, ConversionSettings, padded_grid
+from .base import BlockAdapter, CarrierBlock, ConversionSettings, block_rates, padded_grid
 
 __all__ = ["SwinAdapter", "SwinCarrierAttention", "SwinHATBlock", "shifted_window_mask"]
 
@@ -94,8 +94,16 @@ class SwinHATBlock(CarrierBlock):
         self.drop_path2 = block.drop_path2
         self.register_buffer("attn_mask", block.attn_mask, persistent=False)
         mlp_ratio = block.mlp.fc1.out_features / block.dim
+        rates = block_rates(block.drop_path1, block.mlp, block.attn)
         self.init_carriers(
-            block.dim, attn.num_heads, tuple(block.window_size), settings, mlp_ratio, propagate, block.norm1.weight
+            block.dim,
+            attn.num_heads,
+            tuple(block.window_size),
+            settings,
+            mlp_ratio,
+            propagate,
+            block.norm1.weight,
+            rates,
         )
 
     def _mask(self, Hp: int, Wp: int, like: Tensor) -> Tensor | None:

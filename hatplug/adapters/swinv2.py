@@ -64,7 +64,8 @@ class SwinV2HATBlock(SwinHATBlock):
 
 
 class SwinV2Adapter(BlockAdapter):
-    """timm ``SwinTransformerV2Block`` (every ``swinv2_*`` model)."""
+    """timm ``SwinTransformerV2Block`` (every ``swinv2_*`` model; not ``swinv2_cr_*``, whose
+    ``SwinTransformerV2CrBlock`` is another implementation)."""
 
     family = "timm SwinV2"
     source_types = (SwinTransformerV2Block,)

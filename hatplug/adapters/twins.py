@@ -17,7 +17,7 @@ from timm.models.twins import LocallyGroupedAttn
 from torch import Tensor, nn
 
 from ..layers import CarrierTokenizer, CarrierWindowAttention, window_partition_nhwc, window_reverse_nhwc
-from .base import BlockAdapter, CarrierBlock, ConversionSettings, init_new_weights, padded_grid
+from .base import BlockAdapter, CarrierBlock, ConversionSettings, block_rates, init_new_weights, padded_grid
 
 __all__ = ["TwinsAdapter", "TwinsHATAttention"]
 
@@ -26,10 +26,18 @@ class TwinsHATAttention(CarrierBlock, CarrierWindowAttention):
     """Twins' locally-grouped attention with per-block carrier tokens; ``forward(x, size)`` as LSA.
 
     Keeps LSA's ``qkv`` and ``proj`` under their names; adds ``carrier_tokenizer``, the CT half
-    (``hat_*``), ``hat_gate`` (``init="identity"``) and ``propagation_scale`` (``propagate=True``).
+    (``hat_*``), ``hat_gate`` (``init="identity"``) and ``propagation_scale`` (``propagate=True``). The CT
+    half's MLP width, stochastic depth and dropouts are those of ``owner``, the Twins block that holds
+    ``attn`` (an MLP ratio of 4 and no regularisation without one).
     """
 
-    def __init__(self, attn: LocallyGroupedAttn, settings: ConversionSettings, propagate: bool) -> None:
+    def __init__(
+        self,
+        attn: LocallyGroupedAttn,
+        settings: ConversionSettings,
+        propagate: bool,
+        owner: nn.Module | None = None,
+    ) -> None:
         CarrierWindowAttention.__init__(
             self, attn.num_heads, attn.qkv, attn.proj, attn.attn_drop.p, attn.proj_drop, settings.gated
         )
@@ -40,7 +48,10 @@ class TwinsHATAttention(CarrierBlock, CarrierWindowAttention):
         self.carrier_tokenizer = init_new_weights(
             CarrierTokenizer(attn.dim, None, attn.ws, settings.ct_size, channels_last=True)
         ).to(device=like.device, dtype=like.dtype)
-        self.init_carriers(attn.dim, attn.num_heads, (attn.ws, attn.ws), settings, 4.0, propagate, like)
+        mlp = getattr(owner, "mlp", None)
+        mlp_ratio = mlp.fc1.out_features / attn.dim if mlp is not None else 4.0
+        rates = block_rates(getattr(owner, "drop_path1", None), mlp, attn)
+        self.init_carriers(attn.dim, attn.num_heads, (attn.ws, attn.ws), settings, mlp_ratio, propagate, like, rates)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B_, L = x.shape[0], x.shape[1]
@@ -86,3 +97,9 @@ class TwinsAdapter(BlockAdapter):
 
     def build(self, block: nn.Module, settings: ConversionSettings, propagate: bool) -> nn.Module:
         return TwinsHATAttention(block, settings, propagate)
+
+    def build_at(
+        self, model: nn.Module, path: str, block: nn.Module, settings: ConversionSettings, propagate: bool
+    ) -> nn.Module:
+        owner = model.get_submodule(path.rpartition(".")[0])  # [...]blocks.{k}.{j}: the block holding the attention
+        return TwinsHATAttention(block, settings, propagate, owner=owner)

@@ -86,8 +86,8 @@ def report(model: nn.Module) -> ConversionReport:
     ...                          window_size=4, img_size=32, num_classes=10)
     >>> rep = hatplug.report(hatplug.convert(swin))
     >>> [(r.path, r.reason) for r in rep.skipped]
-    [('layers.1.blocks.0', 'single window at this resolution (4x4 window covers the whole map)'), \
-('layers.1.blocks.1', 'single window at this resolution (4x4 window covers the whole map)')]
+    [('layers.1.blocks.0', 'single window at this resolution: the 4x4 window covers the whole map'), \
+('layers.1.blocks.1', 'single window at this resolution: the 4x4 window covers the whole map')]
     """
     info = getattr(model, "hatplug_conversion", None)
     if info is None:

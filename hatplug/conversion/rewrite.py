@@ -59,6 +59,10 @@ def unsupported_message(model: nn.Module) -> str:
     if attention:
         more = f" and {len(attention) - 5} more" if len(attention) > 5 else ""
         lines.append(f"It has attention modules that no adapter knows: {', '.join(attention[:5])}{more}.")
+        lines.append(
+            "HAT gives carrier tokens to windowed (local) attention; attention that already spans the whole map "
+            "(ViT, PVT, Twins-PCPVT's GlobalSubSampleAttn) has no windows to summarise, and no adapter changes that."
+        )
     if isinstance(model, torch.fx.GraphModule):
         lines.append(
             "It is an fx graph (e.g. timm features_only with feature_cls='fx'), whose blocks are inlined: convert "
@@ -81,7 +85,7 @@ def _skip_reason(adapter: BlockAdapter, model: nn.Module, path: str, block: nn.M
     grid = adapter.window_grid(model, path, block)
     if grid is not None and grid[0] * grid[1] == 1:
         where = adapter.resolution(model, path)
-        return f"single window {where} ({window[0]}x{window[1]} window covers the whole map)"
+        return f"single window {where}: the {window[0]}x{window[1]} window covers the whole map"
     if ct_size > min(window):
         return f"window {window[0]}x{window[1]} is smaller than ct_size={ct_size}"
     return None
@@ -241,7 +245,8 @@ def _rewrite_stage(
         ct = graph.create_node("call_module", "carrier_tokenizer", (first.args[0],), name="carrier_tokens")
     for i, node in enumerate(calls):
         block = relative[node.target]
-        twin = _adopt_mode(adapter.build(block, settings, propagate=propagate and i == len(calls) - 1), block)
+        last = propagate and i == len(calls) - 1
+        twin = _adopt_mode(adapter.build_at(stage, node.target, block, settings, propagate=last), block)
         _set_submodule(stage, node.target, twin)
         prefix = node.name
         with graph.inserting_after(node):
@@ -519,7 +524,7 @@ def convert(
             mode = "stage stream"
         else:
             for path, block in todo:
-                twin = _adopt_mode(adapter.build(block, settings, propagate=propagate), block)
+                twin = _adopt_mode(adapter.build_at(model, path, block, settings, propagate=propagate), block)
                 _move_hooks(block, twin)  # the twin keeps the block's signature
                 _set_submodule(model, path, twin)
             mode = "per block"

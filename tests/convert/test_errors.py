@@ -12,6 +12,25 @@ from hatplug.errors import CheckpointError, ConversionError, HatplugError, Unsup
 from .conftest import FAMILIES, make_model
 
 
+def test_global_attention_is_named_as_not_a_conversion_target():
+    # Twins-PCPVT has only global (sub-sampled) attention: an adapter cannot help, and the message says why
+    model = timm.create_model(
+        "twins_pcpvt_small", embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), num_classes=10
+    )
+    with pytest.raises(UnsupportedModelError, match=r"GlobalSubSampleAttn\) has no windows to summarise"):
+        hatplug.convert(model)
+
+
+def test_block_rates_name_an_unreadable_module():
+    from hatplug.adapters.base import block_rates
+
+    class Stochastic(nn.Module):  # a drop path that keeps its rate under another name
+        rate = 0.1
+
+    with pytest.raises(ConversionError, match="drop-path rate of a Stochastic.*timm's DropPath"):
+        block_rates(Stochastic(), None, None)
+
+
 def test_resnet_is_unsupported_with_a_helpful_message():
     with pytest.raises(UnsupportedModelError) as info:
         hatplug.convert(timm.create_model("resnet18", pretrained=False))

@@ -140,6 +140,27 @@ def test_new_parts_follow_fastervit_init(family):
                 assert abs(p.std().item() - 0.02) < 0.005, name
 
 
+def test_carrier_half_takes_its_blocks_regularisation(family):
+    """FasterViT gives a block's carrier-token half the block's stochastic depth, dropouts and MLP width; the
+    converted halves had none (and Twins a fixed MLP ratio of 4)."""
+    kw = dict(drop_path_rate=0.3, attn_drop_rate=0.1)
+    if family.name == "twins":
+        kw["mlp_ratios"] = (2, 2, 2, 2)
+    model = family.make(family.sizes[0], **kw)
+    converted = [(n, m) for n, m in hatplug.convert(model).named_modules() if hasattr(m, "hat_drop_path")]
+    assert len(converted) == family.converted
+    rates = []
+    for name, twin in converted:
+        attn = model.get_submodule(name if family.name == "twins" else name + ".attn")
+        block = model.get_submodule(name.rpartition(".")[0] if family.name == "twins" else name)
+        rate = getattr(block.drop_path1, "drop_prob", 0.0)
+        assert getattr(twin.hat_drop_path, "drop_prob", 0.0) == rate, name
+        assert twin.hat_attn.attn_drop == attn.attn_drop.p, name
+        assert twin.hat_mlp.fc1.out_features == block.mlp.fc1.out_features, name
+        rates.append(rate)
+    assert max(rates) > 0  # the test can fail: converted blocks with stochastic depth (the first has rate 0)
+
+
 @pytest.mark.parametrize("init", ["identity", "random"])
 def test_save_load_round_trip(family, init, tmp_path):
     size = family.sizes[0]
