@@ -35,3 +35,37 @@ def randomize_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
             elif name.endswith("running_var"):
                 b.copy_(1 + 0.2 * torch.rand(b.shape, generator=g))
     return model
+
+
+ONNX_EXPORTERS = ["torchscript", "dynamo"]
+
+
+def ignore_onnx_warnings(test):
+    """The TorchScript exporter's deprecation warnings (deprecated since torch 2.9, still supported) and both
+    exporters' notes on constant folding: none says anything about the exported graph, which the tests check."""
+    for message in (
+        "ignore:You are using the legacy TorchScript-based ONNX export",
+        "ignore:Constant folding",
+        "ignore:The feature will be removed:DeprecationWarning",
+    ):
+        test = pytest.mark.filterwarnings(message)(test)
+    return test
+
+
+def onnx_session(model: torch.nn.Module, x: torch.Tensor, exporter: str):
+    """An onnxruntime session of ``model`` exported at ``x``'s image size with a dynamic batch, by torch's
+    TorchScript exporter (opset 17) or its torch.export-based one (``dynamo=True``, the default since 2.9)."""
+    import io
+
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    names = dict(input_names=["images"], output_names=["logits"])
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=64)
+        program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False, **names)
+        program.save(buffer)
+    else:
+        axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17, dynamic_axes=axes, **names)
+    return ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])

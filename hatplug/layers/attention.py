@@ -16,7 +16,23 @@ from ..errors import refuse_scripting
 from .fusion import fusion_active
 from .pos_embed import ContinuousPositionBias
 
-__all__ = ["BiasedAttention", "CarrierWindowAttention", "gated_carrier_attention"]
+__all__ = ["BiasedAttention", "CarrierWindowAttention", "gated_carrier_attention", "merge_heads"]
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(B_, heads, N, hd)`` -> ``(B_, N, heads * hd)``: an attention output with its heads side by side.
+
+    A view where the layout allows (SDPA's CPU kernels return one), a copy otherwise. Under ``torch.export`` it
+    always copies: the export records SDPA with its CPU kernel's output layout, where the reshape is a view,
+    and the ONNX exporter then decomposes SDPA into ops laid out ``(B_, heads, N, hd)``, where that view fails.
+
+    >>> merge_heads(torch.zeros(2, 4, 5, 8)).shape
+    torch.Size([2, 5, 32])
+    """
+    x = x.transpose(1, 2)
+    if torch.compiler.is_exporting():
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x.flatten(2)
 
 
 class BiasedAttention(nn.Module):
@@ -87,7 +103,7 @@ class BiasedAttention(nn.Module):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
-        return x.transpose(1, 2).reshape(B, N, C)
+        return merge_heads(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj_drop(self.proj(self.attend(x)))
@@ -262,7 +278,7 @@ class CarrierWindowAttention(nn.Module):
     def attend(self, ct_windows: Tensor, windows: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The attention before the output projection, for the CTs ``(B_, n, h * hd)`` and the window tokens
         ``(B_, N, h * hd)``."""
-        B_, n, N = windows.shape[0], ct_windows.shape[1], windows.shape[1]
+        n, N = ct_windows.shape[1], windows.shape[1]
         bias = self.window_bias()
         if fusion_active(self, ct_windows, windows):
             x = self._fused_attention(ct_windows, windows, bias, mask)
@@ -276,7 +292,7 @@ class CarrierWindowAttention(nn.Module):
             q, k, v = self.project(torch.cat((ct_windows, windows), dim=1))  # (B_, h, n + N, hd)
             bias = None if bias is None else bias.to(q.dtype)
             ct_out, out = self.joint_attention(q, k, v, n, bias, mask).split([n, N], dim=2)
-        return ct_out.transpose(1, 2).reshape(B_, n, -1), out.transpose(1, 2).reshape(B_, N, -1)
+        return merge_heads(ct_out), merge_heads(out)
 
     def _fused_attention(self, ct_windows: Tensor, windows: Tensor, bias: Tensor | None, mask: Tensor | None) -> Tensor:
         """Inference form of both modes in fused kernels; ``(B_, n + N, h * hd)``, heads merged, before ``proj``.
@@ -347,6 +363,9 @@ class CarrierWindowAttention(nn.Module):
         nw = mask.shape[0]
         attn_mask = attn_mask + F.pad(mask, (n, 0, n, 0)).unsqueeze(1)  # (nW, h | 1, L, L)
         B_, h, L, hd = q.shape
+        if torch.compiler.is_exporting():  # ONNX's attention takes 4D inputs: the mask repeated per image instead
+            mask4 = attn_mask.repeat(B_ // nw, 1, 1, 1)  # (B_, h | 1, L, L), windows batch-major
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask4, dropout_p=dropout_p, scale=1.0)
         # windows are batch-major, so (B, nW, ...) views line the mask up with its window
         q, k, v = (t.view(-1, nw, h, L, hd) for t in (q, k, v))
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=1.0)

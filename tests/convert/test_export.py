@@ -7,13 +7,13 @@ carrier-token path carries weight. Tolerances as FasterViT's export tests: 1e-5 
 """
 
 import functools
-import io
 
 import pytest
 import torch
 
 import hatplug
 
+from ..conftest import ONNX_EXPORTERS, ignore_onnx_warnings, onnx_session
 from .conftest import FAMILIES, make_model, open_gates
 
 pytestmark = [
@@ -55,20 +55,13 @@ def test_jit_trace_matches_eager(converted):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
-@pytest.mark.filterwarnings("ignore:Constant folding")
-@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
-def test_onnx_export_matches_onnxruntime(converted):
-    ort = pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("exporter", ONNX_EXPORTERS)
+@ignore_onnx_warnings
+def test_onnx_export_matches_onnxruntime(converted, exporter):
+    # The carrier pooling kernel depends on the map size, so the export is for this image size (any batch).
+    # dynamo at init="random": onnxscript's SDPA takes 4D inputs, so the shift mask is repeated per image there
     model, x = converted
-    buffer = io.BytesIO()
-    # dynamo=False: the torch.export-based exporter needs onnxscript, which is not a dependency. The carrier
-    # pooling kernel depends on the map size, so the export is for this image size (any batch).
-    torch.onnx.export(
-        model, (x,), buffer, dynamo=False, opset_version=17, input_names=["images"], output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-    )  # fmt: skip
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    session = onnx_session(model, x, exporter)
     for batch in (1, 3):
         xb = torch.randn(batch, *x.shape[1:])
         (logits,) = session.run(None, {"images": xb.numpy()})
