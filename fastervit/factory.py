@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import sys
 from functools import partial
@@ -21,6 +22,8 @@ from hatplug.errors import PretrainedWeightsNotFoundError
 
 from .model import FasterViT, _to_2tuple
 from .resize import load_adapted
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["create_model", "list_models", "checkpoint_filter_fn", "pretrained_file", "CHECKPOINT_DIR_ENV"]
 
@@ -102,18 +105,18 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     return out
 
 
-def pretrained_file(name: str, url: str | None = None) -> Path:
+def pretrained_file(name: str, url: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Local path of the official checkpoint of ``name`` (or of ``url``'s file), downloading it when allowed.
 
-    Looks in ``$HATPLUG_CHECKPOINT_DIR`` and then in torch hub's checkpoint folder. If the file is in
-    neither, it is downloaded into torch hub's folder unless ``HATPLUG_OFFLINE`` or ``HF_HUB_OFFLINE``
-    is set; if that is not possible the error says which file, where to put it and where it is
-    published.
+    Looks in ``$HATPLUG_CHECKPOINT_DIR`` and then in ``cache_dir`` (timm's ``create_model(cache_dir=...)``) or,
+    without one, torch hub's checkpoint folder. If the file is in neither, it is downloaded into the latter
+    unless ``HATPLUG_OFFLINE`` or ``HF_HUB_OFFLINE`` is set; if that is not possible the error says which
+    file, where to put it and where it is published.
     """
     url = url or _VARIANTS[_canonical(name)][1]["url"]
     file_name = url.rsplit("/", 1)[-1]
     folders = [Path(os.environ[CHECKPOINT_DIR_ENV])] if os.environ.get(CHECKPOINT_DIR_ENV) else []
-    folders.append(Path(torch.hub.get_dir()) / "checkpoints")
+    folders.append(Path(cache_dir).expanduser() if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints")
     for folder in folders:
         if (folder / file_name).is_file():
             return folder / file_name
@@ -198,14 +201,19 @@ def _create(
     # the any-resolution variants are published with the 224 weights: moving those is a geometry change
     adapt_pretrained = adapt_geometry or name.endswith("_any_res")
 
-    source = _pretrained_source(name, kwargs) if pretrained else None
+    # timm.create_model's options for pretrained weights (build_model_with_cfg would take and ignore them here)
+    cache_dir, pretrained_strict = kwargs.pop("cache_dir", None), kwargs.pop("pretrained_strict", True)
+    if not isinstance(pretrained_strict, bool):
+        raise ValueError(f"pretrained_strict must be True or False, got {pretrained_strict!r}")
+    merged = _pretrained_cfg(name, kwargs)
+    source = _pretrained_source(name, merged, cache_dir) if pretrained else None
 
     def build(**model_kwargs) -> FasterViT:
         # weights go in here, before build_model_with_cfg wraps a features_only model (which prunes the
         # norm and the head)
         model = FasterViT(**model_kwargs)
         if pretrained:
-            model.load_report = _load_pretrained(model, source, cfg, adapt_pretrained)
+            model.load_report = _load_pretrained(model, source, merged, adapt_pretrained, pretrained_strict)
         if checkpoint_path is not None:
             if adapt_geometry:
                 model.load_report = load_adapted(
@@ -334,15 +342,20 @@ def _set_backbone_input_size(backbone: nn.Module, img_size=None, window_size=Non
     backbone._model_args.pop("resolution", None)  # img_size is the size now
 
 
-def _pretrained_source(name: str, kwargs: dict) -> Path:
-    """The file ``pretrained=True`` loads: the ``file`` or ``url`` of a ``pretrained_cfg`` /
-    ``pretrained_cfg_overlay`` given to ``timm.create_model`` (timm's way to point at other weights), else
-    the published checkpoint (:func:`pretrained_file`)."""
+def _pretrained_cfg(name: str, kwargs: dict) -> dict:
+    """The variant's pretrained config with a ``pretrained_cfg`` / ``pretrained_cfg_overlay`` given to
+    ``timm.create_model`` (timm's way to point at other weights) merged in."""
     cfg = dict(_VARIANTS[name][1])
     for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
         given = kwargs.get(key)
         if given is not None:
             cfg.update(given if isinstance(given, dict) else given.to_dict())
+    return cfg
+
+
+def _pretrained_source(name: str, cfg: dict, cache_dir: str | os.PathLike | None) -> Path:
+    """The file ``pretrained=True`` loads: the ``file`` of the (merged) pretrained ``cfg``, else its ``url``'s
+    file (:func:`pretrained_file`)."""
     if cfg.get("file"):
         path = Path(cfg["file"]).expanduser()
         if cfg.get("source") == "local-dir" and path.is_dir():  # timm.create_model("local-dir:<folder>")
@@ -355,7 +368,7 @@ def _pretrained_source(name: str, kwargs: dict) -> Path:
             "FasterViT loads pretrained weights from a file or a URL: give pretrained_cfg_overlay=dict(file=...) "
             "or checkpoint_path=... instead of hf_hub_id / state_dict"
         )
-    return pretrained_file(name, cfg["url"])
+    return pretrained_file(name, cfg["url"], cache_dir)
 
 
 def _checkpoint_in(folder: Path) -> Path:
@@ -384,28 +397,36 @@ def _adapt_to_model(state: dict[str, Tensor], model: nn.Module, cfg: dict) -> di
     return state
 
 
-def _load_pretrained(model: nn.Module, source: Path, cfg: dict, adapt_geometry: bool) -> LoadReport:
+def _load_pretrained(model: nn.Module, source: Path, cfg: dict, adapt_geometry: bool, strict: bool) -> LoadReport:
     def published(state: dict[str, Tensor], m: nn.Module) -> dict[str, Tensor]:
         return _adapt_to_model(checkpoint_filter_fn(state, m), m, cfg)
 
     if adapt_geometry:  # also replaces a classifier of another size
-        return load_adapted(model, source, strict=True, filter_fn=published)
-    head_replaced = getattr(model, "num_classes", cfg["num_classes"]) != cfg["num_classes"]
+        return load_adapted(model, source, strict=strict, filter_fn=published)
+    replaced: list[str] = []
 
-    def drop_head(state: dict[str, Tensor], m: nn.Module) -> dict[str, Tensor]:
+    def drop_other_head(state: dict[str, Tensor], m: nn.Module) -> dict[str, Tensor]:
+        # a classifier is replaced where the checkpoint's does not fit this model's (another num_classes, or
+        # none): decided by the tensors themselves, so that a fine-tuned head in the file loads
         state = published(state, m)
-        return {k: v for k, v in state.items() if not (head_replaced and k.startswith("head."))}
+        own = dict(m.named_parameters())
+        replaced.extend(k for k in state if k.startswith("head.") and (k not in own or own[k].shape != state[k].shape))
+        return {k: v for k, v in state.items() if k not in replaced}
 
-    return load_checkpoint(
+    report = load_checkpoint(
         model,
         source,
-        strict=True,
-        filter_fn=drop_head,
-        ignore_missing=(lambda k: k.startswith("head.")) if head_replaced else None,
+        strict=strict,
+        filter_fn=drop_other_head,
+        ignore_missing=lambda k: k in replaced,
         mismatch_hint="pretrained=True loads the published weights into this architecture: for another "
         "resolution or window size add adapt_geometry=True; for another width or depth pass checkpoint_path=... "
         "with strict=False instead.",
     )
+    report.replaced = sorted(replaced)
+    if replaced:
+        _logger.info("classifier re-initialised: %s have another size in %s", ", ".join(report.replaced), source)
+    return report
 
 
 def create_model(
@@ -420,9 +441,11 @@ def create_model(
 
     Args:
         name: one of :func:`list_models`, e.g. ``"faster_vit_0_224"``.
-        pretrained: load the official ImageNet weights (see :func:`pretrained_file`). The ``*_any_res``
+        pretrained: load the official ImageNet weights (see :func:`pretrained_file`; timm's ``cache_dir``,
+            ``pretrained_cfg_overlay=dict(file=...)`` and ``pretrained_strict`` apply). The ``*_any_res``
             variants load the 224 weights through :func:`fastervit.resize.load_adapted`, whatever their
-            ``resolution``.
+            ``resolution``. A classifier whose size differs from the file's is re-initialised and listed in
+            ``model.load_report.replaced``; one of the same size (a fine-tuned head in your file) loads.
         checkpoint_path: a local checkpoint to load: official ``.pth.tar`` training checkpoints (weights
             under ``state_dict`` or ``model``, ``module.`` prefixes allowed), plain state dicts or
             ``.safetensors``. Read without unpickling arbitrary objects.

@@ -369,8 +369,10 @@ class FasterViT(nn.Module):
     (int or ``[H, W]``: the model is built for this input size), ``drop_path_rate``, ``in_chans``,
     ``num_classes``, ``qkv_bias``, ``qk_scale``, ``drop_rate``, ``attn_drop_rate``, ``layer_scale``
     (HAT blocks), ``layer_scale_conv`` (conv blocks), ``layer_norm_last``, ``hat`` (per stage: use
-    carrier tokens), ``do_propagation``. ``global_pool`` is timm's pooling type; ``img_size`` is timm's
-    name for ``resolution`` and wins when given.
+    carrier tokens), ``do_propagation``. ``drop_rate`` is the official dropout inside the blocks (attention
+    projections and MLPs), not timm's classifier dropout, which is ``head_drop_rate`` here (the official model
+    has none). ``global_pool`` is timm's pooling type; ``img_size`` is timm's name for ``resolution`` and wins
+    when given.
 
     Example:
         >>> import fastervit, torch
@@ -405,6 +407,7 @@ class FasterViT(nn.Module):
         do_propagation: bool = False,
         global_pool: str = "avg",
         img_size: int | Sequence[int] | None = None,
+        head_drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if img_size is not None:  # timm's name for the input size
@@ -417,6 +420,7 @@ class FasterViT(nn.Module):
         drop_path_rate = _rate(drop_path_rate, "drop_path_rate", upper_open=True)
         attn_drop_rate = _rate(attn_drop_rate, "attn_drop_rate", upper_open=True)
         drop_rate = _rate(drop_rate, "drop_rate")
+        head_drop_rate = _rate(head_drop_rate, "head_drop_rate")
         window_size = _window_sizes(window_size, num_stages)
         ct_size = _positive_int(ct_size, "ct_size")
         dim, in_dim = _positive_int(dim, "dim"), _positive_int(in_dim, "in_dim")
@@ -477,7 +481,7 @@ class FasterViT(nn.Module):
 
         self.norm = LayerNorm2d(self.num_features) if layer_norm_last else nn.BatchNorm2d(self.num_features)
         self.avgpool = _global_pool(global_pool)
-        self.head_drop = nn.Dropout(drop_rate)
+        self.head_drop = nn.Dropout(head_drop_rate)  # drop_rate is the blocks' (the official code has no head dropout)
         self.head = (
             nn.Linear(self.num_features * self.avgpool.feat_mult(), num_classes) if num_classes > 0 else nn.Identity()
         )

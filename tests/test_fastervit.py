@@ -376,6 +376,8 @@ def test_pretrained_from_local_cache_and_with_new_head(monkeypatch, tmp_path):
     assert torch.equal(model.head.weight, real.head.weight)
     fresh_head = fastervit.create_model("faster_vit_0_224", pretrained=True, num_classes=10)
     assert fresh_head.head.weight.shape == (10, 512)
+    assert fresh_head.load_report.replaced == ["head.bias", "head.weight"]  # said, not only left out
+    assert "re-initialised (another size in the checkpoint): head.bias, head.weight" in str(fresh_head.load_report)
     assert torch.equal(fresh_head.levels[2].blocks[0].attn.qkv.weight, real.levels[2].blocks[0].attn.qkv.weight)
     with pytest.raises(CheckpointMismatchError, match="for another resolution or window size add adapt_geometry"):
         fastervit.create_model("faster_vit_0_224", pretrained=True, img_size=256)
@@ -519,6 +521,45 @@ def test_pretrained_cfg_overlay_file_is_what_loads(monkeypatch, tmp_path):
     assert torch.equal(by_url.head.weight, mine.head.weight)
     with pytest.raises(PretrainedWeightsNotFoundError, match="does not exist"):
         timm.create_model("faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=dict(file="nope.pth"), **SMALL)
+
+
+def test_pretrained_follows_timm_options(monkeypatch, tmp_path):
+    """A fine-tuned head in the file loads (it was replaced whenever num_classes differed from the published
+    1000, even with the overlay saying 10); timm's cache_dir and pretrained_strict are honoured (both were
+    ignored)."""
+    monkeypatch.setenv("HATPLUG_CHECKPOINT_DIR", str(tmp_path / "nothing here"))
+    tuned = randomize_(fastervit.create_model("faster_vit_0_224", num_classes=10, **CHEAP))
+    write_official_checkpoint(tuned, tmp_path / "tuned.pth.tar")
+    for overlay in (
+        dict(file=str(tmp_path / "tuned.pth.tar"), num_classes=10),
+        dict(file=str(tmp_path / "tuned.pth.tar")),
+    ):
+        model = timm.create_model(
+            "faster_vit_0_224", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay, **CHEAP
+        )
+        assert torch.equal(model.head.weight, tuned.head.weight) and not model.load_report.replaced
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_official_checkpoint(tuned, cache / "fastervit_0_224_1k.pth.tar")  # the published file's name
+    from_cache = timm.create_model("faster_vit_0_224", pretrained=True, num_classes=10, cache_dir=cache, **CHEAP)
+    assert torch.equal(from_cache.head.weight, tuned.head.weight)
+    partial = {k: v for k, v in tuned.state_dict().items() if k != "norm.weight"}
+    torch.save(partial, tmp_path / "partial.pth")
+    overlay = dict(file=str(tmp_path / "partial.pth"))
+    with pytest.raises(CheckpointMismatchError, match="1 missing: norm.weight"):
+        timm.create_model("faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=overlay, num_classes=10, **CHEAP)
+    loose = timm.create_model(
+        "faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=overlay, pretrained_strict=False,
+        num_classes=10, **CHEAP,
+    )  # fmt: skip
+    assert loose.load_report.missing == ["norm.weight"] and torch.equal(loose.head.weight, tuned.head.weight)
+
+
+def test_drop_rate_is_the_official_block_dropout_and_head_drop_rate_the_classifiers():
+    model = fastervit.create_model("faster_vit_0_224", drop_rate=0.3, **CHEAP)
+    assert model.head_drop.p == 0.0  # the official model has no classifier dropout
+    assert model.levels[2].blocks[0].mlp.drop1.p == 0.3 and model.levels[2].blocks[0].attn.proj_drop.p == 0.3
+    assert fastervit.create_model("faster_vit_0_224", head_drop_rate=0.2, **CHEAP).head_drop.p == 0.2
 
 
 def test_pretrained_adapts_the_first_conv_to_in_chans(monkeypatch, tmp_path):
