@@ -175,6 +175,58 @@ def test_fsdp2_loads_a_full_state_dict():
         dist.destroy_process_group()
 
 
+def _fsdp2_step(rank: int, world: int, store: str, out: str) -> None:
+    """One SGD step of a FasterViT sharded with FSDP2 over ``world`` CPU processes, each on its slice of the
+    batch; rank 0 saves the full state dict."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = fastervit.create_model("faster_vit_0_224", drop_path_rate=0.0, **CHEAP)
+        for level in model.levels[2:]:  # the HAT levels (tied carrier-token conv inside) as their own units
+            fully_shard(level)
+        fully_shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(1)
+        x, y = torch.randn(2 * world, 3, 224, 224), torch.randint(0, 1000, (2 * world,))
+        part = slice(2 * rank, 2 * rank + 2)
+        torch.nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+        optimizer.step()
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_training_step_on_two_processes_matches_one_process(tmp_path):
+    """FSDP2 over two CPU processes (gloo): after one step every parameter equals that of one process that
+    averages the same two half-batch losses (BatchNorm statistics differ by design: each rank sees its half)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "state.pt"
+    mp.spawn(_fsdp2_step, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    torch.manual_seed(0)
+    reference = fastervit.create_model("faster_vit_0_224", drop_path_rate=0.0, **CHEAP)
+    initial = {k: v.clone() for k, v in reference.state_dict().items()}
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,))
+    loss = sum(torch.nn.functional.cross_entropy(reference(x[i : i + 2]), y[i : i + 2]) for i in (0, 2)) / 2
+    loss.backward()
+    optimizer.step()
+    sharded, expected = torch.load(out), reference.state_dict()
+    assert sharded.keys() == expected.keys()
+    for name, _ in reference.named_parameters():
+        torch.testing.assert_close(sharded[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(expected[n], initial[n]) for n, _ in reference.named_parameters())  # it trained
+
+
 @pytest.mark.parametrize("how", ["fastervit", "timm", "timm, then set_input_size", "timm, adapted weights"])
 def test_timm_model_folder_round_trip(how, tmp_path):
     """timm.models.save_for_hf writes weights (safetensors and pickle) and config.json with the model
