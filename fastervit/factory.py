@@ -425,7 +425,7 @@ def _load_pretrained(model: nn.Module, source: Path, cfg: dict, adapt_geometry: 
     )
     report.replaced = sorted(replaced)
     if replaced:
-        _logger.info("classifier re-initialised: %s have another size in %s", ", ".join(report.replaced), source)
+        _logger.info("classifier not loaded from %s (another size, or none here): %s", source, ", ".join(replaced))
     return report
 
 
@@ -444,8 +444,9 @@ def create_model(
         pretrained: load the official ImageNet weights (see :func:`pretrained_file`; timm's ``cache_dir``,
             ``pretrained_cfg_overlay=dict(file=...)`` and ``pretrained_strict`` apply). The ``*_any_res``
             variants load the 224 weights through :func:`fastervit.resize.load_adapted`, whatever their
-            ``resolution``. A classifier whose size differs from the file's is re-initialised and listed in
-            ``model.load_report.replaced``; one of the same size (a fine-tuned head in your file) loads.
+            ``resolution``. A classifier whose size differs from the file's keeps its initialisation and is
+            listed in ``model.load_report.replaced`` (with ``adapt_geometry`` or an ``*_any_res`` variant: in
+            ``load_report.new`` / ``.dropped``); one of the same size (a fine-tuned head in your file) loads.
         checkpoint_path: a local checkpoint to load: official ``.pth.tar`` training checkpoints (weights
             under ``state_dict`` or ``model``, ``module.`` prefixes allowed), plain state dicts or
             ``.safetensors``. Read without unpickling arbitrary objects.

@@ -134,8 +134,8 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, checkpoint, model
     derived: list[str] = field(default_factory=list)  # dropped: recomputable buffers, tensors nothing uses
-    # the checkpoint's tensors of a module this model replaces (a classifier of another size): not loaded, the
-    # model keeps its own initialisation for them
+    # the checkpoint's tensors of a module this model replaces (a classifier of another size) or does not have
+    # (num_classes=0): not loaded; the model keeps its own initialisation
     replaced: list[str] = field(default_factory=list)
 
     @property
@@ -145,7 +145,8 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.derived)} derived or unused"]
         if self.replaced:
-            lines.append(f"re-initialised (another size in the checkpoint): {', '.join(self.replaced)}")
+            kept = ", ".join(self.replaced)
+            lines.append(f"not loaded (this model's module has another size, or there is none): {kept}")
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
                 lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))

@@ -75,10 +75,10 @@ def init_new_weights(module: nn.Module) -> nn.Module:
     return module
 
 
-def _rate(module: nn.Module | None, what: str) -> float:
+def _dropout_rate(module: nn.Module | None, what: str) -> float:
     if module is None or isinstance(module, nn.Identity):
         return 0.0
-    if isinstance(module, nn.Dropout):
+    if isinstance(module, nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d/2d/3d, AlphaDropout
         return float(module.p)
     rate = getattr(module, "drop_prob", None)  # timm's DropPath
     if rate is None:
@@ -100,10 +100,10 @@ def block_rates(drop_path: nn.Module | None, mlp: nn.Module | None, attn: nn.Mod
     {'drop_path': 0.1, 'drop': 0.2, 'attn_drop': 0.0, 'proj_drop': 0.0}
     """
     return {
-        "drop_path": _rate(drop_path, "drop-path"),
-        "drop": _rate(getattr(mlp, "drop1", None), "MLP dropout"),
-        "attn_drop": _rate(getattr(attn, "attn_drop", None), "attention dropout"),
-        "proj_drop": _rate(getattr(attn, "proj_drop", None), "projection dropout"),
+        "drop_path": _dropout_rate(drop_path, "drop-path"),
+        "drop": _dropout_rate(getattr(mlp, "drop1", None), "MLP dropout"),
+        "attn_drop": _dropout_rate(getattr(attn, "attn_drop", None), "attention dropout"),
+        "proj_drop": _dropout_rate(getattr(attn, "proj_drop", None), "projection dropout"),
     }
 
 

@@ -246,7 +246,8 @@ def _rewrite_stage(
     for i, node in enumerate(calls):
         block = relative[node.target]
         last = propagate and i == len(calls) - 1
-        twin = _adopt_mode(adapter.build_at(stage, node.target, block, settings, propagate=last), block)
+        path = f"{stage_path}.{node.target}"  # the block's path in the model, as per-block conversion gives it
+        twin = _adopt_mode(adapter.build_at(model, path, block, settings, propagate=last), block)
         _set_submodule(stage, node.target, twin)
         prefix = node.name
         with graph.inserting_after(node):

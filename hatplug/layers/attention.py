@@ -19,18 +19,24 @@ from .pos_embed import ContinuousPositionBias
 __all__ = ["BiasedAttention", "CarrierWindowAttention", "gated_carrier_attention", "merge_heads"]
 
 
+def _onnx_export() -> bool:
+    """An ONNX export through ``torch.export`` (the ``dynamo=True`` exporter) is recording the forward."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+
+
 def merge_heads(x: Tensor) -> Tensor:
     """``(B_, heads, N, hd)`` -> ``(B_, N, heads * hd)``: an attention output with its heads side by side.
 
-    A view where the layout allows (SDPA's CPU kernels return one), a copy otherwise. Under ``torch.export`` it
-    always copies: the export records SDPA with its CPU kernel's output layout, where the reshape is a view,
-    and the ONNX exporter then decomposes SDPA into ops laid out ``(B_, heads, N, hd)``, where that view fails.
+    A view where the layout allows (SDPA's CPU kernels return one), a copy otherwise. In an ONNX export by
+    ``torch.export`` (``torch.onnx.export(..., dynamo=True)``) it always copies: the export records SDPA with its
+    CPU kernel's output layout, where the reshape is a view, and the ONNX exporter then decomposes SDPA into ops
+    laid out ``(B_, heads, N, hd)``, where that view fails. Other exports keep the view.
 
     >>> merge_heads(torch.zeros(2, 4, 5, 8)).shape
     torch.Size([2, 5, 32])
     """
     x = x.transpose(1, 2)
-    if torch.compiler.is_exporting():
+    if _onnx_export():
         x = x.clone(memory_format=torch.contiguous_format)
     return x.flatten(2)
 
@@ -363,7 +369,7 @@ class CarrierWindowAttention(nn.Module):
         nw = mask.shape[0]
         attn_mask = attn_mask + F.pad(mask, (n, 0, n, 0)).unsqueeze(1)  # (nW, h | 1, L, L)
         B_, h, L, hd = q.shape
-        if torch.compiler.is_exporting():  # ONNX's attention takes 4D inputs: the mask repeated per image instead
+        if _onnx_export():  # ONNX's attention takes 4D inputs: the mask repeated per image instead
             mask4 = attn_mask.repeat(B_ // nw, 1, 1, 1)  # (B_, h | 1, L, L), windows batch-major
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask4, dropout_p=dropout_p, scale=1.0)
         # windows are batch-major, so (B, nW, ...) views line the mask up with its window

@@ -185,17 +185,19 @@ class CarrierTokenHalf:
         self.gamma2 = _layer_scale(dim, layer_scale)
         self._hat_folded = FoldedTensors()
 
-    def carrier_attention(self, ct: Tensor, pos: Tensor | None = None) -> Tensor:
+    def carrier_attention(self, ct: Tensor, pos: Tensor | None = None, folding: bool | None = None) -> Tensor:
         """``(B, n_ct, C)`` -> ``(B, n_ct, C)``: add ``pos``, then attention and MLP with residuals and layer scales.
 
         In eval mode (no autograd, no tracing) the layer scales are folded into the output projections and
-        each residual is accumulated by the projection's GEMM (:mod:`hatplug.layers.fusion`).
+        each residual is accumulated by the projection's GEMM (:mod:`hatplug.layers.fusion`). ``folding``: the
+        caller's :func:`~hatplug.layers.fusion.fusion_active` answer for a module that contains this one
+        (``None``: ask it here), which saves walking the same submodules twice.
         """
         if pos is not None:
             ct = ct + pos
         hidden = mlp_hidden(self.hat_mlp)
         if (
-            fusion_active(self, ct)
+            (fusion_active(self, ct) if folding is None else folding)
             and hidden is not None
             and isinstance(self.hat_attn, BiasedAttention)
             and passes_through(self.hat_drop_path, self.hat_attn.proj_drop, self.hat_mlp.drop2)
@@ -373,7 +375,8 @@ class HATBlock(CarrierTokenHalf, nn.Module):
             C = ct.shape[-1]
             if self.ct_block_perm is not None:
                 ct = ct[:, self.ct_block_perm]
-            ct = self.carrier_attention(ct, self.hat_pos_embed() if self.hat_pos_embed is not None else None)
+            pos_ct = self.hat_pos_embed() if self.hat_pos_embed is not None else None
+            ct = self.carrier_attention(ct, pos_ct, folding=True)  # this block's fusion_active said yes
             n = self.ct_per_window
             # the dtype the plain form's cat and layer-scaled residuals give (differs only under autocast)
             dtype = stream_dtype(x, pos, ct, self.gamma3, self.gamma4)

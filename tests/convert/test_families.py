@@ -144,6 +144,7 @@ def test_carrier_half_takes_its_blocks_regularisation(family):
     """FasterViT gives a block's carrier-token half the block's stochastic depth, dropouts and MLP width; the
     converted halves had none (and Twins a fixed MLP ratio of 4)."""
     kw = dict(drop_path_rate=0.3, attn_drop_rate=0.1)
+    kw["drop_rate" if family.name == "edgevit" else "proj_drop_rate"] = 0.2  # MLP and projection dropout
     if family.name == "twins":
         kw["mlp_ratios"] = (2, 2, 2, 2)
     model = family.make(family.sizes[0], **kw)
@@ -155,7 +156,9 @@ def test_carrier_half_takes_its_blocks_regularisation(family):
         block = model.get_submodule(name.rpartition(".")[0] if family.name == "twins" else name)
         rate = getattr(block.drop_path1, "drop_prob", 0.0)
         assert getattr(twin.hat_drop_path, "drop_prob", 0.0) == rate, name
-        assert twin.hat_attn.attn_drop == attn.attn_drop.p, name
+        assert twin.hat_attn.attn_drop == attn.attn_drop.p == 0.1, name
+        assert twin.hat_attn.proj_drop.p == attn.proj_drop.p == 0.2, name
+        assert twin.hat_mlp.drop1.p == block.mlp.drop1.p == 0.2, name
         assert twin.hat_mlp.fc1.out_features == block.mlp.fc1.out_features, name
         rates.append(rate)
     assert max(rates) > 0  # the test can fail: converted blocks with stochastic depth (the first has rate 0)

@@ -1,0 +1,68 @@
+"""Interleaved A/B of an eval forward between two checkouts of this repository: the before/after measurement a
+change to a hot path needs (same machine, same minutes, alternating order, one process per run).
+
+    git worktree add /tmp/before <commit>
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/ab_checkouts.py /tmp/before . --runs 6
+
+Each run is a fresh process that imports ``fastervit`` from its checkout, builds ``--model`` (random weights),
+does two warm-up forwards and times ``--forwards`` eval forwards at ``--batch``; the runs alternate between
+the checkouts (A B, B A, ...). Prints the median and best per checkout and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = r"""
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])  # this checkout's packages before the installed ones
+torch.set_num_threads(1)
+import fastervit
+assert fastervit.__file__.startswith(sys.argv[1]), fastervit.__file__
+model = fastervit.create_model(sys.argv[2]).eval()
+x = torch.randn(int(sys.argv[3]), 3, *model.img_size)
+times = []
+with torch.no_grad():
+    model(x)
+    model(x)
+    for _ in range(int(sys.argv[4])):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+print(json.dumps(times))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", type=Path, help="first checkout (e.g. a git worktree of the commit before)")
+    parser.add_argument("b", type=Path, help="second checkout")
+    parser.add_argument("--model", default="faster_vit_0_224")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--forwards", type=int, default=3, help="timed forwards per run")
+    parser.add_argument("--runs", type=int, default=6, help="runs per checkout")
+    args = parser.parse_args()
+    roots = {str(args.a.resolve()): [], str(args.b.resolve()): []}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for run in range(args.runs):
+        order = list(roots) if run % 2 == 0 else list(reversed(roots))
+        for root in order:
+            command = [sys.executable, "-c", RUN, root, args.model, str(args.batch), str(args.forwards)]
+            out = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/", check=True)
+            roots[root] += json.loads(out.stdout.strip().splitlines()[-1])
+    medians = []
+    for root, times in roots.items():
+        medians.append(statistics.median(times))
+        print(f"{root}: median {medians[-1] * 1e3:.0f} ms, best {min(times) * 1e3:.0f} ms ({len(times)} forwards)")
+    print(f"{args.model}, batch {args.batch}: second / first median = {medians[1] / medians[0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
