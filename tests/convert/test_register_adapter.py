@@ -107,3 +107,22 @@ def test_a_user_adapter_converts_a_new_block_type():
         assert "my window blocks" not in str(exc)
     else:
         raise AssertionError("the adapter was not unregistered")
+
+
+def test_build_at_sees_the_model_and_the_blocks_path():
+    """``BlockAdapter.build_at`` (for twins that need more than the matched block) gets the converted model and
+    the block's path in it, in stage-stream conversion as in per-block conversion (it once got the stage)."""
+    seen = []
+
+    class Recording(MyAdapter):
+        def build_at(self, model, path, block, settings, propagate):
+            seen.append((model, path, model.get_submodule(path) is block))
+            return super().build_at(model, path, block, settings, propagate)
+
+    model = MyNet()
+    try:
+        hatplug.register_adapter(Recording())
+        hatplug.convert(model, inplace=True)
+    finally:
+        unregister_adapter(Recording)
+    assert [(m is model, path, found) for m, path, found in seen] == [(True, "stage.0", True), (True, "stage.1", True)]
