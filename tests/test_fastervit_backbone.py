@@ -251,7 +251,7 @@ def test_classifier_of_another_size_is_replaced(source_224):
 
 def test_pretrained_any_res_loads_the_224_weights_at_any_size(source_224, monkeypatch):
     _, path, _ = source_224
-    monkeypatch.setattr(fastervit.factory, "pretrained_file", lambda name, url=None: path)
+    monkeypatch.setattr(fastervit.factory, "pretrained_file", lambda name, url=None, cache_dir=None: path)
     model = fastervit.create_model(ANY_RES, pretrained=True, resolution=[320, 480], **SMALL)
     assert model.load_report.ok and model.load_report.dropped  # adapted: the CT position embedding is unused
     backbone = fastervit.create_model(ANY_RES, pretrained=True, resolution=[320, 480], features_only=True, **SMALL)
