@@ -4,7 +4,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/eval_overheads.py
 
 Prints the best of 7 repeats of: a cached position bias (``pos_embed()`` and the attention's continuous bias of
-a stage-3 block of ``faster_vit_0_224``), one ``FoldedTensors.get`` hit (a conv block's folded weights), and an
+a stage-3 block of ``faster_vit_0_224``), one ``FoldedTensors.get`` hit (a conv block's folded weights), the
+check whether a block may run folded (``fusion_active``, a walk over its submodules) for a HAT and a conv block,
+one ``stream_dtype`` call as a HAT block's folded form makes it, and an
 eval forward of ``hatplug.convert(swin_tiny_patch4_window7_224)`` at batch 8, 224 px (random weights).
 """
 
@@ -17,7 +19,7 @@ import torch
 
 import fastervit
 import hatplug
-from hatplug.layers.fusion import FoldedTensors
+from hatplug.layers.fusion import FoldedTensors, fusion_active, stream_dtype
 
 
 def main() -> None:
@@ -28,11 +30,15 @@ def main() -> None:
     cache = FoldedTensors()  # a cache of its own: the block's keeps its folded weights
     swin = hatplug.convert(timm.create_model("swin_tiny_patch4_window7_224").eval())
     x = torch.randn(8, 3, 224, 224)
+    probe = torch.zeros(1)
     with torch.inference_mode():
         calls = {
             "pos_embed() (cached)": block.pos_embed,
             "continuous position bias (cached)": block.attn.pos_emb_funct,
             "FoldedTensors.get (hit)": lambda: cache.get(sources, lambda: (None,)),
+            "fusion_active(HAT block)": lambda: fusion_active(block, probe),
+            "fusion_active(conv block)": lambda: fusion_active(conv_block, probe),
+            "stream_dtype (a HAT block's call)": lambda: stream_dtype(probe, probe, probe, block.gamma3, block.gamma4),
         }
         for name, fn in calls.items():
             fn()
