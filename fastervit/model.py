@@ -165,22 +165,12 @@ class PatchEmbed(nn.Module):
         self._folded.clear()
         return super().train(mode)
 
-    def _fold(self) -> tuple[Tensor, ...]:
-        conv1, bn1, _, conv2, bn2, _ = self.conv_down
-        w1, b1 = fold_batchnorm(conv1.weight, conv1.bias, bn1)
-        w2, b2 = fold_batchnorm(conv2.weight, conv2.bias, bn2)
-        return w1, b1, w2, b2
-
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x)
         if not fusion_active(self, x):
             return self.conv_down(x)
         conv1, bn1, _, conv2, bn2, _ = self.conv_down
-        w1, b1, w2, b2 = self._folded.get(
-            (conv1.weight, conv1.bias, *_bn_state(bn1), conv2.weight, conv2.bias, *_bn_state(bn2)),
-            self._fold,
-            extra=(bn1.eps, bn2.eps),  # a plain attribute: the weights' versions do not see it change
-        )
+        w1, b1, w2, b2 = _folded_conv_bn(self._folded, ((conv1, bn1), (conv2, bn2)))
         x = _nhwc_on_cpu(x)
         chunk = self._batch_chunk(x) if x.device.type == "cpu" else x.shape[0]
         if chunk < x.shape[0]:
@@ -206,8 +196,21 @@ class PatchEmbed(nn.Module):
         return -(-x.shape[0] // max(chunks, 1))
 
 
-def _bn_state(bn: nn.BatchNorm2d) -> tuple[Tensor | None, ...]:
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+def _folded_conv_bn(
+    cache: FoldedTensors, pairs: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]], scale: Tensor | None = None
+) -> tuple[Tensor, ...]:
+    """``(w1, b1, w2, b2, ...)``: each (conv, BatchNorm) pair folded into one conv, the last one also with the
+    per-channel ``scale`` (a layer scale), from ``cache`` while none of the sources changed: the convs' and the
+    BatchNorms' tensors, ``scale``, and each BatchNorm's ``eps`` (a plain attribute no version counter sees)."""
+    sources = [
+        t for conv, bn in pairs for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    ]
+
+    def fold() -> tuple[Tensor, ...]:
+        scales = [None] * (len(pairs) - 1) + [scale]
+        return tuple(t for (c, bn), s in zip(pairs, scales) for t in fold_batchnorm(c.weight, c.bias, bn, s))
+
+    return cache.get((*sources, scale), fold, extra=tuple(bn.eps for _, bn in pairs))
 
 
 class ConvBlock(nn.Module):
@@ -232,23 +235,10 @@ class ConvBlock(nn.Module):
         self._folded.clear()
         return super().train(mode)
 
-    def _fold(self) -> tuple[Tensor, ...]:
-        w1, b1 = fold_batchnorm(self.conv1.weight, self.conv1.bias, self.norm1)
-        w2, b2 = fold_batchnorm(self.conv2.weight, self.conv2.bias, self.norm2, self.gamma)
-        return w1, b1, w2, b2
-
     def forward(self, x: Tensor) -> Tensor:
         if fusion_active(self, x) and isinstance(self.act1, nn.GELU):
-            sources = (
-                self.conv1.weight,
-                self.conv1.bias,
-                *_bn_state(self.norm1),
-                self.conv2.weight,
-                self.conv2.bias,
-                *_bn_state(self.norm2),
-                self.gamma,
-            )
-            w1, b1, w2, b2 = self._folded.get(sources, self._fold, extra=(self.norm1.eps, self.norm2.eps))
+            pairs = ((self.conv1, self.norm1), (self.conv2, self.norm2))
+            w1, b1, w2, b2 = _folded_conv_bn(self._folded, pairs, self.gamma)
             y = gelu_(self.conv1._conv_forward(x, w1, b1), self.act1.approximate)
             y = self.conv2._conv_forward(y, w2, b2)
             dtype = stream_dtype(y, x, self.gamma)  # y's dtype unless autocast meets a float32 map or layer scale
