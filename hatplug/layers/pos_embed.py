@@ -97,11 +97,18 @@ def _centred_axis(side: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return (torch.arange(side, dtype=dtype) - side // 2) / max(side // 2, 1)
 
 
+def _float64_coordinates(like: Tensor) -> bool:
+    """Whether coordinates are built in float64: for a float64 model, told by ``like`` (a coordinate buffer,
+    which ``.double()`` casts, or a weight), since float32 coordinates cast up are about 1e-7 off. Otherwise
+    float32, as the official code builds them, then cast. Under ``torch.fx`` a weight is a proxy whose dtype
+    is unknown: float32 then (buffers keep their dtype there)."""
+    return isinstance(like, Tensor) and like.dtype == torch.float64
+
+
 def _at_full_precision(coords: Tensor, build) -> Tensor:
-    """A coordinate buffer holds float32 values; after ``.double()`` they are float32 values stored in float64
-    (about 1e-7 off). For float64 models the coordinates are built again in float64 (cheap: a few hundred
-    numbers, and cached with the bias in eval mode), so float64 results are float64-accurate."""
-    if coords.dtype != torch.float64:
+    """The float32-built coordinate buffer ``coords``, or, in a float64 model, the same coordinates built again
+    in float64 by ``build(dtype)`` (cheap: a few hundred numbers, and cached with the bias in eval mode)."""
+    if not _float64_coordinates(coords):
         return coords
     return build(torch.float64).to(coords.device)
 
@@ -169,7 +176,8 @@ class ContinuousPositionBias(CachedBias):
     def compute(self) -> Tensor:
         n = self.window_size[0] * self.window_size[1]
         coords = _at_full_precision(
-            self.relative_coords_table, lambda dtype: _log_relative_coords(*self.window_size, dtype=dtype)
+            self.relative_coords_table,
+            lambda dtype: _log_relative_coords(*self.window_size, dtype=dtype),
         )
         table = self.cpb_mlp(coords).view(-1, self.num_heads)
         bias = table[self.relative_position_index.view(-1)].view(n, n, self.num_heads)
@@ -250,11 +258,9 @@ class CarrierPositionMLP(CachedBias):
         rows = torch.arange(windows_h, device=device).view(-1, 1, 1, 1) * c + local.view(1, 1, -1, 1)
         cols = torch.arange(windows_w, device=device).view(1, -1, 1, 1) * c + local.view(1, 1, 1, -1)
         shape = (windows_h, windows_w, c, c)
-        dtype = self.cpb_mlp[0].weight.dtype
-        # float32 coordinates (cast afterwards) for float32 and half-precision weights, float64 for float64 ones;
-        # a tracer records float32 (the dtype is a proxy there, and a recorded graph cannot branch on it anyway)
-        exact = torch.float64 if not _tracing() and dtype == torch.float64 else torch.float32
+        weight = self.cpb_mlp[0].weight
+        exact = torch.float64 if _float64_coordinates(weight) else torch.float32
         y = (2 * rows.expand(shape).to(exact) + 1) / (windows_h * c) - 1
         x = (2 * cols.expand(shape).to(exact) + 1) / (windows_w * c) - 1
-        coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(dtype)
+        coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(weight.dtype)
         return self.cpb_mlp(coords)
