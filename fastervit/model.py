@@ -721,14 +721,33 @@ class FasterViT(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError("got an empty batch (0 images): FasterViT needs at least one image")
-        if tuple(x.shape[-2:]) != tuple(self.img_size):
+        if not x.is_floating_point():
+            raise TypeError(
+                f"FasterViT takes floating-point images, got {x.dtype}: convert them first, e.g. x.float() / 255 for "
+                "uint8 images, then normalise as the model's data config says (timm.data.resolve_data_config)"
+            )
+        weight = self.patch_embed.conv_down[0].weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"the input is {x.dtype} but the model's weights are {weight.dtype}: pass x.to({weight.dtype}), or "
+                f"move the model with model.to({x.dtype})"
+            )
+        if tuple(x.shape[-2:]) != tuple(self.img_size) and any(isinstance(level, HATLevel) for level in self.levels):
             H, W = self.img_size
             h, w = x.shape[-2:]
             _, refusal = self._rebuilt_levels((h, w), list(self.window_size))
+            padded = (
+                ""
+                if H % 32 == 0 and W % 32 == 0
+                else (
+                    f"; that transform also pads each batch to multiples of 32 (size_divisible=32), so for it build the "
+                    f"model for a multiple of 32, e.g. {-(-H // 32) * 32}x{-(-W // 32) * 32}"
+                )
+            )
             raise ValueError(
                 f"this FasterViT was built for {H}x{W} inputs (its HAT stages have a fixed window layout), got "
                 f"{h}x{w}: resize or pad the inputs to {H}x{W} (torchvision's detection models: "
-                f"GeneralizedRCNNTransform(..., fixed_size=({H}, {W}))), or "
+                f"GeneralizedRCNNTransform(..., fixed_size=({W}, {H})), width first{padded}), or "
                 + (
                     f"call model.set_input_size([{h}, {w}]) (same weights)"
                     if not refusal

@@ -6,6 +6,7 @@ geometry (windows, padding, carrier-token grids) is that of the real models.
 """
 
 import functools
+import re
 from collections import OrderedDict
 
 import pytest
@@ -362,7 +363,7 @@ def test_bad_geometry_is_refused_and_a_failed_resize_changes_nothing():
 def test_wrong_input_says_which_size_the_model_was_built_for():
     model = _any_res(size=[64, 64]).eval()
     with pytest.raises(ValueError, match=r"built for 64x64 inputs .*got 96x80: resize or pad the inputs to 64x64 .*"
-                       r"fixed_size=\(64, 64\).*or call model.set_input_size\(\[96, 80"):  # fmt: skip
+                       r"fixed_size=\(64, 64\)\), width first\).*or call model.set_input_size\(\[96, 80"):  # fmt: skip
         model(torch.randn(1, 3, 96, 80))
     # a size whose carrier-token layout needs other weights: set_input_size would refuse it, so it is not advised
     wide = _any_res(size=[96, 96]).eval()  # stage 3: 2x2 windows, a square grid with its position embedding
@@ -380,6 +381,65 @@ def test_wrong_input_says_which_size_the_model_was_built_for():
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match=r"empty batch \(0 images\)"):
         model(torch.randn(0, 3, 64, 64))
+
+
+def _advised_fixed_size(model, x):
+    with pytest.raises(ValueError, match="GeneralizedRCNNTransform") as error:
+        model(x)
+    return tuple(int(v) for v in re.search(r"fixed_size=\((\d+), (\d+)\)", str(error.value)).groups()), str(error.value)
+
+
+def test_the_size_error_advice_for_torchvision_detection_works():
+    """Following the error's advice literally gives batches of the size the model was built for, also for a
+    non-square model (torchvision reads fixed_size as (width, height)) and one that is not a multiple of 32."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    images = [torch.rand(3, 120, 90), torch.rand(3, 70, 200)]
+    model = _any_res(size=[64, 96]).eval()
+    fixed_size, message = _advised_fixed_size(model, torch.randn(1, 3, 120, 90))
+    assert "multiple of 32" not in message
+    transform = GeneralizedRCNNTransform(64, 96, [0.0] * 3, [1.0] * 3, fixed_size=fixed_size).eval()
+    batch, _ = transform(images)
+    assert tuple(batch.tensors.shape[-2:]) == (64, 96)
+    with torch.no_grad():
+        assert model(batch.tensors).shape == (2, 10)
+
+    odd = _any_res(size=[100, 150]).eval()  # torchvision pads batches to multiples of 32: 128x160
+    fixed_size, message = _advised_fixed_size(odd, torch.randn(1, 3, 120, 90))
+    suggested = tuple(int(v) for v in re.search(r"multiple of 32, e\.g\. (\d+)x(\d+)", message).groups())
+    assert suggested == (128, 160)
+    model = _any_res(size=list(suggested)).eval()
+    fixed_size, _ = _advised_fixed_size(model, torch.randn(1, 3, 120, 90))
+    batch, _ = GeneralizedRCNNTransform(128, 160, [0.0] * 3, [1.0] * 3, fixed_size=fixed_size).eval()(images)
+    assert tuple(batch.tensors.shape[-2:]) == suggested
+
+
+def test_a_backbone_without_hat_levels_takes_any_size():
+    """Pruned to the conv levels, nothing is tied to the built size: other sizes run, as in a model built for them."""
+    conv_only = fastervit.create_model(
+        ANY_RES, resolution=[64, 96], features_only=True, out_indices=(0, 1), window_size=WINDOWS, **SMALL
+    ).eval()
+    torch.manual_seed(0)
+    built = fastervit.create_model(
+        ANY_RES, resolution=[80, 80], features_only=True, out_indices=(0, 1), window_size=WINDOWS, **SMALL
+    ).eval()
+    built.load_state_dict(conv_only.state_dict())
+    x = torch.randn(1, 3, 80, 80)
+    with torch.no_grad():
+        for got, want in zip(conv_only(x), built(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="built for 64x96 inputs"):  # a HAT level left: still tied to its size
+        fastervit.create_model(ANY_RES, resolution=[64, 96], features_only=True, window_size=WINDOWS, **SMALL)(x)
+
+
+def test_inputs_of_another_dtype_get_a_named_fix():
+    model = _any_res(size=[64, 64]).eval()
+    with pytest.raises(TypeError, match=r"floating-point images, got torch.uint8: .*x.float\(\) / 255"):
+        model(torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"input is torch.float64 but the model's weights are torch.float32: pass "):
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the convs: allowed
+        assert model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).shape == (1, 10)
 
 
 def test_features_only_model_can_change_its_input_size():

@@ -36,6 +36,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert type(namespace["hat"]).__name__ == "SwinTransformer" and (tmp_path / "swin_hat.safetensors").is_file()
     assert namespace["logits"].shape == (1, 1000)
     maps = namespace["maps"]
-    assert [tuple(m.shape[-2:]) for m in maps] == [(200, 334), (100, 167), (50, 84), (25, 42)]
+    assert [tuple(m.shape[-2:]) for m in maps] == [(800 // s, 1344 // s) for s in (4, 8, 16, 32)]
     assert namespace["model"].img_size == (640, 1024) and (tmp_path / "fastervit.onnx").stat().st_size > 1e6
     assert namespace["y"].shape == (2, 256, 28, 40)
