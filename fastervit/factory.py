@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import operator
 import os
 import sys
 from functools import partial
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from hatplug.checkpoint import LoadReport, load_checkpoint
 from hatplug.errors import PretrainedWeightsNotFoundError
 
-from .model import FasterViT, _to_2tuple
+from .model import FasterViT, _is_integer, _to_2tuple
 from .resize import load_adapted
 
 _logger = logging.getLogger(__name__)
@@ -173,7 +174,14 @@ def _create(
     img_size, resolution = kwargs.pop("img_size", None), kwargs.pop("resolution", None)
     if img_size is not None and resolution is not None and _to_2tuple(img_size) != _to_2tuple(resolution):
         raise ValueError(f"got img_size={img_size} and resolution={resolution}; pass only one")
-    feature_cls = kwargs.pop("feature_cls", "getter")
+    feature_cfg = _take_feature_cfg(kwargs)
+    feature_cls = kwargs.pop("feature_cls", feature_cfg.pop("feature_cls", "getter"))
+    output_stride = kwargs.pop("output_stride", None)
+    if output_stride is not None and (not _is_integer(output_stride) or output_stride != 32):
+        raise ValueError(
+            f"output_stride={output_stride!r}: FasterViT has no dilated variant, its last map is at stride 32 (pass "
+            "output_stride=32 or leave it out; for a stride-16 map take out_indices=(2,) with features_only=True)"
+        )
     if feature_cls != "getter":
         raise ValueError(
             f"feature_cls={feature_cls!r} is not supported by FasterViT: its features are taken by "
@@ -185,6 +193,7 @@ def _create(
         if not kwargs.get("features_only"):
             raise ValueError("out_indices selects feature maps: pass it together with features_only=True")
         _check_out_indices(kwargs["out_indices"], num_levels)
+        kwargs["out_indices"] = _plain_indices(kwargs["out_indices"])
     for flag, value in (("pretrained", pretrained), ("strict", strict), ("adapt_geometry", adapt_geometry)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
@@ -237,7 +246,7 @@ def _create(
         build,
         name,
         pretrained=False,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices, **feature_cfg),
         **kwargs,
     )
     model._model_args = dict(getattr(model, "_model_args", {}), **model_args)
@@ -271,19 +280,67 @@ def _prefixed_group_matcher(inner: FasterViT, coarse: bool = False) -> dict:
     return matcher
 
 
+_FEATURE_CFG_KEYS = ("feature_cls", "out_indices", "norm", "output_fmt")
+
+
+def _take_feature_cfg(kwargs: dict) -> dict:
+    """Pop timm's ``feature_cfg`` from ``kwargs``: the options of FasterViT's feature wrapper (timm's
+    ``FeatureGetterNet`` over ``forward_intermediates``) to pass on, with ``out_indices`` moved to ``kwargs``."""
+    cfg = kwargs.pop("feature_cfg", None)
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise TypeError(f"feature_cfg must be a dict, got {type(cfg).__name__}")
+    if not kwargs.get("features_only"):
+        raise ValueError("feature_cfg configures feature maps: pass it together with features_only=True")
+    cfg = dict(cfg)
+    ignored = sorted({"return_dict", "out_map"} & set(cfg))
+    if ignored:  # FeatureGetterNet takes them and does nothing with them ("not supported" in timm's docstring)
+        raise ValueError(
+            f"feature_cfg: {', '.join(ignored)} would be ignored (timm's FeatureGetterNet, which FasterViT's "
+            "features use, does not support them); the maps come back as a list in level order, so name them "
+            "yourself, e.g. dict(zip(names, backbone(x)))"
+        )
+    unknown = sorted(set(cfg) - set(_FEATURE_CFG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"feature_cfg: {', '.join(unknown)} not options of FasterViT's feature wrapper (timm's FeatureGetterNet "
+            f"over forward_intermediates), which takes {', '.join(_FEATURE_CFG_KEYS)}"
+        )
+    if "out_indices" in cfg:
+        if "out_indices" in kwargs and not _same_indices(kwargs["out_indices"], cfg["out_indices"]):
+            raise ValueError(
+                f"got out_indices={kwargs['out_indices']!r} and feature_cfg out_indices={cfg['out_indices']!r}: "
+                "pass one"
+            )
+        kwargs["out_indices"] = cfg.pop("out_indices")
+    return cfg
+
+
+def _same_indices(a, b) -> bool:
+    return (list(a) if not _is_integer(a) else a) == (list(b) if not _is_integer(b) else b)
+
+
+def _plain_indices(out_indices):
+    """``out_indices`` with NumPy / torch integers (also a NumPy array) as Python ints, for timm's helpers."""
+    if _is_integer(out_indices):
+        return operator.index(out_indices)
+    return tuple(operator.index(i) if _is_integer(i) else i for i in out_indices)
+
+
 def _check_out_indices(out_indices, num_levels: int) -> None:
     """A ``ValueError`` naming the problem for ``out_indices`` that timm would assert on or take wrongly: outside
     the model's levels, empty, repeated or out of order."""
     if isinstance(out_indices, bool):
         raise ValueError(f"out_indices must be an int or a sequence of level indices, got {out_indices!r}")
-    if isinstance(out_indices, int):
+    if _is_integer(out_indices):
         if not 1 <= out_indices <= num_levels:
             raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} levels of {num_levels}")
         return
     chosen = list(out_indices)
     if not chosen:
         raise ValueError("out_indices is empty: list the levels to return, e.g. (1, 2, 3), or leave it out for all")
-    bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not -num_levels <= i < num_levels]
+    bad = [i for i in chosen if not _is_integer(i) or not -num_levels <= i < num_levels]
     if bad:
         raise ValueError(
             f"out_indices={tuple(chosen)}: {bad} not level indices of this model, which has {num_levels} levels "

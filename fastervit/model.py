@@ -318,6 +318,14 @@ class HATLevel(HATStage):
         return x if self.downsample is None else self.downsample(x)
 
 
+def _feature_tap(index: int, downsample: bool) -> dict[str, str]:
+    """Where a hook catches level ``index``'s feature map (its blocks' output, before the downsample): the input
+    of the downsample, or the level's output when it has none (timm's ``module`` / ``hook_type`` keys)."""
+    if downsample:
+        return dict(module=f"levels.{index}.downsample", hook_type="forward_pre")
+    return dict(module=f"levels.{index}")
+
+
 def _is_contiguous(x: Tensor) -> bool:
     return not _tracing() and x.is_contiguous()
 
@@ -466,8 +474,7 @@ class FasterViT(nn.Module):
                     carrier_tokens=_carrier_tokens(hat[i], self.img_size, i, window_size[i]),
                 )
             self.levels.append(level)
-            # the feature of a level is its output before the downsample (see forward_intermediates)
-            self.feature_info.append(dict(num_chs=level_dim, reduction=4 * 2**i, module=f"levels.{i}"))
+            self.feature_info.append(dict(num_chs=level_dim, reduction=4 * 2**i, **_feature_tap(i, downsample)))
 
         self.norm = LayerNorm2d(self.num_features) if layer_norm_last else nn.BatchNorm2d(self.num_features)
         self.avgpool = _global_pool(global_pool)
@@ -613,6 +620,8 @@ class FasterViT(nn.Module):
             self.norm = nn.Identity()  # sized for the last level's map only
         self.levels = self.levels[: max_index + 1]
         self.levels[max_index].downsample = None  # its output would feed a pruned level
+        self.feature_info[max_index].pop("hook_type", None)
+        self.feature_info[max_index].update(_feature_tap(max_index, downsample=False))
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
@@ -740,8 +749,8 @@ class FasterViT(nn.Module):
                 ""
                 if H % 32 == 0 and W % 32 == 0
                 else (
-                    f"; that transform also pads each batch to multiples of 32 (size_divisible=32), so for it build the "
-                    f"model for a multiple of 32, e.g. {-(-H // 32) * 32}x{-(-W // 32) * 32}"
+                    "; that transform also pads each batch to multiples of 32 (size_divisible=32), so for it build "
+                    f"the model for a multiple of 32, e.g. {-(-H // 32) * 32}x{-(-W // 32) * 32}"
                 )
             )
             raise ValueError(

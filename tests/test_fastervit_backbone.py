@@ -72,7 +72,24 @@ def test_features_only_returns_each_level_before_its_downsample():
     info = backbone.feature_info
     assert info.channels() == CHANNELS
     assert info.reduction() == [4, 8, 16, 32]
-    assert info.module_name() == ["levels.0", "levels.1", "levels.2", "levels.3"]
+    assert info.module_name() == ["levels.0.downsample", "levels.1.downsample", "levels.2.downsample", "levels.3"]
+
+
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (0, 1), (1, 2)])
+def test_feature_info_names_where_hooks_catch_the_maps(out_indices):
+    """timm's hook-based extractor (FeatureHookNet), driven by feature_info's module / hook_type alone, catches the
+    maps that features_only returns, also after pruning moves the last kept level's tap to its output."""
+    from timm.models._features import FeatureHookNet
+
+    backbone = _any_res(features_only=True, out_indices=out_indices).eval()
+    x = torch.randn(1, 3, *SIZE)
+    hooked = FeatureHookNet(backbone.model, out_indices=out_indices)
+    with torch.no_grad():
+        for got, want in zip(hooked(x), backbone(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    last = out_indices[-1]
+    assert backbone.feature_info.module_name()[-1] == f"levels.{last}"
+    assert backbone.model.levels[last].downsample is None
 
 
 @pytest.mark.parametrize("out_indices, kept", [((1, 2), [1, 2]), ((-1,), [3]), ((0,), [0])])
@@ -454,6 +471,36 @@ def test_features_only_model_can_change_its_input_size():
         fastervit.create_model(ANY_RES, features_only=True, out_indices=(), **SMALL)
     with pytest.raises(TypeError, match="model name is a string"):
         fastervit.create_model(None)
+
+
+def test_timm_feature_options_are_taken_or_refused_by_name():
+    import numpy as np
+
+    x = torch.randn(1, 3, *SIZE)
+    plain = _any_res(features_only=True, out_indices=(1, 3)).eval()
+    normed = _any_res(features_only=True, out_indices=(1, 3), feature_cfg=dict(norm=True)).eval()
+    from_cfg = _any_res(features_only=True, feature_cfg=dict(out_indices=(1, 3)), output_stride=32).eval()
+    numpy_ints = _any_res(features_only=True, out_indices=np.array([1, 3])).eval()
+    full = _any_res().eval()  # same seed: the same weights
+    with torch.no_grad():
+        want = plain(x)
+        for g, w in zip(from_cfg(x), want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.testing.assert_close(normed(x)[-1], full.forward_features(x), rtol=0, atol=0)  # the final norm
+        assert [m.shape for m in numpy_ints(x)] == [m.shape for m in want]
+    with pytest.raises(ValueError, match=r"return_dict would be ignored .*dict\(zip\(names, backbone\(x\)\)\)"):
+        _any_res(features_only=True, feature_cfg=dict(return_dict=True))
+    assert numpy_ints.feature_info.channels() == plain.feature_info.channels()
+    with pytest.raises(ValueError, match="feature_cfg configures feature maps: pass it together with features_only"):
+        _any_res(feature_cfg=dict(return_dict=True))
+    with pytest.raises(ValueError, match=r"feature_cfg: flatten_sequential not options of .* which takes "):
+        _any_res(features_only=True, feature_cfg=dict(flatten_sequential=True))
+    with pytest.raises(ValueError, match=r"got out_indices=\(1, 2\) and feature_cfg out_indices=\(1, 3\): pass one"):
+        _any_res(features_only=True, out_indices=(1, 2), feature_cfg=dict(out_indices=(1, 3)))
+    with pytest.raises(ValueError, match="feature_cls='fx' is not supported"):
+        _any_res(features_only=True, feature_cfg=dict(feature_cls="fx"))
+    with pytest.raises(ValueError, match="output_stride=16: FasterViT has no dilated variant"):
+        _any_res(features_only=True, output_stride=16)
 
 
 def test_feature_indices_and_sizes_are_checked():
