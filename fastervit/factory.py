@@ -111,8 +111,8 @@ def pretrained_file(name: str, url: str | None = None, cache_dir: str | os.PathL
 
     Looks in ``$HATPLUG_CHECKPOINT_DIR`` and then in ``cache_dir`` (timm's ``create_model(cache_dir=...)``) or,
     without one, torch hub's checkpoint folder. If the file is in neither, it is downloaded into the latter
-    unless ``HATPLUG_OFFLINE`` or ``HF_HUB_OFFLINE`` is set; if that is not possible the error says which
-    file, where to put it and where it is published.
+    unless ``HATPLUG_OFFLINE`` or ``HF_HUB_OFFLINE`` is on (1, true, yes or on); if that is not possible the error
+    says which file, where to put it and where it is published.
     """
     url = url or _VARIANTS[_canonical(name)][1]["url"]
     file_name = url.rsplit("/", 1)[-1]
@@ -127,8 +127,9 @@ def pretrained_file(name: str, url: str | None = None, cache_dir: str | os.PathL
         f"(or set {CHECKPOINT_DIR_ENV}), or pass checkpoint_path=... . The weights are published by NVIDIA "
         f"under a non-commercial licence."
     )
-    if any(os.environ.get(e) for e in OFFLINE_ENVS):
-        raise PretrainedWeightsNotFoundError(hint + f" (offline mode: {'/'.join(OFFLINE_ENVS)} is set)")
+    offline = [env for env in OFFLINE_ENVS if _env_true(env)]
+    if offline:
+        raise PretrainedWeightsNotFoundError(hint + f" (offline mode: {offline[0]}={os.environ[offline[0]]})")
     folders[-1].mkdir(parents=True, exist_ok=True)
     target = folders[-1] / file_name
     try:
@@ -136,6 +137,12 @@ def pretrained_file(name: str, url: str | None = None, cache_dir: str | os.PathL
     except Exception as exc:  # no network, HTTP error, disk full: all end the same way
         raise PretrainedWeightsNotFoundError(hint + f" (download failed: {exc})") from exc
     return target
+
+
+def _env_true(name: str) -> bool:
+    """Whether environment variable ``name`` is switched on, read as huggingface_hub reads HF_HUB_OFFLINE: 1, ON,
+    YES or TRUE (any case); unset, empty, 0, false, no or off are off."""
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _canonical(name: str) -> str:
@@ -148,10 +155,10 @@ def _canonical(name: str) -> str:
             f"under the plain name; create {name!r}"
         )
     if name not in _VARIANTS:
-        close = difflib.get_close_matches(name, list(_VARIANTS), n=3)
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), list(_VARIANTS), n=3)
         raise ValueError(
             f"unknown FasterViT model {name!r}"
-            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + (f"; did you mean {', '.join(close)}?" if close else ".")
             + " See fastervit.list_models()."
         )
     return name
@@ -405,8 +412,14 @@ def _pretrained_cfg(name: str, kwargs: dict) -> dict:
     cfg = dict(_VARIANTS[name][1])
     for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
         given = kwargs.get(key)
-        if given is not None:
-            cfg.update(given if isinstance(given, dict) else given.to_dict())
+        if isinstance(given, str):  # timm passes the tag of "name.tag" as pretrained_cfg
+            _canonical(f"{name}.{given}")  # no variant has tagged weights: refused, naming the plain name
+        elif isinstance(given, dict):
+            cfg.update(given)
+        elif given is not None:
+            if not hasattr(given, "to_dict"):
+                raise TypeError(f"{key} must be a dict or a timm PretrainedCfg, got {type(given).__name__}")
+            cfg.update(given.to_dict())
     return cfg
 
 

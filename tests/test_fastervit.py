@@ -410,6 +410,32 @@ def test_pretrained_offline_error_says_what_where_and_from_where(monkeypatch, tm
     assert "https://huggingface.co/ahatamiz/FasterViT/resolve/main/fastervit_0_224_1k.pth.tar" in message
 
 
+@pytest.mark.parametrize("value, offline", [("0", False), ("false", False), ("", False), ("1", True), ("TRUE", True)])
+def test_offline_variables_are_read_as_huggingface_hub_reads_them(monkeypatch, tmp_path, value, offline):
+    monkeypatch.delenv("HATPLUG_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setenv("HATPLUG_CHECKPOINT_DIR", str(tmp_path))
+    tried = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: tried.append(a) or 1 / 0)
+    expected = f"offline mode: HF_HUB_OFFLINE={value}" if offline else "download failed: division by zero"
+    with pytest.raises(PretrainedWeightsNotFoundError, match=expected):
+        fastervit.create_model("faster_vit_0_224", pretrained=True)
+    assert len(tried) == (0 if offline else 1)
+
+
+def test_timm_pretrained_tags_and_misspelt_names_are_refused_by_name():
+    tagged = r"unknown pretrained tag 'in1k' for faster_vit_0_224: .*'faster_vit_0_224'"
+    with pytest.raises(ValueError, match=tagged):
+        timm.create_model("faster_vit_0_224.in1k")
+    with pytest.raises(ValueError, match=tagged):
+        timm.create_model("faster_vit_0_224", pretrained_cfg="in1k")
+    with pytest.raises(ValueError, match=r"'FASTER-VIT_0_224'; did you mean faster_vit_0_224"):
+        fastervit.create_model("FASTER-VIT_0_224")
+    with pytest.raises(ValueError, match=r"unknown FasterViT model 'resnet50'\. See fastervit.list_models"):
+        fastervit.create_model("resnet50")
+
+
 def test_pretrained_download_failure_is_explained(monkeypatch, tmp_path):
     monkeypatch.delenv("HATPLUG_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
