@@ -22,7 +22,7 @@ from hatplug.checkpoint import LoadReport, load_checkpoint
 from hatplug.errors import PretrainedWeightsNotFoundError
 
 from .model import FasterViT, _is_integer, _to_2tuple
-from .resize import load_adapted
+from .resize import AdaptReport, load_adapted
 
 _logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def _create(
     inner = getattr(model, "model", model)  # the FasterViT inside a features_only wrapper
     if model is not inner:
         if hasattr(inner, "load_report"):
-            model.load_report = inner.load_report
+            model.load_report = _without_pruned(inner.load_report, pruned)
         model.set_input_size = partial(_set_backbone_input_size, model)
         # timm's training helpers, which the wrapper lacks; the names it gives parameters begin with "model."
         model.set_grad_checkpointing = inner.set_grad_checkpointing
@@ -268,6 +268,21 @@ def _create(
         model.group_matcher = partial(_prefixed_group_matcher, inner)
         model.register_load_state_dict_pre_hook(_ClassifierKeysIntoBackbone(pruned))
     return model
+
+
+def _without_pruned(report: LoadReport, pruned: _PrunedKeys) -> LoadReport:
+    """The load report of a ``features_only`` backbone: tensors of the modules the wrapper then pruned (the levels
+    after the last one returned, the norm, the head) count as dropped (an ``AdaptReport``'s ``dropped``, a
+    ``LoadReport``'s unused ``derived``), not as loaded, replaced or new."""
+    gone = [key for key in (*report.loaded, *report.replaced) if pruned(key)]
+    report.loaded = [key for key in report.loaded if not pruned(key)]
+    report.replaced = [key for key in report.replaced if not pruned(key)]
+    if isinstance(report, AdaptReport):
+        report.new = [key for key in report.new if not pruned(key)]
+        report.dropped = [*report.dropped, *gone]
+    else:
+        report.derived = [*report.derived, *gone]
+    return report
 
 
 def _prefixed_no_weight_decay(inner: FasterViT) -> set[str]:

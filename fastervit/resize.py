@@ -60,12 +60,14 @@ def summarise_keys(keys: Iterable[str]) -> str:
 
     >>> summarise_keys(["levels.2.blocks.0.hat_attn.qkv.weight", "levels.2.blocks.1.hat_attn.qkv.bias", "head.bias"])
     'head (1), levels.2.blocks.*.hat_attn (2)'
+    >>> summarise_keys(["blocks.0.hat_attn.qkv.weight", "blocks.1.hat_attn.qkv.weight"])  # keys within a level
+    'blocks.*.hat_attn (2)'
     """
     groups: dict[str, int] = {}
     for key in sorted(keys):
         parts = key.split(".")
         cut = next((j for j, part in enumerate(parts) if part in CARRIER_TOKEN_MODULES), len(parts) - 2)
-        group = re.sub(r"\.blocks\.\d+(\.|$)", r".blocks.*\1", ".".join(parts[: cut + 1]))
+        group = re.sub(r"(^|\.)blocks\.\d+(\.|$)", r"\1blocks.*\2", ".".join(parts[: cut + 1]))
         groups[group] = groups.get(group, 0) + 1
     return ", ".join(f"{group} ({count})" for group, count in groups.items())
 
@@ -78,7 +80,8 @@ class AdaptReport(LoadReport):
         new: learned tensors of the target that the checkpoint lacks (carrier-token modules the new
             geometry adds, a classifier of another size): they keep the target's initialisation.
         dropped: learned tensors of the checkpoint that the target has no module for (carrier-token
-            modules the new geometry removes, a classifier of another size).
+            modules the new geometry removes, a classifier of another size, the modules a ``features_only``
+            backbone prunes).
     """
 
     new: list[str] = field(default_factory=list)

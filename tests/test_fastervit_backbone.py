@@ -280,6 +280,24 @@ def test_pretrained_any_res_loads_the_224_weights_at_any_size(source_224, monkey
     assert fixed.load_report.ok
 
 
+def test_load_report_of_a_pruned_backbone_counts_only_its_own_tensors(source_224, monkeypatch):
+    """Tensors of the modules features_only prunes (later levels, the last kept level's downsample, norm, head)
+    are reported dropped, not loaded or new: every loaded key is one the backbone has."""
+    _, path, _ = source_224
+    monkeypatch.setattr(fastervit.factory, "pretrained_file", lambda name, url=None, cache_dir=None: path)
+    for kwargs in (
+        dict(pretrained=True, resolution=[320, 480], num_classes=3),  # adapted: an AdaptReport
+        dict(checkpoint_path=path, resolution=224),  # the plain strict load: a LoadReport
+    ):
+        backbone = fastervit.create_model(ANY_RES, features_only=True, out_indices=(1, 2), **{**SMALL, **kwargs})
+        report, own = backbone.load_report, set(backbone.model.state_dict())
+        assert report.ok and report.loaded and set(report.loaded) <= own
+        gone = report.dropped if isinstance(report, AdaptReport) else report.derived
+        assert {"head.weight", "norm.weight", "levels.2.downsample.reduction.0.weight"} <= set(gone)
+        assert any(key.startswith("levels.3.") for key in gone)
+        assert not getattr(report, "new", []) and not report.replaced
+
+
 # ---- set_input_size ------------------------------------------------------------------------------------------
 
 
