@@ -94,6 +94,13 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     The official layout is ours, so this only strips wrappers: a leading ``encoder.`` (the official
     detection/segmentation backbones), ``_orig_mod.`` (``torch.compile``) and, when every key has it, ``model.``
     (the state dict of a ``features_only`` backbone, whose FasterViT is its ``model``).
+
+    Example:
+        >>> import fastervit
+        >>> model = fastervit.create_model("faster_vit_0_224")
+        >>> saved = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # from a torch.compile'd model
+        >>> list(fastervit.checkpoint_filter_fn(saved, model)) == list(model.state_dict())
+        True
     """
     out = {}
     for key, value in state_dict.items():
@@ -113,6 +120,13 @@ def pretrained_file(name: str, url: str | None = None, cache_dir: str | os.PathL
     without one, torch hub's checkpoint folder. If the file is in neither, it is downloaded into the latter
     unless ``HATPLUG_OFFLINE`` or ``HF_HUB_OFFLINE`` is on (1, true, yes or on); if that is not possible the error
     says which file, where to put it and where it is published.
+
+    Example (a file already in ``cache_dir``; nothing is downloaded):
+        >>> import pathlib, tempfile, fastervit
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "fastervit_0_224_1k.pth.tar").write_bytes(b"")  # stands in for the official file
+        >>> fastervit.pretrained_file("faster_vit_0_224", cache_dir=folder) == folder / "fastervit_0_224_1k.pth.tar"
+        True
     """
     url = url or _VARIANTS[_canonical(name)][1]["url"]
     file_name = url.rsplit("/", 1)[-1]

@@ -82,6 +82,18 @@ class AdaptReport(LoadReport):
         dropped: learned tensors of the checkpoint that the target has no module for (carrier-token
             modules the new geometry removes, a classifier of another size, the modules a ``features_only``
             backbone prunes).
+
+    Example (224 weights moved to a 320x480 model with 3 classes):
+        >>> import fastervit
+        >>> from fastervit.resize import adapt_checkpoint
+        >>> source = fastervit.create_model("faster_vit_0_224")
+        >>> target = fastervit.create_model("faster_vit_0_any_res", resolution=[320, 480], num_classes=3)
+        >>> tensors, report = adapt_checkpoint(source.state_dict(), target)
+        >>> len(report.loaded), report.ok
+        (388, True)
+        >>> print(*str(report).splitlines()[1:], sep="\n")  # 320x480: stage 3's window grid is not square
+        newly initialised 2: head (2)
+        dropped 20: head (2), levels.2.blocks.*.hat_pos_embed (18)
     """
 
     new: list[str] = field(default_factory=list)
