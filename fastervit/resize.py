@@ -91,7 +91,8 @@ class AdaptReport(LoadReport):
         >>> tensors, report = adapt_checkpoint(source.state_dict(), target)
         >>> len(report.loaded), report.ok
         (388, True)
-        >>> print(*str(report).splitlines()[1:], sep="\n")  # 320x480: stage 3's window grid is not square
+        >>> for line in str(report).splitlines()[1:]:  # 320x480: stage 3's window grid is not square
+        ...     print(line)
         newly initialised 2: head (2)
         dropped 20: head (2), levels.2.blocks.*.hat_pos_embed (18)
     """
