@@ -23,21 +23,13 @@ from hatplug.checkpoint import drop_derived
 from hatplug.errors import refuse_scripting
 from hatplug.layers import HATStage
 from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_, stream_dtype
+from hatplug.layers.hat import _is_int as _is_integer
 from hatplug.layers.pos_embed import _tracing
 from hatplug.models.heads import check_head
 
 from .resize import summarise_keys
 
 __all__ = ["FasterViT", "stage_resolutions"]
-
-
-def _is_integer(value) -> bool:
-    """A Python, NumPy or torch integer (``operator.index`` takes it), not a bool."""
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return not isinstance(value, bool)
 
 
 def _positive_int(value, what: str) -> int:

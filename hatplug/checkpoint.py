@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,16 +40,40 @@ SAFE_GLOBALS: list = [
 ]
 
 
+_SHOWN = 20  # names per list in a LoadReport's text
+
+
+def _more(items: list, shown: int = _SHOWN) -> str:
+    """The tail of a list cut at ``shown`` names: ``" ... and N more"``, or ``""`` when none were left out."""
+    return f" ... and {len(items) - shown} more" if len(items) > shown else ""
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else repr(exc)
+
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".safetensors")
+
+
+def directory_error(path: Path) -> CheckpointError:
+    """The error for a checkpoint path that is a directory: it names the checkpoint files inside, if any."""
+    try:
+        inside = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES)
+    except OSError:
+        inside = []
+    found = f"; it holds {', '.join(inside[:5])}{_more(inside, 5)}" if inside else ""
+    return CheckpointError(
+        f"{path} is a directory, not a checkpoint file: pass the path of the file itself (a .pth, .pth.tar or "
+        f".safetensors file){found}; nothing was loaded"
+    )
 
 
 def read_checkpoint(path: str | Path) -> object:
     """Read a ``.pth``/``.pth.tar``/``.safetensors`` file without running untrusted code.
 
     Raises:
-        CheckpointError: missing, truncated or corrupt file.
+        CheckpointError: missing, truncated or corrupt file, or a directory.
         UnsafeCheckpointError: the pickle references a callable or class outside the allow-list.
 
     >>> import tempfile, os
@@ -58,6 +83,8 @@ def read_checkpoint(path: str | Path) -> object:
     tensor([1., 1.])
     """
     path = Path(path)
+    if path.is_dir():
+        raise directory_error(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path} (check the path; nothing was loaded)")
     if path.suffix == ".safetensors":
@@ -142,6 +169,11 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    @property
+    def truncated(self) -> bool:
+        """Whether ``str(report)`` leaves out names: it shows at most 20 per list (the attributes hold all)."""
+        return max(len(self.missing), len(self.unexpected), len(self.mismatched)) > _SHOWN
+
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.derived)} derived or unused"]
         if self.replaced:
@@ -149,9 +181,11 @@ class LoadReport:
             lines.append(f"not loaded (this model's module has another size, or there is none): {kept}")
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
-                lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
-        for key, ckpt_shape, model_shape in self.mismatched[:20]:
+                lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:_SHOWN]) + _more(keys))
+        for key, ckpt_shape, model_shape in self.mismatched[:_SHOWN]:
             lines.append(f"shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}")
+        if len(self.mismatched) > _SHOWN:
+            lines.append(f"shape mismatch{_more(self.mismatched)}")
         return "\n".join(lines)
 
 
@@ -238,6 +272,15 @@ def load_checkpoint(
     >>> print(load_checkpoint(net, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}))
     loaded 2 tensors, dropped 0 derived or unused
     """
+    if not isinstance(model, nn.Module):
+        if isinstance(checkpoint, nn.Module) and isinstance(model, (str, os.PathLike, Mapping)):
+            raise TypeError(
+                f"load_checkpoint got a {type(model).__name__} as model and a {type(checkpoint).__name__} as "
+                "checkpoint: the arguments look swapped, call load_checkpoint(model, checkpoint)"
+            )
+        raise TypeError(
+            f"load_checkpoint: model must be the nn.Module to load the weights into, got {type(model).__name__}"
+        )
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
     state = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, Path)) else extract_state_dict(checkpoint)
     if filter_fn is not None:
@@ -268,13 +311,22 @@ def load_checkpoint(
 
     if not report.ok:
         message = f"checkpoint {source} does not match {type(model).__name__}:\n{report}"
+        every_name = (
+            f"\n(lists cut at {_SHOWN} names: the error's .report, a hatplug.LoadReport, has every one in .missing, "
+            ".unexpected and .mismatched)"
+            if report.truncated
+            else ""
+        )
         if strict:
-            raise CheckpointMismatchError(message + "\n" + (mismatch_hint or _STRICT_HINT))
+            raise CheckpointMismatchError(message + every_name + "\n" + (mismatch_hint or _STRICT_HINT), report=report)
         if state and own and not report.loaded:  # strict=False is for a partial fit, not for none at all
             raise CheckpointMismatchError(
-                message + f"\nNot one of its {len(state)} tensors fits, even with strict=False: the keys have another "
+                message
+                + every_name
+                + f"\nNot one of its {len(state)} tensors fits, even with strict=False: the keys have another "
                 f"layout (e.g. {next(iter(state))!r} against the model's {next(iter(own))!r}); strip or add the "
-                "prefix that differs, or load it into the model it was saved from."
+                "prefix that differs, or load it into the model it was saved from.",
+                report=report,
             )
         _logger.warning(message)
     model.load_state_dict(to_load, strict=False)

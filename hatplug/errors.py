@@ -5,6 +5,11 @@ Messages name what was found, what was expected, and the fix.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadReport
+
 __all__ = [
     "HatplugError",
     "CheckpointError",
@@ -31,7 +36,15 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """Strict loading found missing, unexpected or wrongly shaped tensors."""
+    """Strict loading found missing, unexpected or wrongly shaped tensors.
+
+    ``report``: the :class:`~hatplug.checkpoint.LoadReport` of the attempt, with every key (the message cuts
+    long lists short), or ``None`` where no report was made.
+    """
+
+    def __init__(self, message: str, report: LoadReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class PretrainedWeightsNotFoundError(HatplugError, FileNotFoundError):

@@ -34,6 +34,36 @@ def test_window_partition_matches_explicit_slicing():
     assert torch.equal(window_reverse(windows, 7, 14, 21), x)
 
 
+def test_window_partition_and_reverse_name_maps_that_do_not_split():
+    x = torch.randn(1, 8, 10, 10)
+    with pytest.raises(ValueError, match=r"the 10x10 map .* does not split into 4x4 windows: pad it to 12x12 first"):
+        window_partition(x, 4)  # a raw reshape error before
+    with pytest.raises(ValueError, match=r"the 10x8 map \(shape \(1, 10, 10, 8\), read as \(B, C, H, W\)\).*_nhwc"):
+        window_partition(torch.randn(1, 10, 10, 8), 5)  # channels-last data
+    with pytest.raises(ValueError, match="window_size must be a positive int, got 0"):
+        window_partition(x, 0)  # ZeroDivisionError before
+    with pytest.raises(ValueError, match=r"takes a \(B, C, H, W\) map, got a 3-D tensor"):
+        window_partition(x[0], 5)
+    windows = window_partition(x, 5)  # (4, 25, 8)
+    with pytest.raises(ValueError, match=r"window_reverse: a 8x11 map does not split into 5x5 windows"):
+        window_reverse(windows, 5, 8, 11)
+    with pytest.raises(ValueError, match=r"windows of shape \(4, 25, 8\) are not \(B \* 6, 25, C\)"):
+        window_reverse(windows, 5, 10, 15)
+    assert torch.equal(window_reverse(windows, 5, 10, 10), x)
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.trace(_method)?` is deprecated:FutureWarning")
+def test_window_checks_stay_out_of_traced_graphs():
+    def roundtrip(x):
+        return window_reverse(window_partition(x, 5), 5, 10, 10)
+
+    graph = torch.fx.symbolic_trace(roundtrip)  # the checks branch on sizes: they must not run while tracing
+    x = torch.randn(2, 3, 10, 10)
+    assert torch.equal(graph(x), x)
+    traced = torch.jit.trace(roundtrip, x)
+    assert torch.equal(traced(x), x)
+
+
 @pytest.mark.parametrize("ct,ws", [(2, 7), (1, 7), (3, 7), (2, 14), (2, 3)])
 def test_upsample_index_is_nearest_upsampling(ct, ws):
     grid = torch.randn(5, ct * ct, 4)  # (windows, ct*ct, C)
@@ -232,6 +262,41 @@ def test_stage_pads_and_crops_non_multiple_maps():
     assert stage(torch.randn(2, 16, 10, 13)).shape == (2, 16, 10, 13)
     with pytest.raises(AssertionError, match="built for 10x13"):
         stage(torch.randn(2, 16, 14, 14))
+
+
+def test_stage_wrong_size_names_the_size_received_also_when_traced():
+    stage = HATStage(16, depth=1, num_heads=2, input_resolution=(10, 13), window_size=7)
+    with pytest.raises(AssertionError, match=r"HATStage was built for 10x13 maps, got 14x12: rebuild it with "):
+        stage(torch.randn(2, 16, 14, 12))
+    graph = torch.fx.symbolic_trace(stage)  # the size check is still in the graph (with the size it expects)
+    with pytest.raises(AssertionError, match="HATStage was built for 10x13 maps"):
+        graph(torch.randn(2, 16, 14, 12))
+
+
+def test_stage_takes_an_int_resolution_and_refuses_what_fastervit_refuses():
+    stage = HATStage(8, depth=1, num_heads=2, input_resolution=14, window_size=7)  # "cannot unpack" before
+    assert stage.input_resolution == (14, 14) and stage.has_carrier_tokens
+    assert stage(torch.randn(1, 8, 14, 14)).shape == (1, 8, 14, 14)
+    base = dict(dim=8, depth=2, num_heads=2, input_resolution=(14, 14), window_size=7)
+    for override, message in [  # each was accepted before
+        (dict(mlp_ratio=0), r"mlp_ratio must be a positive number \(the MLP's hidden width / dim\), got 0"),
+        (dict(drop_path=1.5), r"drop_path must be in \[0, 1\) .*got 1.5"),
+        (dict(drop_path=[0.1, 1.0]), r"drop_path must be in \[0, 1\) .*got \[0.1, 1.0\]"),
+        (dict(input_resolution=(14, 0)), r"input_resolution must be positive ints, got \(14, 0\)"),
+        (dict(input_resolution=(14, 14, 3)), r"input_resolution must be an int or \(H, W\) of ints"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            HATStage(**{**base, **override})
+
+
+def test_stage_names_itself_for_a_misspelt_keyword_and_passes_block_options_on():
+    base = dict(dim=8, depth=2, num_heads=2, input_resolution=(14, 14), window_size=7)
+    with pytest.raises(TypeError, match=r"HATStage.__init__\(\) got an unexpected keyword argument 'ct_sz'"):
+        HATStage(**base, ct_sz=2)  # reported against HATBlock.__init__ before
+    stage = HATStage(**base, mlp_ratio=2.0, qkv_bias=False, qk_scale=0.5, drop=0.1, attn_drop=0.2, layer_scale=1e-5)
+    for blk in stage.blocks:
+        assert blk.mlp.fc1.out_features == 16 and blk.attn.qkv.bias is None and blk.attn.scale == 0.5
+        assert blk.mlp.drop1.p == 0.1 and blk.attn.attn_drop == 0.2 and torch.all(blk.gamma3 == 1e-5)
 
 
 def test_single_window_stage_has_no_carrier_tokens():

@@ -8,13 +8,14 @@ converts a fresh base model with that config and loads the tensors strictly.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import directory_error, load_checkpoint
 from ..errors import CheckpointError, HatplugError
 from .rewrite import convert
 
@@ -27,7 +28,12 @@ def save(model: nn.Module, path: str | Path) -> Path:
     """Write a converted model's state dict and its conversion config to one safetensors file.
 
     ``model`` may be inside the wrappers of training (``torch.compile``, DDP, timm's ``ModelEmaV3``): the
-    converted model inside is written, under its own keys.
+    converted model inside is written, under its own keys. ``path`` must end in ``.safetensors``.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``path`` not a path (or the two are swapped).
+        HatplugError: ``model`` was not converted.
+        CheckpointError: ``path`` is a directory, does not end in ``.safetensors``, or cannot be written.
 
     >>> import tempfile, os, timm, torch, hatplug
     >>> def base():
@@ -40,6 +46,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     >>> torch.equal(restored(x), hat(x))
     True
     """
+    _check_arguments("save", "model", "the converted model", model, path, model_first=True)
     model = _unwrapped(model)
     info = getattr(model, "hatplug_conversion", None)
     if info is None:
@@ -48,13 +55,42 @@ def save(model: nn.Module, path: str | Path) -> Path:
             "torch.save(model.state_dict(), path) for others"
         )
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"cannot save to {path}: it is a directory; pass a file path, e.g. {path / 'model.safetensors'}"
+        )
+    if path.suffix != ".safetensors":
+        # loaders pick the format by suffix: hatplug.load_checkpoint would read a .pth as a torch.save pickle
+        raise CheckpointError(
+            f"cannot save to {path}: hatplug.save writes a safetensors file, and its name must end in .safetensors "
+            f"so that loaders read it as one; use {path.with_suffix('.safetensors')}"
+        )
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save to {path}: the folder {path.parent} does not exist (create it first)")
     # clones: safetensors refuses tensors that share memory (aliases) and non-contiguous views
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "model": info["model"], "config": json.dumps(info["config"])}
-    save_file(state, str(path), metadata=metadata)
+    try:
+        save_file(state, str(path), metadata=metadata)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot save to {path}: {exc} (check that the folder is writable)") from exc
     return path
+
+
+def _check_arguments(func: str, model_name: str, what: str, model: object, path: object, model_first: bool) -> None:
+    """A ``TypeError`` naming the argument of ``hatplug.<func>`` that is not a module / path, or saying that the
+    two look swapped (a path where the module goes and a module where the path goes)."""
+    call = f"hatplug.{func}({model_name}, path)" if model_first else f"hatplug.{func}(path, {model_name})"
+    if isinstance(model, nn.Module) and isinstance(path, (str, os.PathLike)):
+        return
+    if isinstance(path, nn.Module) and isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"hatplug.{func} got a {type(model).__name__} as {model_name} and a {type(path).__name__} as path: the "
+            f"arguments look swapped, call {call}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{call}: {model_name} must be an nn.Module ({what}), got {type(model).__name__}")
+    raise TypeError(f"{call}: path must be a str or os.PathLike, got {type(path).__name__}")
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -71,6 +107,8 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 def read_config(path: str | Path) -> dict:
     """The conversion config stored by :func:`save` (``ct_size``, ``stages``, ``init``, ``propagate``)."""
+    if Path(path).is_dir():
+        raise directory_error(Path(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -97,9 +135,13 @@ def load(path: str | Path, base_model: nn.Module) -> nn.Module:
     :func:`hatplug.checkpoint.load_checkpoint`.
 
     Raises:
+        TypeError: ``base_model`` is not a module or ``path`` not a path (or the two are swapped).
         CheckpointError: the file is not a hatplug save, or its model class differs from ``base_model``'s.
         CheckpointMismatchError: the tensors do not fit the converted model (other architecture or sizes).
     """
+    _check_arguments(
+        "load", "base_model", "a fresh model of the converted architecture", base_model, path, model_first=False
+    )
     config = read_config(path)
     saved_model = config.pop("model")
     if saved_model != type(base_model).__name__:

@@ -44,21 +44,46 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
-def _attention_like(model: nn.Module) -> list[str]:
+def _attention_like(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found = []
     for name, module in model.named_modules():
         kind = type(module).__name__
         if isinstance(module, nn.MultiheadAttention) or "attention" in kind.lower() or kind.endswith("Attn"):
-            found.append(f"'{name}' ({kind})")
+            found.append((name, module))
     return found
+
+
+def _windowed(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether an attention module attends within windows / partitions of the map (timm's ``swinv2_cr_*``
+    ``WindowMultiHeadAttention``, MaxViT's ``PartitionAttention*``, a block with a ``window_size`` such as
+    TinyViT's or SAM's), judged by the class name and the attributes of the module and of its block."""
+    kind = type(module).__name__.lower()
+    parent_path = name.rpartition(".")[0]
+    owners = (module, model.get_submodule(parent_path)) if parent_path else (module,)
+    return (
+        "window" in kind
+        or "partition" in kind
+        or any(getattr(owner, attr, None) for owner in owners for attr in ("window_size", "partition_size"))
+    )
+
+
+def _listed(modules: list[tuple[str, nn.Module]]) -> str:
+    names = [f"'{name}' ({type(module).__name__})" for name, module in modules]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def unsupported_message(model: nn.Module) -> str:
     lines = [f"hatplug.convert found no block it can convert in {type(model).__name__}."]
     attention = _attention_like(model)
-    if attention:
-        more = f" and {len(attention) - 5} more" if len(attention) > 5 else ""
-        lines.append(f"It has attention modules that no adapter knows: {', '.join(attention[:5])}{more}.")
+    windowed = [(name, module) for name, module in attention if _windowed(model, name, module)]
+    if windowed:
+        lines.append(
+            f"Its model family is not supported by hatplug.convert: it has windowed attention ({_listed(windowed)}) "
+            "that no adapter knows. Supported: timm swin_* / swinv2_* (not swinv2_cr_*, timm's other SwinV2), "
+            "twins_svt_* and hatplug's edgevit_*. To add this family, write an adapter for its block (see below)."
+        )
+    elif attention:
+        lines.append(f"It has attention modules that no adapter knows: {_listed(attention)}.")
         lines.append(
             "HAT gives carrier tokens to windowed (local) attention; attention that already spans the whole map "
             "(ViT, PVT, Twins-PCPVT's GlobalSubSampleAttn) has no windows to summarise, and no adapter changes that."
@@ -73,7 +98,7 @@ def unsupported_message(model: nn.Module) -> str:
         kinds = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in adapter.source_types)
         lines.append(f"  - {adapter.family}: {kinds}")
     lines.append(
-        "To add one, subclass hatplug.adapters.BlockAdapter (set `family` and `source_types`, implement "
+        "To add one, subclass hatplug.BlockAdapter (set `family` and `source_types`, implement "
         "`window_size` and `build`, which returns the block's HAT twin) and pass an instance to "
         "hatplug.register_adapter(); see the BlockAdapter docstring."
     )

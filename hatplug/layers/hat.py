@@ -17,6 +17,8 @@ out in the grouped order once, at construction.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -71,12 +73,40 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _drop_path_rates(drop_path: float | Sequence[float], depth: int) -> list[float]:
-    """One stochastic-depth rate per block: ``drop_path`` as given, or one rate repeated ``depth`` times."""
+    """One stochastic-depth rate per block: ``drop_path`` as given, or one rate repeated ``depth`` times; each in
+    [0, 1) (a rate of 1 drops every sample), as FasterViT's ``drop_path_rate``."""
     if not isinstance(drop_path, Sequence):
-        return [drop_path] * depth
-    if len(drop_path) != depth:
+        rates = [drop_path] * depth
+    elif len(drop_path) != depth:
         raise ValueError(f"drop_path has {len(drop_path)} rates for {depth} blocks: give one per block, or one number")
-    return list(drop_path)
+    else:
+        rates = list(drop_path)
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+            raise ValueError(
+                f"drop_path must be in [0, 1) (a stochastic-depth rate, or one per block), got {drop_path}"
+            )
+    return rates
+
+
+def _resolution(size: int | Sequence[int]) -> tuple[int, int]:
+    """``input_resolution`` as ``(H, W)`` of positive ints: an int ``n`` is ``(n, n)``, as in FasterViT."""
+    if _is_int(size):
+        size = (size, size)
+    if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
+        raise ValueError(f"input_resolution must be an int or (H, W) of ints, got {size!r}")
+    if not all(_is_int(side) and side >= 1 for side in size):
+        raise ValueError(f"input_resolution must be positive ints, got {tuple(size)!r}")
+    return operator.index(size[0]), operator.index(size[1])
+
+
+def _is_int(value) -> bool:
+    """A Python, NumPy or torch integer (``operator.index`` takes it), not a bool."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, bool)
 
 
 def _layer_scale(dim: int, value: float | None) -> nn.Parameter | None:
@@ -435,14 +465,14 @@ class HATStage(nn.Module):
         dim: channels.
         depth: number of blocks.
         num_heads: attention heads.
-        input_resolution: ``(H, W)`` of the stage input; the stage is built for this size.
+        input_resolution: ``(H, W)`` of the stage input, or ``n`` for ``(n, n)``; the stage is built for this size.
         window_size: side of a window; the map is zero-padded to whole windows.
         ct_size: carrier tokens per window side.
         hat: use carrier tokens (otherwise plain window attention).
         do_propagation: add CTs back into the map at the end of the stage.
         official_ct_order: see :class:`CarrierTokenGrid`.
-        drop_path: a rate, or one rate per block.
-        **block_kwargs: the remaining :class:`HATBlock` arguments.
+        drop_path: a rate in [0, 1), or one rate per block.
+        mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, layer_scale: the :class:`HATBlock` arguments of every block.
 
     >>> stage = HATStage(64, depth=2, num_heads=2, input_resolution=(14, 20), window_size=7)
     >>> stage(torch.randn(1, 64, 14, 20)).shape
@@ -456,20 +486,27 @@ class HATStage(nn.Module):
         dim: int,
         depth: int,
         num_heads: int,
-        input_resolution: tuple[int, int],
+        input_resolution: int | tuple[int, int],
         window_size: int,
         ct_size: int = 2,
         hat: bool = True,
         do_propagation: bool = False,
         official_ct_order: bool = True,
         drop_path: float | Sequence[float] = 0.0,
-        **block_kwargs,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        layer_scale: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads), ("window_size", window_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        H, W = input_resolution
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number (the MLP's hidden width / dim), got {mlp_ratio!r}")
+        H, W = _resolution(input_resolution)
         self.dim = dim
         self.input_resolution = (H, W)
         self.window_size = window_size
@@ -494,9 +531,14 @@ class HATStage(nn.Module):
                 num_heads,
                 window_size,
                 ct_grid,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                drop=drop,
+                attn_drop=attn_drop,
                 drop_path=rates[i],
+                layer_scale=layer_scale,
                 propagate=do_propagation and i == depth - 1,
-                **block_kwargs,
             )
             for i in range(depth)
         )
@@ -523,9 +565,16 @@ class HATStage(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        H, W = self.input_resolution
         if not _tracing():
             self._check_input(x)
-        H, W = self.input_resolution
+            if x.shape[2] != H or x.shape[3] != W:  # the asserts below, naming the size received
+                h, w = x.shape[2:]
+                raise AssertionError(
+                    f"{type(self).__name__} was built for {H}x{W} maps, got {h}x{w}: rebuild it with "
+                    f"input_resolution=({h}, {w}) for this size, or resize the input to {H}x{W}"
+                )
+        # kept in traced and exported graphs, where the message cannot hold the size received
         torch._assert(x.shape[2] == H, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         torch._assert(x.shape[3] == W, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         Hp, Wp = self.padded_resolution

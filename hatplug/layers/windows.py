@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .pos_embed import _tracing
+
 __all__ = [
     "ceil_to_multiple",
     "pad_to_windows",
@@ -59,9 +61,29 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     >>> window_partition(torch.zeros(2, 8, 14, 21), 7).shape
     torch.Size([12, 49, 8])
     """
+    if not _tracing():  # a traced or compiled graph records the reshape, not this check
+        _check_windows(x, window_size)
     B, C, H, W = x.shape
     x = x.view(B, C, H // window_size, window_size, W // window_size, window_size)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, C)
+
+
+def _check_windows(x: Tensor, window_size: int) -> None:
+    """A named error for a map that :func:`window_partition` cannot split (a raw reshape error otherwise)."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"window_partition takes a (B, C, H, W) map, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
+    if window_size < 1:
+        raise ValueError(f"window_size must be a positive int, got {window_size!r}")
+    H, W = x.shape[2:]
+    if H % window_size or W % window_size:
+        raise ValueError(
+            f"window_partition: the {H}x{W} map (shape {tuple(x.shape)}, read as (B, C, H, W)) does not split into "
+            f"{window_size}x{window_size} windows: pad it to {ceil_to_multiple(H, window_size)}x"
+            f"{ceil_to_multiple(W, window_size)} first (pad_to_windows); a channels-last "
+            "(B, H, W, C) map goes to window_partition_nhwc"
+        )
 
 
 def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
@@ -71,9 +93,27 @@ def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
     >>> torch.equal(window_reverse(window_partition(x, 7), 7, 14, 21), x)
     True
     """
+    if not _tracing():  # a traced or compiled graph records the reshape, not this check
+        _check_fold(windows, window_size, H, W)
     C = windows.shape[-1]
     x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
+
+
+def _check_fold(windows: Tensor, window_size: int, H: int, W: int) -> None:
+    """A named error for windows that :func:`window_reverse` cannot fold into an ``H x W`` map."""
+    if window_size < 1 or H % window_size or W % window_size:
+        raise ValueError(
+            f"window_reverse: a {H}x{W} map does not split into {window_size}x{window_size} windows: pass the H and W "
+            "of the padded map the windows came from (multiples of window_size)"
+        )
+    per_image = (H // window_size) * (W // window_size)
+    if windows.dim() != 3 or windows.shape[1] != window_size * window_size or windows.shape[0] % per_image:
+        raise ValueError(
+            f"window_reverse: windows of shape {tuple(windows.shape)} are not (B * {per_image}, "
+            f"{window_size * window_size}, C), the {per_image} windows of {window_size}x{window_size} tokens per "
+            f"image that a {H}x{W} map has: pass the window_size and the H and W they were made with"
+        )
 
 
 def window_partition_nhwc(x: Tensor, window_size: tuple[int, int]) -> Tensor:

@@ -185,3 +185,61 @@ def test_load_names_damaged_save_metadata(tmp_path):
         save_file({"w": torch.zeros(1)}, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
         with pytest.raises(CheckpointError, match=f"{name}.safetensors: its (hatplug.save metadata|conversion config)"):
             hatplug.load(tmp_path / f"{name}.safetensors", make_model(FAMILIES["swin"], 64))
+
+
+SWINV2_CR = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 1), img_size=64, window_size=4)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, attention",
+    [
+        ("swinv2_cr_tiny_ns_224", SWINV2_CR, "WindowMultiHeadAttention"),
+        ("maxvit_pico_rw_256", dict(embed_dim=(32, 64), depths=(1, 1), img_size=64), "PartitionAttentionCl"),
+    ],
+)
+def test_windowed_family_without_adapter_is_named_unsupported_not_global(name, kwargs, attention):
+    # their attention is windowed: "already spans the whole map" would be false; the family is what is missing
+    with pytest.raises(UnsupportedModelError) as info:
+        hatplug.convert(timm.create_model(name, num_classes=10, **kwargs))
+    message = str(info.value)
+    assert "spans the whole map" not in message
+    assert "model family is not supported by hatplug.convert: it has windowed attention ('stages.0.blocks.0." in message
+    assert f"({attention})" in message
+    assert "swin_* / swinv2_* (not swinv2_cr_*" in message and "twins_svt_*" in message and "edgevit_*" in message
+    assert "subclass hatplug.BlockAdapter" in message and "hatplug.register_adapter()" in message
+
+
+def test_vit_is_still_named_global_attention():
+    model = timm.create_model("vit_tiny_patch16_224", depth=1, embed_dim=16, num_heads=1, img_size=32, num_classes=10)
+    with pytest.raises(UnsupportedModelError, match=r"already spans the whole map") as info:
+        hatplug.convert(model)
+    assert "not supported by hatplug.convert" not in str(info.value)
+
+
+def test_save_and_load_name_swapped_or_wrong_arguments(tmp_path):
+    hat = hatplug.convert(make_model(FAMILIES["swin"], 64))
+    path = hatplug.save(hat, tmp_path / "swin.safetensors")
+    base = make_model(FAMILIES["swin"], 64)
+    with pytest.raises(TypeError, match=r"the arguments look swapped, call hatplug.load\(path, base_model\)") as info:
+        hatplug.load(base, path)
+    assert len(str(info.value)) < 300  # the model is not printed
+    with pytest.raises(TypeError, match=r"the arguments look swapped, call hatplug.save\(model, path\)"):
+        hatplug.save(str(path), hat)
+    with pytest.raises(TypeError, match=r"base_model must be an nn.Module .*got str"):
+        hatplug.load(path, "swin_tiny_patch4_window7_224")
+    with pytest.raises(TypeError, match=r"path must be a str or os.PathLike, got int"):
+        hatplug.save(hat, 3)
+    assert isinstance(hatplug.load(str(path), base), nn.Module)  # str and Path both work
+
+
+def test_save_refuses_a_directory_and_other_suffixes(tmp_path):
+    hat = hatplug.convert(make_model(FAMILIES["swin"], 64))
+    with pytest.raises(CheckpointError, match=r"it is a directory; pass a file path, e\.g\. .*model\.safetensors"):
+        hatplug.save(hat, tmp_path)  # a raw SafetensorError before
+    for name in ("hat.pth", "hat"):  # safetensors under a .pth name: load_checkpoint called it "not a checkpoint"
+        with pytest.raises(CheckpointError, match=r"must end in \.safetensors .*use .*hat\.safetensors"):
+            hatplug.save(hat, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    (tmp_path / "swin.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"swin\.safetensors is a directory, not a checkpoint file"):
+        hatplug.load(tmp_path / "swin.safetensors", make_model(FAMILIES["swin"], 64))

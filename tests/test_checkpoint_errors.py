@@ -1,0 +1,77 @@
+"""What a user sees when a checkpoint does not fit, is not a file, or the arguments are mixed up."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastervit
+import hatplug
+from hatplug.checkpoint import LoadReport, read_checkpoint
+from hatplug.errors import CheckpointError, CheckpointMismatchError
+
+
+def _layers(widths: list[int]) -> nn.Sequential:
+    return nn.Sequential(*(nn.Linear(w, w, bias=False) for w in widths))
+
+
+def test_long_mismatch_lists_say_how_many_more_and_the_error_carries_every_name():
+    model = _layers([2] * 66)  # keys 0.weight .. 65.weight, each (2, 2)
+    state = {f"{i}.weight": torch.zeros(3, 3) for i in range(25)}  # 25 of another shape
+    state.update({f"{i}.weight": torch.zeros(2, 2) for i in range(25, 30)})  # 5 that fit; 30..65 missing (36)
+    state.update({f"extra{i}.weight": torch.zeros(1) for i in range(23)})  # 23 unexpected
+    with pytest.raises(CheckpointMismatchError) as info:
+        hatplug.load_checkpoint(model, state)
+    message, report = str(info.value), info.value.report
+    assert isinstance(report, LoadReport)
+    assert len(report.missing) == 36 and len(report.unexpected) == 23 and len(report.mismatched) == 25
+    assert "36 missing: 30.weight" in message and ", 49.weight ... and 16 more\n" in message
+    assert "23 unexpected: extra0.weight" in message and "extra19.weight ... and 3 more\n" in message
+    assert sum(line.startswith("shape mismatch ") for line in message.splitlines()) == 21  # 20 named + the tail
+    assert "\nshape mismatch ... and 5 more\n" in message  # 20 shown, and no longer cut off silently
+    assert "the error's .report, a hatplug.LoadReport, has every one" in message
+    assert report.missing[-1] == "65.weight" and report.mismatched[-1] == ("24.weight", (3, 3), (2, 2))
+
+
+def test_short_lists_are_complete_and_do_not_point_at_report():
+    model = _layers([2, 2])
+    with pytest.raises(CheckpointMismatchError) as info:
+        hatplug.load_checkpoint(model, {"0.weight": torch.zeros(3, 3), "1.weight": torch.zeros(2, 2)})
+    message = str(info.value)
+    assert "... and" not in message and ".report" not in message
+    assert info.value.report.mismatched == [("0.weight", (3, 3), (2, 2))]
+
+
+def test_fastervit_0_weights_into_fastervit_1_report_every_name(tmp_path):
+    # the auditor's repro: 72 missing (list cut at 20) and more than 20 shape mismatches (cut with no marker)
+    source = fastervit.create_model("faster_vit_0_224", dim=16, in_dim=8)  # narrow: the shapes differ, as 64 / 80 do
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "0.pth")
+    with pytest.raises(CheckpointMismatchError) as info:
+        fastervit.create_model("faster_vit_1_224", checkpoint_path=tmp_path / "0.pth", dim=24, in_dim=8)
+    message, report = str(info.value), info.value.report
+    assert len(report.missing) > 20 and len(report.mismatched) > 20
+    assert f"... and {len(report.missing) - 20} more" in message
+    assert f"shape mismatch ... and {len(report.mismatched) - 20} more" in message
+    assert ".report" in message and "adapt_geometry=True" in message  # fastervit's own hint is kept
+
+
+def test_a_directory_is_named_as_such_with_the_files_inside(tmp_path):
+    model = _layers([2])
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    for call in (lambda: read_checkpoint(tmp_path), lambda: hatplug.load_checkpoint(model, tmp_path)):
+        with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file: pass the path of the file"):
+            call()  # "checkpoint file not found" before
+    with pytest.raises(CheckpointError, match=r"it holds weights\.pth; nothing was loaded"):
+        hatplug.load_checkpoint(model, tmp_path)
+    with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file"):
+        fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is a directory, not a checkpoint file: .* file\); nothing"):
+        read_checkpoint(tmp_path / "empty")
+
+
+def test_load_checkpoint_says_when_the_arguments_look_swapped(tmp_path):
+    model = _layers([2])
+    with pytest.raises(TypeError, match=r"look swapped, call load_checkpoint\(model, checkpoint\)"):
+        hatplug.load_checkpoint(tmp_path / "w.pth", model)  # "checkpoint holds a Sequential" before
+    with pytest.raises(TypeError, match=r"model must be the nn.Module to load the weights into, got dict"):
+        hatplug.load_checkpoint({"0.weight": torch.zeros(2, 2)}, {"0.weight": torch.zeros(2, 2)})
