@@ -605,3 +605,19 @@ def test_a_backbone_has_timm_training_helpers_under_its_own_parameter_names():
         full_of = {n: g for g, names_ in expected.items() for n in names_}
         # each parameter in the layer of the classifier's parameter of that name (the prefix is the only change)
         assert all(full_of[n[len("model.") :]] == g for g, names_ in groups.items() for n in names_)
+
+
+def test_load_adapted_reports_every_mismatch_and_names_swapped_arguments():
+    torch.manual_seed(0)
+    wide = fastervit.create_model(ANY_RES, resolution=224, **{**SMALL, "dim": 48})
+    target = _any_res(size=[224, 224])
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch ... and \d+ more") as error:
+        load_adapted(target, wide.state_dict())
+    report = error.value.report
+    assert isinstance(report, AdaptReport) and report.truncated and "has every one" in str(error.value)
+    own = target.state_dict()
+    want = {k for k, v in wide.state_dict().items() if k in own and v.shape != own[k].shape} - {"head.weight"}
+    assert {key for key, _, _ in report.mismatched} == want and len(want) > 20  # a head of another size: new
+    swapped = r"load_adapted got a (Ordered)?[dD]ict as model and a FasterViT as checkpoint: the arguments look swapped"
+    with pytest.raises(TypeError, match=swapped):
+        load_adapted(wide.state_dict(), target)
