@@ -154,7 +154,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 @dataclass
 class LoadReport:
-    """What a state-dict load did. ``ok`` is True when every learned tensor matched."""
+    """What a state-dict load did. ``ok`` is True when every learned tensor matched.
+
+    >>> report = LoadReport(loaded=["weight"], missing=["bias"])
+    >>> report.ok
+    False
+    >>> print(report)
+    loaded 1 tensors, dropped 0 derived or unused
+    1 missing: bias
+    """
 
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)

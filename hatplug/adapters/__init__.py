@@ -50,10 +50,23 @@ def register_adapter(adapter: BlockAdapter | type[BlockAdapter]) -> BlockAdapter
     """Teach :func:`hatplug.convert` a new kind of block. Accepts an adapter instance, or an adapter class
     (then it is instantiated, and returned, so that this works as a class decorator). A later registration
     for the same block type takes precedence over earlier ones; :func:`unregister_adapter` removes one.
-    ``tests/convert/test_register_adapter.py`` shows a complete example.
+    ``tests/convert/test_register_adapter.py`` shows a complete adapter for a new block.
 
     Raises:
         TypeError: ``adapter`` is not a :class:`BlockAdapter` or lists no ``source_types``.
+
+    Example (a copy of timm's Swin block under your own class name, converted like timm's):
+        >>> import hatplug
+        >>> from timm.models.swin_transformer import SwinTransformerBlock
+        >>> from hatplug.adapters.swin import SwinAdapter
+        >>> class MyBlock(SwinTransformerBlock): ...
+        >>> @hatplug.register_adapter
+        ... class MyAdapter(SwinAdapter):
+        ...     family = "my Swin"
+        ...     source_types = (MyBlock,)
+        >>> type(hatplug.adapters.registered_adapters()[-1]).__name__
+        'MyAdapter'
+        >>> hatplug.adapters.unregister_adapter(MyAdapter)
     """
     instance = adapter() if isinstance(adapter, type) else adapter
     if not isinstance(instance, BlockAdapter):

@@ -39,6 +39,15 @@ class ConversionReport:
             need some of its block's modules, e.g. EdgeViT's sparse-attention parts at ``init="random"``).
         params_before, params_after, params_new: parameter counts before and after the conversion, and
             of the parts it added.
+
+    >>> import timm, hatplug
+    >>> small = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 4))
+    >>> swin = timm.create_model("swin_tiny_patch4_window7_224", **small)
+    >>> report = hatplug.report(hatplug.convert(swin))
+    >>> [block.path for block in report.converted], report.params_new > 0
+    (['layers.0.blocks.0', 'layers.1.blocks.0', 'layers.2.blocks.0', 'layers.2.blocks.1'], True)
+    >>> [(block.path, block.reason) for block in report.skipped]
+    [('layers.3.blocks.0', 'single window at this resolution: the 7x7 window covers the whole map')]
     """
 
     model: str
