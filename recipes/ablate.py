@@ -28,13 +28,19 @@ every arm) and ``P_benchmark``, and the arm key ``P_overrides``; ``--smoke`` is 
 Order of merging: base, ``overrides``, ``P`` (with ``--profile P``), the arm's ``overrides``, the arm's
 ``P_overrides`` (with ``--profile P``). Each arm's resolved config is written to ``DIR/arms/<arm>.yaml`` and run
 exactly as ``python -m recipes fit --config DIR/arms/<arm>.yaml`` would; its logs, checkpoints, the
-``config.yaml`` LightningCLI saved and the final weights (``model.pt``) go to ``DIR/runs/<arm>/``.
+``config.yaml`` LightningCLI saved and the final weights (``model.pt``) go to ``DIR/runs/<arm>/``: the config's
+loggers are kept, but ``trainer.default_root_dir`` and the ``save_dir`` of each logger that has one point there
+(the arm's progress line names the settings replaced); with no logger configured, a CSV and a TensorBoard logger
+write there, and ``logger: false`` is kept.
 
 ``DIR`` receives ``results.csv`` and ``results.md`` (one row per arm, plus ``<arm>@<size>`` rows for
-``eval_scales``; columns :data:`recipes.report.COLUMNS`) and ``pareto.png`` (accuracy against inference
-throughput, one labelled point per row). Metrics are those of the final weights on the validation split;
-parameters, GFLOPs (one image) and throughput (images/s of inference and of a training step) are measured on
-this machine, on the device the arm trained on.
+``eval_scales``; columns :data:`recipes.report.COLUMNS`, with the ablation's name and profile in every row) and
+``pareto.png`` (accuracy against inference throughput, one labelled point per row). Metrics are those of the
+final weights on the whole validation split (whatever ``limit_val_batches`` limited during training);
+parameters, GFLOPs (one image; a multiply-add counts 2 FLOPs, about twice the FLOPs papers report) and
+throughput (images/s of inference and of a training step) are measured on this machine, on the device the arm
+trained on. ``--arms`` into a folder with earlier results keeps the rows of the other arms of the same ablation
+and profile, unless they warm-started from an arm that runs again (a log line says what was dropped and why).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import inspect
 import tempfile
 import time
 import warnings
@@ -113,6 +120,9 @@ class Arm:
     config: dict
     warm_start: str | None = None
     eval_scales: list[float] = field(default_factory=list)
+    redirected: list[tuple[str, str]] = field(default_factory=list)
+    """``(setting, its value)`` of the config's output folders that the runner pointed at ``DIR/runs/<arm>``
+    instead (said when the arm runs)."""
 
 
 def _run_dir(out: Path, arm: str) -> Path:
@@ -221,15 +231,16 @@ def load_ablation(
             config = deep_merge(config, entry.get(f"{profile}_overrides"))
         run_dir = _run_dir(out, entry["name"])
         trainer = config.setdefault("trainer", {})
+        redirected = []
+        root = trainer.get("default_root_dir")
+        if root is not None and Path(root) != run_dir:
+            redirected.append(("trainer.default_root_dir", str(root)))
         trainer["default_root_dir"] = str(run_dir)
-        trainer["logger"] = [
-            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": ""}},
-            {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_dir), "name": "tb"},
-            },
-        ]
+        trainer["logger"], moved = _arm_loggers(trainer.get("logger"), run_dir)
+        redirected += moved
         callbacks = trainer.setdefault("callbacks", [])
+        if trainer["logger"] is False:
+            _check_no_logger_callbacks(path, entry["name"], callbacks)
         has_bar = any("ProgressBar" in str(c.get("class_path", "")) for c in callbacks if isinstance(c, dict))
         if trainer.get("enable_progress_bar", True) and not has_bar:  # the bar says which arm and epoch is running
             label = f"{spec['name']}: {entry['name']}"
@@ -242,8 +253,65 @@ def load_ablation(
             if warm not in names or names.index(warm) >= names.index(entry["name"]):
                 raise ValueError(f"{path}: arm {entry['name']!r} warm-starts from {warm!r}; it must be an earlier arm")
             model["init_checkpoint"] = str(_run_dir(out, warm) / "model.pt")
-        arms.append(Arm(entry["name"], config, warm, [float(f) for f in entry.get("eval_scales", [])]))
+        arms.append(Arm(entry["name"], config, warm, [float(f) for f in entry.get("eval_scales", [])], redirected))
     return spec, arms
+
+
+def _arm_loggers(logger: object, run_dir: Path) -> tuple[object, list[tuple[str, str]]]:
+    """An arm's ``trainer.logger`` and the ``save_dir`` settings it replaced: the config's loggers are kept
+    (``logger: false`` / ``true`` too), each that takes a ``save_dir`` writes into ``run_dir``, so that arms do
+    not write into one folder; with no logger configured, a CSV and a TensorBoard logger in ``run_dir``."""
+    if logger is None:
+        return [
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": ""}},
+            {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "tb"},
+            },
+        ], []
+    if isinstance(logger, bool):
+        return logger, []
+    entries, replaced = [], []
+    for entry in logger if isinstance(logger, list) else [logger]:
+        if isinstance(entry, dict) and isinstance(entry.get("class_path"), str):
+            init_args = dict(entry.get("init_args") or {})
+            if "save_dir" in init_args or _takes_save_dir(entry["class_path"]):
+                previous = init_args.get("save_dir")
+                if previous is not None and Path(str(previous)) != run_dir:
+                    replaced.append((f"{entry['class_path'].rpartition('.')[2]}.save_dir", str(previous)))
+                entry = {**entry, "init_args": {**init_args, "save_dir": str(run_dir)}}
+        entries.append(entry)
+    return (entries if isinstance(logger, list) else entries[0]), replaced
+
+
+_LOGGER_CALLBACKS = ("LearningRateMonitor", "DeviceStatsMonitor")
+"""Lightning callbacks that refuse a trainer without a logger."""
+
+
+def _check_no_logger_callbacks(path: Path, arm: str, callbacks: list) -> None:
+    """``ValueError`` for an arm with ``logger: false`` whose callbacks need a logger (Lightning would refuse it
+    only when that arm starts training, after the arms before it)."""
+    needy = [
+        name
+        for name in (str(c.get("class_path", "")).rpartition(".")[2] for c in callbacks if isinstance(c, dict))
+        if name in _LOGGER_CALLBACKS
+    ]
+    if needy:
+        raise ValueError(
+            f"{path}: arm {arm!r} sets trainer.logger: false, but its callbacks {needy} need a logger; give the arm "
+            "trainer.callbacks without them in its overrides (a list replaces the base config's), or keep a logger"
+        )
+
+
+def _takes_save_dir(class_path: str) -> bool:
+    """Whether the logger class at ``class_path`` (or a bare name from ``lightning.pytorch.loggers``) has a
+    ``save_dir`` argument; False for a class that cannot be imported (the config check names it)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "lightning.pytorch.loggers"), name)
+        return "save_dir" in inspect.signature(cls).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def _amp_dtype(trainer: pl.Trainer) -> torch.dtype | None:
@@ -323,11 +391,10 @@ def check_arms(arms: Sequence[Arm]) -> None:
                 ) from error
 
 
-def _evaluate_at(arm: Arm, cli, size: int, bench: dict) -> dict:
-    """Rebuild the arm's model for ``size`` x ``size`` inputs, load the trained weights, validate and measure."""
-    start = time.perf_counter()
-    datamodule, module = _build(arm, size)
-    module.model.load_state_dict(cli.model.model.state_dict(), strict=True)
+def _validate(arm: Arm, module: ImageClassifier, datamodule: pl.LightningDataModule) -> tuple[dict, pl.Trainer]:
+    """The metrics of ``module`` on the whole validation split, and the trainer that computed them: a trainer of
+    its own on one device, so that the training-time ``limit_val_batches`` (a few batches, or 0 to skip
+    validation while training) does not decide which images the result rows are measured on."""
     trainer_cfg = arm.config["trainer"]
     trainer = pl.Trainer(
         accelerator=trainer_cfg.get("accelerator", "auto"),
@@ -335,10 +402,20 @@ def _evaluate_at(arm: Arm, cli, size: int, bench: dict) -> dict:
         precision=trainer_cfg.get("precision", "32-true"),
         logger=False,
         enable_checkpointing=False,
-        limit_val_batches=cli.trainer.limit_val_batches,  # as the CLI read it (an int 1 there means 1.0)
+        enable_progress_bar=trainer_cfg.get("enable_progress_bar", True),
+        limit_val_batches=1.0,
         default_root_dir=trainer_cfg["default_root_dir"],
     )
-    row = {"arm": f"{arm.name}@{size}", **_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))}
+    return _metrics(trainer.validate(module, datamodule=datamodule, verbose=False)), trainer
+
+
+def _evaluate_at(arm: Arm, cli, size: int, bench: dict) -> dict:
+    """Rebuild the arm's model for ``size`` x ``size`` inputs, load the trained weights, validate and measure."""
+    start = time.perf_counter()
+    datamodule, module = _build(arm, size)
+    module.model.load_state_dict(cli.model.model.state_dict(), strict=True)
+    metrics, trainer = _validate(arm, module, datamodule)
+    row = {"arm": f"{arm.name}@{size}", **metrics}
     row.update(_measure(module.model, size, bench, trainer))
     row["wall_time_s"] = time.perf_counter() - start
     row["resolution"] = size
@@ -360,10 +437,11 @@ def _arm_rows(arm: Arm, out: Path, bench: dict) -> Iterator[dict]:
     with warnings.catch_warnings():  # args are passed on purpose: the runner's own argv is not LightningCLI's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = cli_main(["fit", "--config", str(config_path)])
-    results = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    metrics = _validate(arm, cli.model, cli.datamodule)[0]
+    _run_dir(out, arm.name).mkdir(parents=True, exist_ok=True)  # with `logger: false` nothing may have made it
     torch.save(cli.model.model.state_dict(), _run_dir(out, arm.name) / "model.pt")
     size = cli.datamodule.image_size
-    row = {"arm": arm.name, **_metrics(results), **_measure(cli.model.model, size, bench, cli.trainer)}
+    row = {"arm": arm.name, **metrics, **_measure(cli.model.model, size, bench, cli.trainer)}
     row["wall_time_s"] = time.perf_counter() - start
     row["resolution"] = size
     yield row
@@ -373,18 +451,19 @@ def _arm_rows(arm: Arm, out: Path, bench: dict) -> Iterator[dict]:
 
 def _select(
     path: str | Path, out: str | Path | None, arms: Sequence[str] | None, profile: str | None
-) -> tuple[dict, dict[str, int], list[Arm]]:
-    """The ablation's spec, the YAML order of all its arms, and the arms to run: those in ``arms`` (all if
+) -> tuple[dict, list[Arm], list[Arm]]:
+    """The ablation's spec, all its arms (in the YAML's order), and the arms to run: those in ``arms`` (all if
     None) and the arms they warm-start from. ``ValueError`` for an arm the YAML does not have."""
-    spec, resolved = load_ablation(path, out=out, profile=profile)
-    order = {a.name: i for i, a in enumerate(resolved)}  # rows are tabulated in the YAML's arm order
+    spec, every = load_ablation(path, out=out, profile=profile)
+    resolved = every
     if arms is not None:
-        missing = set(arms) - set(order)
+        names = [a.name for a in every]
+        missing = set(arms) - set(names)
         if missing:
-            raise ValueError(f"{path}: no arms named {sorted(missing)}; it has {list(order)}")
-        needed = set(arms) | {a.warm_start for a in resolved if a.name in arms and a.warm_start}
-        resolved = [a for a in resolved if a.name in needed]
-    return spec, order, resolved
+            raise ValueError(f"{path}: no arms named {sorted(missing)}; it has {names}")
+        needed = set(arms) | {a.warm_start for a in every if a.name in arms and a.warm_start}
+        resolved = [a for a in every if a.name in needed]
+    return spec, every, resolved
 
 
 def run_ablation(
@@ -407,7 +486,9 @@ def run_ablation(
         [row["arm"] for row in result.rows]  # ['window_only', 'swin', 'twins', 'edgevit', 'hat']
     """
     profile = _profile(smoke, profile)
-    spec, order, resolved = _select(path, out, arms, profile)
+    spec, every, resolved = _select(path, out, arms, profile)
+    order = {a.name: i for i, a in enumerate(every)}  # rows are tabulated in the YAML's arm order
+    form = profile or "full"
     out = Path(out) if out is not None else default_out(spec, profile)
     bench = {**DEFAULT_BENCHMARK, **(spec.get(f"{profile}_benchmark" if profile else "benchmark") or {})}
     title = spec["name"] + (f" ({profile})" if profile else "")
@@ -416,21 +497,37 @@ def run_ablation(
     rows: list[dict] = []
     points: list[tuple[str, float, float]] = []
     out.mkdir(parents=True, exist_ok=True)
-    kept = _earlier_rows(out / "results.csv", rerun={a.name for a in resolved}) if arms is not None else []
-    if kept:
-        names = sorted({_arm_of(r) for r in kept})
-        print(f"[ablate] {title}: keeping the results of {names} from {out / 'results.csv'}", flush=True)
-    rows += kept
+    if arms is not None:  # --arms: the other arms' rows of an earlier run of this ablation and form stay
+        kept, dropped = _kept_rows(out / "results.csv", spec["name"], form, every, {a.name for a in resolved})
+        if kept:
+            names = sorted({_arm_of(r) for r in kept})
+            print(f"[ablate] {title}: keeping the results of {names} from {out / 'results.csv'}", flush=True)
+        if dropped:
+            reasons = "; ".join(f"{labels} ({why})" for why, labels in dropped.items())
+            print(f"[ablate] {title}: not keeping these rows of {out / 'results.csv'}: {reasons}", flush=True)
+        rows += kept
     for i, arm in enumerate(resolved, 1):
-        print(f"[ablate] {title}: arm {i}/{len(resolved)}: {arm.name}", flush=True)
+        print(f"[ablate] {title}: arm {i}/{len(resolved)}: {arm.name}{_redirect_note(arm, out)}", flush=True)
         for row in _arm_rows(arm, out, bench):
-            rows.append(row)
+            rows.append({**row, "ablation": spec["name"], "profile": form})
             rows.sort(key=lambda r: order.get(_arm_of(r), len(order)))
             write_csv(rows, out / "results.csv")
             write_markdown(rows, out / "results.md", title=title, notes=spec.get("description", ""))
             points = plot_pareto(rows, out / "pareto.png", title=title)
     print(f"[ablate] {title}: results in {out}", flush=True)
     return AblationResult(rows, points, out)
+
+
+def _redirect_note(arm: Arm, out: Path) -> str:
+    """`` (outputs in DIR/runs/<arm>, replacing <value> of <settings>)`` when the arm's config named other
+    output folders, else empty."""
+    if not arm.redirected:
+        return ""
+    settings: dict[str, list[str]] = {}
+    for setting, value in arm.redirected:
+        settings.setdefault(value, []).append(setting)
+    replaced = "; ".join(f"{value} of {', '.join(names)}" for value, names in settings.items())
+    return f" (outputs in {_run_dir(out, arm.name)}, replacing {replaced})"
 
 
 def _arm_of(row: dict) -> str:
@@ -447,9 +544,13 @@ def _number(text: str) -> int | float | str:
     return text
 
 
+_TEXT_COLUMNS = {"arm", "ablation", "profile"}
+"""Columns of ``results.csv`` read back as text; every other column holds numbers."""
+
+
 def _earlier_rows(path: Path, rerun: set[str]) -> list[dict]:
     """Rows of ``results.csv`` from an earlier run into the same folder, for arms not run again now (numbers
-    as floats again), so that ``--arms`` adds to the results instead of replacing them."""
+    as numbers again), so that ``--arms`` adds to the results instead of replacing them."""
     if not path.is_file():
         return []
     rows = []
@@ -458,9 +559,55 @@ def _earlier_rows(path: Path, rerun: set[str]) -> list[dict]:
             continue
         parsed = {}
         for key, value in row.items():
-            parsed[key] = value if key == "arm" else _number(value)
+            parsed[key] = value if key in _TEXT_COLUMNS else _number(value)
         rows.append(parsed)
     return rows
+
+
+def _kept_rows(
+    path: Path, ablation: str, form: str, arms: Sequence[Arm], rerun: set[str]
+) -> tuple[list[dict], dict[str, list[str]]]:
+    """The rows of an earlier ``results.csv`` that ``--arms`` keeps, and the others by why they were dropped.
+
+    Kept: rows of the same ablation and form (the ``profile`` column: ``smoke``, ``cpu``, or ``full`` for the
+    full form), of an arm the YAML still has (an ``<arm>@<size>`` row: a size its ``eval_scales`` still give),
+    not run again now, and not warm-started (directly or through other arms) from an arm that runs again, whose
+    weights are about to change."""
+    by_name = {a.name: a for a in arms}
+    stale: dict[str, str] = {}  # arm -> the re-run arm its warm start goes back to
+    for arm in arms:  # the YAML's order: a warm-start source comes before the arms that start from it
+        source = arm.warm_start
+        if source is not None and arm.name not in rerun and (source in rerun or source in stale):
+            stale[arm.name] = stale.get(source, source)
+    kept, dropped = [], {}
+    for row in _earlier_rows(path, rerun):
+        arm, label = _arm_of(row), str(row["arm"])
+        if not row.get("ablation") or not row.get("profile"):
+            why = "no ablation / profile recorded: written by an older runner; run them again to keep them"
+        elif row["ablation"] != ablation:
+            why = f"results of the ablation {row['ablation']!r}, not {ablation!r}"
+        elif row["profile"] != form:
+            why = f"results of the {row['profile']!r} form, not {form!r}"
+        elif arm not in by_name:
+            why = f"arms that {ablation!r} no longer has"
+        elif label != arm and not _size_in_yaml(by_name[arm], label):
+            why = "eval sizes that the arm's eval_scales no longer give"
+        elif arm in stale:
+            why = f"warm-started from {stale[arm]!r}, which runs again: add them to --arms to run them again too"
+        else:
+            kept.append(row)
+            continue
+        dropped.setdefault(why, []).append(label)
+    return kept, dropped
+
+
+def _size_in_yaml(arm: Arm, label: str) -> bool:
+    """Whether ``<arm>@<size>`` is a row the arm's ``eval_scales`` give (True if its training size is not in
+    the YAML, as then it is only known once its data module is built)."""
+    size = (arm.config.get("data") or {}).get("init_args", {}).get("image_size")
+    if not isinstance(size, int):
+        return True
+    return label.split("@", 1)[1] in {str(round(size * f)) for f in arm.eval_scales}
 
 
 def main(argv: Sequence[str] | None = None) -> AblationResult:

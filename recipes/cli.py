@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from .callbacks import PredictionWriter, RNGStateCheckpoint
 from .module import ImageClassifier, weights_from_checkpoint
@@ -32,6 +34,28 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """LightningCLI's, with ``--model.num_classes N`` taken off the command line first: the link makes
+        jsonargparse answer it with "int | None is not callable" (it tries the link's type hint as a converter).
+        Taken off, it is checked against the data module like a ``model.num_classes`` in a config file."""
+        self._command_line_num_classes = None
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else list(args)
+        remaining, value = _pop_option(argv, "--model.num_classes")
+        if remaining == argv:
+            return super().parse_arguments(parser, args)
+        if value is not None and value.strip().lower() not in ("null", "none"):
+            try:
+                self._command_line_num_classes = int(value)
+            except ValueError:
+                parser.error(f"--model.num_classes must be an integer, got {value!r} (or leave it out: the data "
+                             "module's num_classes is linked into the model)")  # fmt: skip
+        if args is None:  # as LightningCLI would parse sys.argv, without its warning about args and argv
+            self.config = parser.parse_args(remaining)
+        else:
+            super().parse_arguments(parser, remaining)
+
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path <file>`` every weight comes from that checkpoint, so the model's warm-start file
         (``model.init_checkpoint``) is not read: it need not exist any more when a run is resumed, tested or
@@ -41,7 +65,11 @@ class RecipeCLI(LightningCLI):
         # only a checkpoint that is there: "last" / "best" / a missing file can leave Lightning starting from
         # scratch (it warns and trains when no last checkpoint exists yet), and then the warm start must happen
         self._weights_from_checkpoint = bool(ckpt_path and os.path.isfile(ckpt_path))
-        self._requested_num_classes = config.get("model.num_classes")
+        from_command_line = getattr(self, "_command_line_num_classes", None)
+        self._requested_num_classes = (
+            (from_command_line, "on the command line", "drop --model.num_classes") if from_command_line is not None
+            else (config.get("model.num_classes"), "in the config", "remove model.num_classes from the config")
+        )  # fmt: skip
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, then a check: the link overwrites a ``model.num_classes`` given in a config file with
@@ -49,14 +77,33 @@ class RecipeCLI(LightningCLI):
         skip = getattr(self, "_weights_from_checkpoint", False)
         with weights_from_checkpoint() if skip else contextlib.nullcontext():  # the config keeps the path
             super().instantiate_classes()
-        requested = getattr(self, "_requested_num_classes", None)
+        requested, where, fix = getattr(self, "_requested_num_classes", (None, "", ""))
         found = getattr(self.datamodule, "num_classes", None)
         if requested is not None and found is not None and requested != found:
             raise ValueError(
-                f"model.num_classes is {requested} in the config, but the data module has {found} classes (its "
-                "num_classes is linked into the model): remove model.num_classes from the config, or give data "
-                f"with {requested} classes"
+                f"model.num_classes is {requested} {where}, but the data module has {found} classes (its "
+                f"num_classes is linked into the model): {fix}, or give data with {requested} classes"
             )
+
+
+def _pop_option(argv: list[str], option: str) -> tuple[list[str], str | None]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (every occurrence), and the last value given.
+
+    >>> _pop_option(["fit", "--model.num_classes", "3", "--trainer.max_epochs=2"], "--model.num_classes")
+    (['fit', '--trainer.max_epochs=2'], '3')
+    """
+    remaining, value, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == option:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            i += 2
+            continue
+        if argv[i].startswith(option + "="):
+            value = argv[i].split("=", 1)[1]
+        else:
+            remaining.append(argv[i])
+        i += 1
+    return remaining, value
 
 
 def _cli_kwargs() -> dict:

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from difflib import get_close_matches
 from functools import partial
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -92,8 +93,10 @@ class ImageClassifier(pl.LightningModule):
             is left at its new init, and the log says so. Only used when training starts from scratch:
             ``load_from_checkpoint`` and ``--ckpt_path`` restore all weights without reading this file.
         label_smoothing: applied to every target, hard or (after Mixup/CutMix) soft.
-        optimizer: ``"adamw"`` or ``"lamb"`` (timm's implementations; no weight decay on norms, biases and
-            the model's ``no_weight_decay()``).
+        optimizer: a timm optimizer name (``timm.optim.list_optimizers()``, optionally as
+            ``"lookahead_<name>"``), e.g. ``"adamw"`` (FasterViT's) or ``"lamb"``; built by timm's
+            ``create_optimizer_v2``, with no weight decay on norms, biases and the model's ``no_weight_decay()``.
+            A name timm does not have is refused here, with the closest names it has.
         lr: peak learning rate.
         weight_decay: decoupled weight decay.
         warmup_epochs: linear warm-up length (fractions allowed), from ``warmup_lr``.
@@ -124,6 +127,11 @@ class ImageClassifier(pl.LightningModule):
                 raise ValueError(f"{name} must be {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(
+                f"label_smoothing must be in [0, 1) (0: none; FasterViT trains with 0.1), got {label_smoothing!r}"
+            )
+        _check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, nn.Module):
             self.model = model
@@ -229,6 +237,27 @@ class ImageClassifier(pl.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_optimizer(name: str) -> None:
+    """``ValueError`` for an optimizer name that :meth:`ImageClassifier.configure_optimizers` cannot build (it
+    would fail only once training starts), naming the closest names timm has.
+
+    >>> _check_optimizer("adma")
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer 'adma' is not a timm optimizer (did you mean ...'adam'?): use a name from ...
+    """
+    known = list_optimizers()
+    parts = str(name).lower().split("_")  # as create_optimizer_v2 reads it: [lookahead_]<name>
+    if parts[-1] in known and (len(parts) == 1 or parts[:-1] == ["lookahead"]):
+        return
+    close = get_close_matches(str(name).lower(), known + [f"lookahead_{k}" for k in known], n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise ValueError(
+        f"optimizer {name!r} is not a timm optimizer{hint}: use a name from timm.optim.list_optimizers() (e.g. "
+        "'adamw', FasterViT's, or 'lamb'), optionally as 'lookahead_<name>'"
+    )
 
 
 def _steps_per_epoch(trainer: pl.Trainer) -> float:

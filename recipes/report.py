@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,14 +30,29 @@ COLUMNS = [
     "infer_imgs_per_sec",
     "wall_time_s",
     "resolution",
+    "ablation",
+    "profile",
 ]
-"""Columns of the results, in order."""
+"""Columns of the results, in order. ``gflops`` counts a multiply-add as 2 FLOPs (``torch.utils.flop_counter``),
+so it is about twice the multiply-add counts that papers, FasterViT's included, report as FLOPs. ``ablation`` and
+``profile`` (``smoke``, ``cpu`` or ``full``) say which run of which ablation a row comes from."""
 
 
 def _format(value: object) -> str:
+    if value is None:
+        return ""  # no metric: an empty cell, not "None"
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a float, or None when it is missing, empty, not a number, NaN or infinite."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
@@ -84,12 +101,25 @@ def plot_pareto(
     """Scatter accuracy against inference throughput, one labelled point per row, with the Pareto front.
 
     Returns the plotted points as ``(label, x, y)`` so that callers (and tests) can check them against the
-    tables. Drawn on a bare :class:`matplotlib.figure.Figure`, so no pyplot backend is chosen or changed (inline
-    plots in a notebook keep working).
+    tables. A row without a number in ``x`` or ``y`` (no validation metric, say) is left out, with a warning that
+    names it. Drawn on a bare :class:`matplotlib.figure.Figure`, so no pyplot backend is chosen or changed
+    (inline plots in a notebook keep working).
     """
     from matplotlib.figure import Figure
 
-    points = [(str(r["arm"]), float(r[x]), float(r[y])) for r in rows]
+    points, missing = [], []
+    for r in rows:
+        px, py = _finite(r.get(x)), _finite(r.get(y))
+        if px is None or py is None:
+            missing.append(str(r["arm"]))
+        else:
+            points.append((str(r["arm"]), px, py))
+    if missing:
+        warnings.warn(
+            f"{path}: rows {missing} have no number in {x!r} or {y!r} and are left out of the plot (a row without a "
+            "validation metric: its data module gave no validation batches)",
+            stacklevel=2,
+        )
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.subplots()
     ax.scatter([p[1] for p in points], [p[2] for p in points], zorder=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
@@ -24,7 +25,8 @@ class ImageFolderDataModule(MixupDataModule):
     (RandAugment ``rand-m9-mstd0.5-inc1``, Mixup 0.8, CutMix 1.0, random erasing 0.25, crop_pct 0.875).
 
     Args:
-        root: folder holding ``train/`` and ``val/``, one sub-folder per class in each.
+        root: folder holding ``train/`` and ``val/``, one sub-folder per class in each (hidden folders, whose
+            name starts with ``.``, are skipped, with a log line).
         image_size: training crop and evaluation size.
         batch_size: per-device batch size.
         num_workers: loader processes.
@@ -65,10 +67,11 @@ class ImageFolderDataModule(MixupDataModule):
         self.auto_augment, self.color_jitter, self.re_prob = auto_augment, color_jitter, re_prob
         self.crop_pct, self.train_interpolation = crop_pct, train_interpolation
         self.train_set = self.val_set = None
+        self._reported_hidden: set[str] = set()  # splits whose hidden folders were logged
 
     def _split_dir(self, split: str) -> Path:
         folder = self.root / split
-        if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+        if not folder.is_dir() or not _class_folders(folder)[0]:
             raise DatasetNotFoundError(
                 f"no image folder at {folder}: expected {self.root}/train/<class>/*.JPEG and "
                 f"{self.root}/val/<class>/*.JPEG (ImageNet-1k from https://image-net.org/download.php, with the "
@@ -76,9 +79,30 @@ class ImageFolderDataModule(MixupDataModule):
             )
         return folder
 
+    def _classes(self, split: str) -> list[str]:
+        """The class folders of ``split``, sorted; hidden folders (``.ipynb_checkpoints`` ...) are skipped, in
+        train/ and val/ alike so that labels stay aligned, and logged once per split."""
+        folder = self._split_dir(split)
+        classes, hidden = _class_folders(folder)
+        if hidden and split not in self._reported_hidden:
+            self._reported_hidden.add(split)
+            rank_zero_info(f"{folder}: skipping the hidden folder(s) {hidden}: a name starting with '.' is not a class")
+        return classes
+
+    def _train_classes(self) -> list[str]:
+        """The training classes; at least two, checked here so that ``num_classes`` fails before a model or a
+        metric is built for one class."""
+        classes = self._classes("train")
+        if len(classes) < 2:
+            raise DatasetNotFoundError(
+                f"{self.root / 'train'} has {len(classes)} class folder(s), {classes}: a classifier needs at least "
+                "two (one sub-folder of images per class)"
+            )
+        return classes
+
     @property
     def num_classes(self) -> int:
-        return sum(1 for p in self._split_dir("train").iterdir() if p.is_dir())
+        return len(self._train_classes())
 
     def setup(self, stage: str | None = None) -> None:
         train_tf = with_safe_posterize(create_transform(
@@ -90,14 +114,10 @@ class ImageFolderDataModule(MixupDataModule):
             self.image_size, is_training=False, crop_pct=self.crop_pct, interpolation="bicubic",
             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         )  # fmt: skip
+        self._train_classes()
         self.train_set = _image_folder(self._split_dir("train"), train_tf)
-        if len(self.train_set.classes) < 2:
-            raise DatasetNotFoundError(
-                f"{self.train_set.root} has {len(self.train_set.classes)} class folder(s), "
-                f"{self.train_set.classes}: a classifier needs at least two (one sub-folder of images per class)"
-            )
+        self._classes("val")  # says which hidden folders of val/ are skipped
         self.val_set = _labelled_like(_image_folder(self._split_dir("val"), val_tf), self.train_set)
-
 
 
 def _load_image(path: str):
@@ -108,9 +128,26 @@ def _load_image(path: str):
         raise OSError(f"cannot read the image {path} ({error}); replace or delete that file") from error
 
 
+def _class_folders(folder: Path) -> tuple[list[str], list[str]]:
+    """The sub-folders of ``folder`` that are classes and those skipped as hidden (name starting with '.', such as
+    Jupyter's ``.ipynb_checkpoints``, which would otherwise become class 0 and shift every label), both sorted."""
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    return [n for n in names if not n.startswith(".")], [n for n in names if n.startswith(".")]
+
+
+class _ClassFolders(ImageFolder):
+    """torchvision's ImageFolder whose classes are :func:`_class_folders` (hidden folders skipped)."""
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = _class_folders(Path(directory))[0]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 def _image_folder(folder: Path, transform) -> ImageFolder:
     try:
-        return ImageFolder(folder, transform=transform, loader=_load_image)
+        return _ClassFolders(folder, transform=transform, loader=_load_image)
     except FileNotFoundError as error:  # a class folder without a single image file
         raise DatasetNotFoundError(
             f"{folder}: {error}. Every class folder needs at least one image ({', '.join(IMG_EXTENSIONS)}); "

@@ -69,12 +69,24 @@ _PALETTE = np.array(  # one colour per shape, for colour_by_shape
 )
 
 
+_MIN_CELL = 4
+"""Pixels a grid cell needs at least, for a shape drawn in it to be told from the others."""
+
+
+def _check_int(name: str, value: object, least: int, why: str = "") -> None:
+    """``ValueError`` naming the argument, its valid range and the value given, unless ``value`` is an integer
+    of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be an integer >= {least}{reason}, got {value!r}")
+
+
 class SameShapeDataset(Dataset):
     """Objects in far-apart grid cells; label 1 if two of them have the same shape (see the module docstring).
 
     Args:
         num_samples: length of the data set; labels alternate, so it is balanced.
-        image_size: side of the square RGB image.
+        image_size: side of the square RGB image, at least 4 pixels per cell (``4 * grid``).
         grid: cells per side; a cell is ``image_size / grid`` pixels.
         num_shapes: how many shapes of :data:`SHAPES` are used (``num_objects``..6).
         num_objects: objects per image. Label 1: exactly two share a shape, the others are all different;
@@ -112,8 +124,27 @@ class SameShapeDataset(Dataset):
         seed: int = 0,
         split: str = "train",
     ) -> None:
+        _check_int("num_samples", num_samples, 0)
+        _check_int("grid", grid, 1)
+        _check_int("num_objects", num_objects, 2)
+        _check_int("min_cell_distance", min_cell_distance, 1)
+        _check_int(
+            "image_size", image_size, _MIN_CELL * grid, f"cells of at least {_MIN_CELL} pixels on a {grid}x{grid} grid"
+        )
         if not max(2, num_objects) <= num_shapes <= len(SHAPES):
             raise ValueError(f"num_shapes must be in {max(2, num_objects)}..{len(SHAPES)}, got {num_shapes}")
+        if num_objects > grid * grid:
+            raise ValueError(
+                f"num_objects must be at most {grid * grid} (the cells of a {grid}x{grid} grid), got {num_objects}"
+            )
+        _check_int("distractors", distractors, 0)
+        if distractors > grid * grid - num_objects:
+            raise ValueError(
+                f"distractors must be in 0..{grid * grid - num_objects} (the cells of a {grid}x{grid} grid that "
+                f"{num_objects} objects leave free), got {distractors}"
+            )
+        if not noise >= 0:
+            raise ValueError(f"noise must be >= 0 (the std of the pixel noise), got {noise!r}")
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         self.num_samples, self.image_size, self.grid = num_samples, image_size, grid
@@ -122,8 +153,6 @@ class SameShapeDataset(Dataset):
         self.seed, self.split = seed, split
         self._cache: dict[int, tuple[Tensor, int]] | None = {} if cache else None
         self.shapes = list(SHAPES.values())[:num_shapes]
-        if distractors > grid * grid - num_objects:
-            raise ValueError(f"{distractors} distractors do not fit in the {grid * grid - num_objects} free cells")
         self._place(np.random.default_rng(0))  # fails early if the objects cannot be placed
         ax = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
         self._y, self._x = np.meshgrid(ax, ax, indexing="ij")
@@ -217,7 +246,7 @@ class SyntheticDataModule(RecipeDataModule):
     Args:
         task: the task; its label set gives :attr:`num_classes`.
         image_size: side of the images (train and val).
-        train_samples, val_samples: split sizes.
+        train_samples, val_samples: split sizes (at least 1 each).
         batch_size: per-device batch size.
         num_workers: loader processes (0: load in the main process).
         grid, num_shapes, num_objects, min_cell_distance, distractors, noise, colour_by_shape, cache: the
@@ -254,6 +283,10 @@ class SyntheticDataModule(RecipeDataModule):
         super().__init__()
         if task not in self.TASKS:
             raise ValueError(f"unknown synthetic task {task!r}; choose one of {sorted(self.TASKS)}")
+        _check_int("train_samples", train_samples, 1)
+        _check_int("val_samples", val_samples, 1)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
         self.task, self.image_size = task, image_size
         self.train_samples, self.val_samples = train_samples, val_samples
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -267,6 +300,7 @@ class SyntheticDataModule(RecipeDataModule):
             colour_by_shape=colour_by_shape,
             cache=cache,
         )
+        self._dataset("val", 0)  # the task's own checks (grid, image_size, distractors ...), before any training
         self.train_set = self.val_set = None
 
     @property

@@ -7,10 +7,12 @@ import torch
 import yaml
 
 import hatplug
-from recipes.ablate import PROFILES, load_ablation, main, run_ablation
+from recipes.ablate import PROFILES, Arm, load_ablation, main, run_ablation
 from recipes.report import COLUMNS, read_csv, read_markdown
 
-from .helpers import ROOT
+from .helpers import ROOT, TINY
+
+CHECKPOINT = TINY["trainer"]["callbacks"][0]
 
 ABLATIONS = sorted((ROOT / "recipes" / "ablations").glob("*.yaml"))
 
@@ -219,7 +221,7 @@ def _schedule(trainer: dict) -> dict:
     return kept
 
 
-def test_arms_are_checked_before_any_trains_and_reruns_keep_earlier_rows(tmp_path):
+def test_arms_are_checked_before_any_trains_and_reruns_keep_earlier_rows(tmp_path, capsys):
     source = ROOT / "recipes" / "ablations" / "attention_type.yaml"
     spec = yaml.safe_load(source.read_text())
     spec["base"] = str(source.parent / spec["base"])
@@ -237,10 +239,16 @@ def test_arms_are_checked_before_any_trains_and_reruns_keep_earlier_rows(tmp_pat
 
     run_ablation(path, smoke=True, out=out, arms=["swin"])
     first = {row["arm"]: row for row in read_csv(out / "results.csv")}
+    assert (first["swin"]["ablation"], first["swin"]["profile"]) == ("attention_type", "smoke")
+    with open(out / "results.csv", "a") as f:  # a row of another ablation run into the same folder
+        f.write("full,0.5,1,0.7,1,1,1,1,1,64,hat_components,smoke\n")
+    capsys.readouterr()
     result = run_ablation(path, smoke=True, out=out, arms=["window_only"])
     rows = read_csv(out / "results.csv")
     assert [row["arm"] for row in rows] == ["window_only", "swin"]  # the YAML's order, the earlier row kept
     assert rows[1] == first["swin"]
+    dropped = "['full'] (results of the ablation 'hat_components', not 'attention_type')"
+    assert f"not keeping these rows of {out / 'results.csv'}: {dropped}" in capsys.readouterr().out
     assert [r["arm"] for r in read_markdown(out / "results.md")] == ["window_only", "swin"]
     assert [label for label, _, _ in result.points] == ["window_only", "swin"]
 
@@ -335,3 +343,131 @@ def test_checking_arms_from_a_notebook_does_not_warn_about_its_argv(monkeypatch,
     _, arms = load_ablation(ROOT / "recipes" / "ablations" / "hat_components.yaml", smoke=True)
     check_arms(arms[:2])
     assert not [w for w in recwarn if "args parameter" in str(w.message)]
+
+
+def test_a_typo_in_an_arm_model_option_fails_before_any_arm_trains(tmp_path, capsys):
+    """The check of every arm builds its ImageClassifier, which refuses an optimizer timm lacks and a label
+    smoothing outside [0, 1); they used to fail only once that arm started training."""
+    for name, model, message in [
+        ("typo", {"optimizer": "adma"}, "arm 'b' cannot be built (ValueError: optimizer 'adma' is not a timm"),
+        ("smooth", {"label_smoothing": 1.5}, "arm 'b' cannot be built (ValueError: label_smoothing must be in [0, 1)"),
+    ]:
+        path = _tiny_spec(tmp_path, [{"name": "a"}, {"name": "b", "overrides": {"model": model}}])
+        with pytest.raises(SystemExit) as stop:
+            main([str(path), "--smoke", "--out", str(tmp_path / name)])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "fix its options in the ablation YAML" in err and "Traceback" not in err
+        assert not (tmp_path / name).exists()  # arm a did not train first
+
+
+def test_kept_rows_are_the_same_ablation_and_profile_and_not_stale(tmp_path):
+    """--arms keeps only rows of this ablation and profile, of arms the YAML has, and not of arms warm-started
+    from an arm that runs again; the others are returned by why they were dropped."""
+    from recipes.ablate import _kept_rows
+    from recipes.report import write_csv
+
+    _, arms = load_ablation(ROOT / "recipes" / "ablations" / "plug_and_play.yaml", smoke=True, out=tmp_path)
+    rows = [("swin", "plug_and_play", "smoke"), ("swin_hat_random", "plug_and_play", "smoke"),
+            ("swin_hat_warm", "plug_and_play", "smoke"), ("twins", "plug_and_play", "cpu"),
+            ("twins_hat_random", "plug_and_play", "full"), ("full", "hat_components", "smoke"),
+            ("gone", "plug_and_play", "smoke"), ("twins@128", "plug_and_play", "smoke"),
+            ("edgevit", "", "")]  # fmt: skip
+    path = tmp_path / "results.csv"
+    write_csv([{"arm": arm, "top1": 0.5, "ablation": ablation, "profile": form} for arm, ablation, form in rows], path)
+    kept, dropped = _kept_rows(path, "plug_and_play", "smoke", arms, rerun={"swin"})
+    assert [row["arm"] for row in kept] == ["swin_hat_random"] and kept[0]["top1"] == 0.5
+    assert {tuple(labels): why.split(":")[0].split(",")[0] for why, labels in dropped.items()} == {
+        ("swin_hat_warm",): "warm-started from 'swin'",
+        ("twins",): "results of the 'cpu' form",
+        ("twins_hat_random",): "results of the 'full' form",
+        ("full",): "results of the ablation 'hat_components'",
+        ("gone",): "arms that 'plug_and_play' no longer has",
+        ("twins@128",): "eval sizes that the arm's eval_scales no longer give",
+        ("edgevit",): "no ablation / profile recorded",
+    }
+    # a warm start two arms deep: c starts from b, which starts from a; a runs again, so b and c are stale
+    chain = [Arm("a", {}), Arm("b", {}, warm_start="a"), Arm("c", {}, warm_start="b"), Arm("d", {})]
+    write_csv([{"arm": name, "ablation": "x", "profile": "full"} for name in "bcd"], path)
+    kept, dropped = _kept_rows(path, "x", "full", chain, rerun={"a"})
+    assert [row["arm"] for row in kept] == ["d"] and list(dropped.values()) == [["b", "c"]]
+    assert "from 'a', which runs again: add them to --arms" in next(iter(dropped))
+
+
+def test_final_metrics_cover_the_whole_validation_split_and_the_arm_loggers_are_kept(tmp_path, capsys):
+    """limit_val_batches limits validation while training only: a result row is measured on every validation
+    image (they were on the first batches, and with 0 the runner crashed on a row without top1). An arm's own
+    loggers are kept (pointed at its folder, which the arm's line says), and `logger: false` is honoured."""
+    import torch.nn.functional as F
+
+    from recipes.ablate import _build
+
+    mine = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(tmp_path / "elsewhere"), "name": "mine"}}  # fmt: skip
+    path = _tiny_spec(tmp_path, [
+        {"name": "a", "overrides": {"trainer": {"limit_val_batches": 0.5, "logger": [mine]}}},  # 1 of 2 batches
+        {"name": "b", "overrides": {"trainer": {"limit_val_batches": 0, "logger": False,  # no validation, no logs
+                                                "callbacks": [CHECKPOINT]}}},  # (LearningRateMonitor needs a logger)
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    spec, arms = load_ablation(path, smoke=True, out=out)
+    result = run_ablation(path, smoke=True, out=out)
+    rows = {row["arm"]: row for row in read_csv(out / "results.csv")}
+    for arm in arms:
+        datamodule, module = _build(arm)
+        module.model.load_state_dict(torch.load(out / "runs" / arm.name / "model.pt", weights_only=True))
+        datamodule.setup("validate")
+        images, labels = map(list, zip(*(datamodule.val_set[i] for i in range(len(datamodule.val_set)))))
+        with torch.no_grad():
+            logits = module.eval()(torch.stack(images))
+        labels = torch.tensor(labels)
+        assert float(rows[arm.name]["loss"]) == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
+        assert float(rows[arm.name]["top1"]) == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert [label for label, _, _ in result.points] == ["a", "b"]
+    assert (out / "runs" / "a" / "mine" / "version_0" / "metrics.csv").is_file()  # the user's logger, in a's folder
+    assert not (tmp_path / "elsewhere").exists()
+    assert (out / "runs" / "b" / "config.yaml").is_file() and not list((out / "runs" / "b").glob("version_*"))
+    assert (out / "runs" / "b" / "checkpoints" / "last.ckpt").is_file()
+    printed = capsys.readouterr().out
+    replaced = f"replacing runs/synthetic_fastervit of trainer.default_root_dir; {tmp_path / 'elsewhere'} of CSVLogger"
+    assert f"arm 1/2: a (outputs in {out / 'runs' / 'a'}, {replaced}.save_dir)" in printed
+
+
+def test_arm_loggers_keep_their_options_and_write_into_the_arm_folder(tmp_path):
+    base = ROOT / "recipes" / "configs" / "synthetic_fastervit.yaml"
+    tensorboard = {"class_path": "TensorBoardLogger", "init_args": {"save_dir": "/tmp/tb", "name": "x", "version": 3}}
+    spec = {
+        "name": "loggers", "base": str(base),
+        "overrides": {"trainer": {"default_root_dir": "/tmp/my_root", "logger": [tensorboard]}},
+        "arms": [{"name": "a"}, {"name": "b", "overrides": {"trainer": {"logger": False, "callbacks": [CHECKPOINT]}}},
+                 {"name": "c", "overrides": {"trainer": {"logger": None}}}],
+    }  # fmt: skip
+    path = tmp_path / "loggers.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    a, b, c = load_ablation(path, out=tmp_path / "out")[1]
+    run_dir = str(tmp_path / "out" / "runs" / "a")
+    assert a.config["trainer"]["logger"] == [
+        {"class_path": "TensorBoardLogger", "init_args": {"save_dir": run_dir, "name": "x", "version": 3}}
+    ]
+    assert a.config["trainer"]["default_root_dir"] == run_dir
+    assert a.redirected == [("trainer.default_root_dir", "/tmp/my_root"), ("TensorBoardLogger.save_dir", "/tmp/tb")]
+    assert b.config["trainer"]["logger"] is False and b.redirected == [("trainer.default_root_dir", "/tmp/my_root")]
+    assert [entry["class_path"].rpartition(".")[2] for entry in c.config["trainer"]["logger"]] == [
+        "CSVLogger", "TensorBoardLogger"
+    ]  # fmt: skip
+    spec["arms"][1]["overrides"]["trainer"].pop("callbacks")  # the base config's LearningRateMonitor is back
+    path.write_text(yaml.safe_dump(spec))
+    needs = r"arm 'b' sets trainer.logger: false, but its callbacks \['LearningRateMonitor'\] need a logger; give"
+    with pytest.raises(ValueError, match=needs):
+        load_ablation(path, out=tmp_path / "out")
+
+
+def test_pareto_plot_leaves_out_a_row_without_a_metric_and_says_so(tmp_path):
+    from recipes.report import plot_pareto
+
+    rows = [{"arm": "a", "top1": None, "infer_imgs_per_sec": 10.0},
+            {"arm": "b", "top1": 0.5, "infer_imgs_per_sec": 20.0},
+            {"arm": "c", "top1": "", "infer_imgs_per_sec": 30.0}]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"rows \['a', 'c'\] have no number in 'infer_imgs_per_sec' or 'top1'"):
+        points = plot_pareto(rows, tmp_path / "pareto.png")
+    assert points == [("b", 20.0, 0.5)] and (tmp_path / "pareto.png").is_file()

@@ -166,3 +166,31 @@ def test_model_kwargs_given_one_by_one_on_the_command_line_keep_their_types(tmp_
     assert kwargs["dim"] == main(["--config", config], run=False).config.model.model_kwargs["dim"]  # merged in
     rates = [b.drop_path.drop_prob for b in cli.model.model.levels[2].blocks if hasattr(b.drop_path, "drop_prob")]
     assert rates and max(rates) > 0
+
+
+def test_num_classes_on_the_command_line_runs_when_it_matches_the_data_and_is_refused_when_not(tmp_path):
+    """jsonargparse answered `--model.num_classes N` (a linked argument) with "int | None is not callable"."""
+    config = str(tiny_config(tmp_path))
+    cli = main(["--config", config, "--model.num_classes", "2"], run=False)
+    assert cli.model.num_classes == 2
+    with pytest.raises(ValueError, match=r"model\.num_classes is 3 on the command line, but the data module has 2 .*"
+                                         r"drop --model\.num_classes"):  # fmt: skip
+        main(["--config", config, "--model.num_classes=3"], run=False)
+
+
+def test_a_one_class_image_folder_is_refused_by_the_data_module_before_a_model_is_built(tmp_path):
+    """Not by torchmetrics, once the linked num_classes (1) reached the model's metrics."""
+    from PIL import Image
+
+    from recipes.data import DatasetNotFoundError
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split / "only").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / split / "only" / "0.png")
+    data = {"class_path": "recipes.data.ImageFolderDataModule", "init_args": {"root": str(tmp_path / "images")}}
+    config = tiny_config(tmp_path)
+    spec = yaml.safe_load(config.read_text())
+    spec["data"] = data
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DatasetNotFoundError, match=r"1 class folder\(s\), \['only'\]: a classifier needs at least two"):
+        main(["--config", str(config)], run=False)

@@ -349,3 +349,49 @@ def test_randaugment_posterize_at_the_top_magnitude_does_not_end_training(tmp_pa
     assert np.asarray(posterize.aug_fn(image, bits)).max() == 0
     assert np.array_equal(np.asarray(posterize.aug_fn(image, 2)), np.asarray(ImageOps.posterize(image, 2)))
     assert np.asarray(posterize.aug_fn(image, 8)).min() == 200
+
+
+BAD_SYNTHETIC = [
+    (
+        dict(image_size=-1),
+        r"image_size must be an integer >= 16 \(cells of at least 4 pixels on a 4x4 grid\), got -1",
+    ),
+    (dict(image_size=8, grid=4), r"image_size must be an integer >= 16 .*got 8"),
+    (dict(train_samples=-5), r"train_samples must be an integer >= 1, got -5"),
+    (dict(val_samples=0), r"val_samples must be an integer >= 1, got 0"),
+    (dict(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+    (dict(num_workers=-1), r"num_workers must be an integer >= 0, got -1"),
+    (dict(grid=0), r"grid must be an integer >= 1, got 0"),
+    (dict(num_objects=1), r"num_objects must be an integer >= 2, got 1"),
+    (dict(grid=2, num_objects=5), r"num_objects must be at most 4 \(the cells of a 2x2 grid\), got 5"),
+    (dict(min_cell_distance=0), r"min_cell_distance must be an integer >= 1, got 0"),
+    (dict(distractors=-1), r"distractors must be an integer >= 0, got -1"),
+    (dict(distractors=15), r"distractors must be in 0\.\.14 \(the cells of a 4x4 grid that 2 objects leave free\)"),
+    (dict(noise=-1.0), r"noise must be >= 0 .*got -1\.0"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", BAD_SYNTHETIC, ids=[",".join(f"{k}={v}" for k, v in kw.items()) for kw, _ in BAD_SYNTHETIC]
+)
+def test_synthetic_arguments_are_checked_when_the_data_module_is_made(kwargs, message):
+    """Each bad value is named with its valid range in __init__ (the CLI's first step), not found later as a
+    numpy / DataLoader error once training starts, or accepted (val_samples=0 trained with no validation)."""
+    with pytest.raises(ValueError, match=message):
+        SyntheticDataModule(**kwargs)
+
+
+def test_hidden_folders_are_not_classes_in_train_or_val(tmp_path, monkeypatch):
+    """A Jupyter .ipynb_checkpoints/ in train/ used to become class 0 and shift every label by one."""
+    logged = []
+    monkeypatch.setattr("recipes.data.folder.rank_zero_info", logged.append)
+    _write_images(tmp_path / "train", {".ipynb_checkpoints": 1, "a": 2, "b": 2})
+    _write_images(tmp_path / "val", {".ipynb_checkpoints": 1, "a": 1, "b": 1})
+    dm = ImageFolderDataModule(tmp_path, image_size=8, batch_size=2, auto_augment=None, mixup=0, cutmix=0)
+    assert dm.num_classes == 2
+    dm.setup("fit")
+    assert dm.train_set.class_to_idx == dm.val_set.class_to_idx == {"a": 0, "b": 1}
+    assert {Path(p).parent.name: t for p, t in dm.val_set.samples} == {"a": 0, "b": 1}
+    assert len(dm.train_set) == 4 and len(dm.val_set) == 2  # no image of the hidden folders
+    assert [m.split(": ", 1)[0] for m in logged] == [str(tmp_path / "train"), str(tmp_path / "val")]  # once each
+    assert all("skipping the hidden folder(s) ['.ipynb_checkpoints']" in m for m in logged)

@@ -188,3 +188,19 @@ def test_gflops_count_every_gemm_of_the_folded_eval_path():
         flops[mode] = counter.get_total_flops()
     assert counted * 1e9 == flops[True] == flops[False]
     assert counted * 1e9 > 2 * model.head.in_features * 3  # at least the head's multiply-adds
+
+
+def test_an_optimizer_timm_lacks_or_a_label_smoothing_outside_0_1_is_refused_when_built():
+    """Checked in __init__, so that the ablation runner's check of every arm (which builds the module) finds the
+    typo before any arm trains, instead of configure_optimizers / the loss failing once training starts."""
+    with pytest.raises(ValueError, match=r"optimizer 'adma' is not a timm optimizer \(did you mean .*'adam'"):
+        ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, optimizer="adma")
+    with pytest.raises(ValueError, match=r"'lookahed_adamw' .*did you mean 'lookahead_adamw'"):
+        ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, optimizer="lookahed_adamw")
+    for smoothing in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"label_smoothing must be in \[0, 1\) .*got {smoothing}"):
+            ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, label_smoothing=smoothing)
+    module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2, optimizer="Lookahead_LAMB")
+    module.trainer = _FakeTrainer(total=4, batches_per_epoch=2)
+    optimizer = module.configure_optimizers()["optimizer"]  # what the check lets through, timm builds
+    assert type(optimizer).__name__ == "Lookahead" and type(optimizer._base_optimizer).__name__ == "Lamb"
