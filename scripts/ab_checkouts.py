@@ -6,7 +6,9 @@ change to a hot path needs (same machine, same minutes, alternating order, one p
 
 Each run is a fresh process that imports ``fastervit`` from its checkout, builds ``--model`` (random weights),
 does two warm-up forwards and times ``--forwards`` eval forwards at ``--batch``; the runs alternate between
-the checkouts (A B, B A, ...). Prints the median and best per checkout and the ratio of the medians.
+the checkouts (A B, B A, ...). Prints the median and best per checkout, the ratio of the medians and the median
+of the per-round ratios (B's median forward over A's in the same round), which a drift of the machine's speed
+over the minutes of the measurement moves less than the ratio of the overall medians.
 """
 
 from __future__ import annotations
@@ -51,17 +53,27 @@ def main() -> None:
     args = parser.parse_args()
     roots = {str(args.a.resolve()): [], str(args.b.resolve()): []}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rounds = []
     for run in range(args.runs):
         order = list(roots) if run % 2 == 0 else list(reversed(roots))
+        per_root = {}
         for root in order:
             command = [sys.executable, "-c", RUN, root, args.model, str(args.batch), str(args.forwards)]
             out = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/", check=True)
-            roots[root] += json.loads(out.stdout.strip().splitlines()[-1])
+            times = json.loads(out.stdout.strip().splitlines()[-1])
+            roots[root] += times
+            per_root[root] = statistics.median(times)
+        first, second = roots
+        rounds.append(per_root[second] / per_root[first])
     medians = []
     for root, times in roots.items():
         medians.append(statistics.median(times))
         print(f"{root}: median {medians[-1] * 1e3:.0f} ms, best {min(times) * 1e3:.0f} ms ({len(times)} forwards)")
     print(f"{args.model}, batch {args.batch}: second / first median = {medians[1] / medians[0]:.3f}")
+    print(
+        f"per-round second / first: median {statistics.median(rounds):.3f} "
+        f"(rounds: {', '.join(f'{r:.3f}' for r in rounds)})"
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Prints the best of 7 repeats of: a cached position bias (``pos_embed()`` and the attention's continuous bias of
 a stage-3 block of ``faster_vit_0_224``), one ``FoldedTensors.get`` hit (a conv block's folded weights), the
 check whether a block may run folded (``fusion_active``, a walk over its submodules) for a HAT and a conv block,
-one ``stream_dtype`` call as a HAT block's folded form makes it, and an
+one ``stream_dtype`` call as a HAT block's folded form makes it, FasterViT's input checks and the shape checks of
+``window_partition`` / ``window_reverse`` (each forward runs them once per call), and an
 eval forward of ``hatplug.convert(swin_tiny_patch4_window7_224)`` at batch 8, 224 px (random weights).
 """
 
@@ -20,6 +21,7 @@ import torch
 import fastervit
 import hatplug
 from hatplug.layers.fusion import FoldedTensors, fusion_active, stream_dtype
+from hatplug.layers.windows import _check_fold, _check_windows
 
 
 def main() -> None:
@@ -31,6 +33,8 @@ def main() -> None:
     swin = hatplug.convert(timm.create_model("swin_tiny_patch4_window7_224").eval())
     x = torch.randn(8, 3, 224, 224)
     probe = torch.zeros(1)
+    stage_map = torch.zeros(8, 256, 14, 14)  # stage 3 of faster_vit_0_224
+    windows = torch.zeros(32, 49, 256)
     with torch.inference_mode():
         calls = {
             "pos_embed() (cached)": block.pos_embed,
@@ -39,6 +43,9 @@ def main() -> None:
             "fusion_active(HAT block)": lambda: fusion_active(block, probe),
             "fusion_active(conv block)": lambda: fusion_active(conv_block, probe),
             "stream_dtype (a HAT block's call)": lambda: stream_dtype(probe, probe, probe, block.gamma3, block.gamma4),
+            "FasterViT input checks (_check_input)": lambda: model._check_input(x),
+            "window_partition's shape check": lambda: _check_windows(stage_map, 7),
+            "window_reverse's shape check": lambda: _check_fold(windows, 7, 14, 14),
         }
         for name, fn in calls.items():
             fn()
