@@ -69,7 +69,7 @@ _PALETTE = np.array(  # one colour per shape, for colour_by_shape
 )
 
 
-_MIN_CELL = 4
+_MIN_CELL = 5  # a shape of radius up to 0.38 cell plus half a pixel of margin on both sides fits in 4.17 pixels
 """Pixels a grid cell needs at least, for a shape drawn in it to be told from the others."""
 
 
@@ -86,7 +86,7 @@ class SameShapeDataset(Dataset):
 
     Args:
         num_samples: length of the data set; labels alternate, so it is balanced.
-        image_size: side of the square RGB image, at least 4 pixels per cell (``4 * grid``).
+        image_size: side of the square RGB image, at least 5 pixels per cell (``5 * grid``).
         grid: cells per side; a cell is ``image_size / grid`` pixels.
         num_shapes: how many shapes of :data:`SHAPES` are used (``num_objects``..6).
         num_objects: objects per image. Label 1: exactly two share a shape, the others are all different;
@@ -105,6 +105,16 @@ class SameShapeDataset(Dataset):
 
     Items are ``(image, label)`` with the image a float tensor ``(3, image_size, image_size)`` normalised to
     roughly zero mean and unit range, and ``label`` an int.
+
+    >>> kwargs = dict(image_size=32, grid=4, num_objects=3, num_shapes=4, colour_by_shape=True)
+    >>> ds = SameShapeDataset(4, **kwargs)  # three objects: label 1 when two of them share a shape
+    >>> [ds[i][1] for i in range(len(ds))]
+    [0, 1, 0, 1]
+    >>> image, label = ds[1]
+    >>> image.shape, image.dtype
+    (torch.Size([3, 32, 32]), torch.float32)
+    >>> torch.equal(ds[1][0], SameShapeDataset(4, split="val", **kwargs)[1][0])  # another split: other images
+    False
     """
 
     num_classes = 2

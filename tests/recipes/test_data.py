@@ -351,12 +351,22 @@ def test_randaugment_posterize_at_the_top_magnitude_does_not_end_training(tmp_pa
     assert np.asarray(posterize.aug_fn(image, 8)).min() == 200
 
 
+def test_the_smallest_allowed_cells_draw_every_sample():
+    """At the least image size the check allows, every sample draws (cells of 4 px could not hold the largest
+    shape with its margin: numpy's "high - low < 0" for some indices)."""
+    from recipes.data.synthetic import _MIN_CELL, SameShapeDataset
+
+    for grid in (4, 6):
+        data = SameShapeDataset(64, image_size=_MIN_CELL * grid, grid=grid)
+        assert all(data[i][0].shape[-1] == _MIN_CELL * grid for i in range(len(data)))
+
+
 BAD_SYNTHETIC = [
     (
         dict(image_size=-1),
-        r"image_size must be an integer >= 16 \(cells of at least 4 pixels on a 4x4 grid\), got -1",
+        r"image_size must be an integer >= 20 \(cells of at least 5 pixels on a 4x4 grid\), got -1",
     ),
-    (dict(image_size=8, grid=4), r"image_size must be an integer >= 16 .*got 8"),
+    (dict(image_size=16, grid=4), r"image_size must be an integer >= 20 .*got 16"),
     (dict(train_samples=-5), r"train_samples must be an integer >= 1, got -5"),
     (dict(val_samples=0), r"val_samples must be an integer >= 1, got 0"),
     (dict(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
