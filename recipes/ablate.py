@@ -105,7 +105,19 @@ def deep_merge(base: dict, override: dict | None) -> dict:
 
 @dataclass
 class AblationResult:
-    """What :func:`run_ablation` wrote: the result rows, the plotted ``(label, x, y)`` points, and the folder."""
+    """What :func:`run_ablation` wrote: the result rows, the plotted ``(label, x, y)`` points, and the folder.
+
+    ``rows`` are the rows of ``out/results.csv`` (numbers as numbers), ``points`` those of ``out/pareto.png``:
+
+    >>> result = AblationResult(
+    ...     rows=[dict(arm="swin", top1=0.5, infer_imgs_per_sec=120.0),
+    ...           dict(arm="hat", top1=0.75, infer_imgs_per_sec=90.0)],
+    ...     points=[("swin", 120.0, 0.5), ("hat", 90.0, 0.75)],
+    ...     out=Path("runs/ablations/attention_type-smoke"),
+    ... )
+    >>> max(result.rows, key=lambda row: row["top1"])["arm"], (result.out / "results.csv").as_posix()
+    ('hat', 'runs/ablations/attention_type-smoke/results.csv')
+    """
 
     rows: list[dict]
     points: list[tuple[str, float, float]]
@@ -114,7 +126,21 @@ class AblationResult:
 
 @dataclass
 class Arm:
-    """One resolved arm: its LightningCLI ``fit`` config and what the runner does around it."""
+    """One resolved arm: its LightningCLI ``fit`` config and what the runner does around it.
+
+    :func:`load_ablation` gives them, one per arm of the YAML (nothing is run or written):
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp())
+    >>> spec, arms = load_ablation("plug_and_play", smoke=True, out=out)
+    >>> arm = arms[2]
+    >>> arm.name, arm.warm_start, arm.config["model"]["convert"], arm.eval_scales
+    ('swin_hat_warm', 'swin', {'ct_size': 2, 'init': 'identity'}, [])
+    >>> Path(arm.config["trainer"]["default_root_dir"]).relative_to(out).as_posix()
+    'runs/swin_hat_warm'
+    >>> arm.redirected[0]  # the base config's own output folder, replaced by the one above
+    ('trainer.default_root_dir', 'runs/synthetic_timm')
+    """
 
     name: str
     config: dict
@@ -183,7 +209,13 @@ def _profile(smoke: bool, profile: str | None) -> str | None:
 
 
 def default_out(spec: dict, profile: str | None = None) -> Path:
-    """Where an ablation's results go unless told: ``runs/ablations/<name>[-<profile>]``."""
+    """Where an ablation's results go unless told: ``runs/ablations/<name>[-<profile>]``.
+
+    >>> default_out({"name": "attention_type"}).as_posix()
+    'runs/ablations/attention_type'
+    >>> default_out({"name": "attention_type"}, profile="smoke").as_posix()
+    'runs/ablations/attention_type-smoke'
+    """
     return Path("runs") / "ablations" / (spec["name"] + (f"-{profile}" if profile else ""))
 
 
@@ -484,6 +516,13 @@ def run_ablation(
 
         result = run_ablation("recipes/ablations/attention_type.yaml", smoke=True, out="/tmp/attention")
         [row["arm"] for row in result.rows]  # ['window_only', 'swin', 'twins', 'edgevit', 'hat']
+
+    Arm names are checked before anything is trained or written:
+
+    >>> run_ablation("attention_type", smoke=True, arms=["hta"])
+    Traceback (most recent call last):
+    ...
+    ValueError: attention_type: no arms named ['hta']; it has ['window_only', 'swin', 'twins', 'edgevit', 'hat']
     """
     profile = _profile(smoke, profile)
     spec, every, resolved = _select(path, out, arms, profile)
@@ -611,6 +650,17 @@ def _size_in_yaml(arm: Arm, label: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> AblationResult:
+    """``python -m recipes.ablate``: check every arm, run the ablation, print the results table, and return
+    the :class:`AblationResult` (``argv`` as on the command line; ``None`` reads ``sys.argv``). A bad YAML,
+    path, profile or arm name ends the program with one line and exit status 2, before anything trains.
+
+    Example (shell; the first takes about 20 s on one CPU core; ``--arms`` adds rows to an earlier run's results)::
+
+        python -m recipes.ablate recipes/ablations/attention_type.yaml --smoke --out runs/x
+        python -m recipes.ablate attention_type --smoke --out runs/x --arms swin,hat
+        python -m recipes.ablate plug_and_play --profile cpu
+        python -m recipes.ablate --help
+    """
     parser = argparse.ArgumentParser(prog="python -m recipes.ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "ablation", help="an ablation YAML, e.g. recipes/ablations/attention_type.yaml, or a shipped one's name"

@@ -29,7 +29,29 @@ DEFAULT_LOGGERS = [
 
 
 class RecipeCLI(LightningCLI):
-    """LightningCLI with the data module's ``num_classes`` linked into the model."""
+    """LightningCLI with the data module's ``num_classes`` linked into the model.
+
+    :func:`main` builds it with the recipes' defaults (seed, loggers, callbacks). A ``model.num_classes``
+    that disagrees with the data module is an error, not silently replaced:
+
+    >>> config = {
+    ...     "data": {"class_path": "recipes.data.SyntheticDataModule",
+    ...              "init_args": {"image_size": 32, "train_samples": 8, "val_samples": 4, "batch_size": 4}},
+    ...     "model": {"model": "window_probe", "model_kwargs": {"img_size": 32, "dim": 8, "depth": 1},
+    ...               "num_classes": 5},
+    ...     "trainer": {"logger": False, "enable_progress_bar": False, "accelerator": "cpu"},
+    ... }
+    >>> main(config, run=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: model.num_classes is 5 in the config, but the data module has 2 classes (its num_classes is ...
+
+    Example (on the command line, where it is normally used)::
+
+        python -m recipes fit --config recipes/configs/synthetic_fastervit.yaml --trainer.max_epochs 5
+        python -m recipes test --config runs/synthetic_fastervit/version_0/config.yaml \\
+            --ckpt_path runs/synthetic_fastervit/version_0/checkpoints/last.ckpt
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -117,6 +139,17 @@ def _cli_kwargs() -> dict:
 
 def main(args: list[str] | dict | None = None, run: bool = True) -> RecipeCLI:
     """Run the recipes CLI (``args`` as on the command line, or a config dict; ``None`` reads ``sys.argv``).
+
+    With ``run=False`` the data module, model and trainer are built and nothing runs (nothing is written):
+
+    >>> cli = main({
+    ...     "data": {"class_path": "recipes.data.SyntheticDataModule",
+    ...              "init_args": {"image_size": 32, "train_samples": 8, "val_samples": 4, "batch_size": 4}},
+    ...     "model": {"model": "window_probe", "model_kwargs": {"img_size": 32, "dim": 8, "depth": 1}},
+    ...     "trainer": {"logger": False, "enable_progress_bar": False, "accelerator": "cpu", "max_epochs": 2},
+    ... }, run=False)
+    >>> type(cli.model).__name__, cli.model.num_classes, type(cli.datamodule).__name__, cli.trainer.max_epochs
+    ('ImageClassifier', 2, 'SyntheticDataModule', 2)
 
     Example (a two-batch smoke run of the synthetic task)::
 

@@ -13,6 +13,7 @@ torch.Size([1, 2])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from difflib import get_close_matches
 
 import timm
 import torch
@@ -30,7 +31,16 @@ TINY_FASTERVIT = dict(dim=16, in_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2
 
 
 class MixerLevel(nn.Module):
-    """A FasterViT level whose token mixer was swapped: ``mixer`` (NCHW -> NCHW) then the level's ``downsample``."""
+    """A FasterViT level whose token mixer was swapped: ``mixer`` (NCHW -> NCHW) then the level's ``downsample``.
+
+    :func:`fastervit_mixer` puts one in place of FasterViT's stage 3; any NCHW -> NCHW module can be the mixer.
+
+    >>> mixer = create_mixer("swin", dim=8, depth=1, num_heads=1, input_resolution=(4, 4), window_size=2)
+    >>> level = MixerLevel(mixer, downsample=nn.Conv2d(8, 16, 2, stride=2))
+    >>> x = torch.randn(1, 8, 4, 4)
+    >>> level(x).shape, level.forward_blocks(x).shape
+    (torch.Size([1, 16, 2, 2]), torch.Size([1, 8, 4, 4]))
+    """
 
     def __init__(self, mixer: nn.Module, downsample: nn.Module | None) -> None:
         super().__init__()
@@ -157,7 +167,12 @@ class WindowProbe(nn.Module):
 
 
 def window_probe(**kwargs) -> WindowProbe:
-    """Build a :class:`WindowProbe` (the name :func:`create_model` knows it by)."""
+    """Build a :class:`WindowProbe` (the name :func:`create_model` knows it by); ``kwargs`` are its arguments.
+
+    >>> probe = create_model("window_probe", mixer="window", img_size=32, dim=8, depth=1, num_classes=2)
+    >>> type(probe).__name__, probe(torch.randn(2, 3, 32, 32)).shape
+    ('WindowProbe', torch.Size([2, 2]))
+    """
     return WindowProbe(**kwargs)
 
 
@@ -172,6 +187,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
     >>> create_model("faster_vit_0_any_res", resolution=64, num_classes=3, **TINY_FASTERVIT).num_classes
     3
+    >>> create_model("Window-Probe")  # an unknown name: the closest known names, ignoring case and dashes
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown model 'Window-Probe' (did you mean 'window_probe'?): not one of ...
     """
     if name in RECIPE_MODELS:
         return RECIPE_MODELS[name](**kwargs)
@@ -179,6 +198,24 @@ def create_model(name: str, **kwargs) -> nn.Module:
         return fastervit.create_model(name, **kwargs)
     if timm.is_model(name):
         return timm.create_model(name, **kwargs)
+    close = _close_names(name)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     raise ValueError(
-        f"unknown model {name!r}: not one of {sorted(RECIPE_MODELS)}, fastervit.list_models(), or timm.list_models()"
+        f"unknown model {name!r}{hint}: not one of {sorted(RECIPE_MODELS)}, fastervit.list_models(), or "
+        "timm.list_models()"
     )
+
+
+def _close_names(name: object, n: int = 3) -> list[str]:
+    """Up to ``n`` names :func:`create_model` knows that are closest to ``name``, ignoring case and dashes (as
+    :func:`fastervit.create_model` does).
+
+    >>> _close_names("Window-Probe")
+    ['window_probe']
+    """
+    known = list(dict.fromkeys([*RECIPE_MODELS, *fastervit.list_models(), *timm.list_models()]))
+    by_key = {}
+    for known_name in known:
+        by_key.setdefault(known_name.lower().replace("-", "_"), known_name)
+    close = get_close_matches(str(name).lower().replace("-", "_"), list(by_key), n=n)
+    return [by_key[key] for key in close]

@@ -49,7 +49,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, warmup_start: 
 def convert_model(model: nn.Module, options: dict) -> nn.Module:
     """``hatplug.convert(model, **options)``: retrofit HAT into ``model`` (the plug-and-play ablation).
 
-    Looked up when called, so a converter installed after import (or a test double) is used.
+    Looked up when called, so a converter installed after import (or a test double) is used. ``model`` itself is
+    not changed (unless ``options`` has ``inplace=True``).
+
+    >>> import timm
+    >>> swin = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+    ...                          window_size=4, img_size=32, num_classes=2).eval()
+    >>> hat = convert_model(swin, {"ct_size": 1, "init": "identity"}).eval()
+    >>> [block.path for block in hatplug.report(hat).converted]
+    ['layers.0.blocks.0', 'layers.0.blocks.1']
+    >>> x = torch.randn(1, 3, 32, 32)  # init="identity": the same function as the original until trained
+    >>> hat is swin, torch.allclose(hat(x), swin(x), atol=1e-5)
+    (False, True)
     """
     convert = getattr(hatplug, "convert", None)
     convert = getattr(convert, "convert", convert)  # the package or its function
@@ -70,7 +81,17 @@ def weights_from_checkpoint() -> Iterator[None]:
     """Inside this block :class:`ImageClassifier` does not read its ``init_checkpoint`` (it still records it):
     every weight is about to come from a checkpoint (``load_from_checkpoint``, the CLI's ``--ckpt_path``), so
     the warm-start file need not exist any more, and the saved config and hyper-parameters still say which
-    warm start the run began from."""
+    warm start the run began from.
+
+    >>> with weights_from_checkpoint():  # the warm-start file is gone; its path is still recorded
+    ...     module = ImageClassifier(nn.Linear(4, 2), num_classes=2, init_checkpoint="/no/such/run/model.pt")
+    >>> module.hparams.init_checkpoint
+    '/no/such/run/model.pt'
+    >>> ImageClassifier(nn.Linear(4, 2), num_classes=2, init_checkpoint="/no/such/run/model.pt")
+    Traceback (most recent call last):
+    ...
+    hatplug.errors.CheckpointError: checkpoint file not found: /no/such/run/model.pt (check the path; nothing ...
+    """
     global _WEIGHTS_FROM_CHECKPOINT
     previous, _WEIGHTS_FROM_CHECKPOINT = _WEIGHTS_FROM_CHECKPOINT, True
     try:
@@ -104,6 +125,15 @@ class ImageClassifier(pl.LightningModule):
         min_lr: learning rate at the end of the cosine decay.
 
     Gradient clipping and mixed precision are Trainer settings (``gradient_clip_val``, ``precision``).
+
+    >>> module = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)), num_classes=2, lr=3e-4)
+    >>> images, target = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 1, 0])
+    >>> module(images).shape, module.loss(module(images), target).shape  # logits, scalar loss
+    (torch.Size([4, 2]), torch.Size([]))
+    >>> module.predict_step((images, target), 0).sum(-1).allclose(torch.ones(4))  # class probabilities
+    True
+    >>> module.hparams.optimizer, module.hparams.lr, module.hparams.warmup_epochs
+    ('adamw', 0.0003, 1.0)
     """
 
     def __init__(

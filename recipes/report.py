@@ -61,7 +61,17 @@ def _columns(rows: Sequence[dict]) -> list[str]:
 
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """One line per row, columns in :data:`COLUMNS` order."""
+    """One line per row, columns in :data:`COLUMNS` order (then any others, sorted); floats to 6 significant
+    digits, ``None`` and missing values as empty cells.
+
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.csv"
+    >>> write_csv([dict(params=1200, arm="a", top1=0.123456789), dict(arm="b", top1=None)], path)
+    >>> print(path.read_text(), end="")
+    arm,top1,params
+    a,0.123457,1200
+    b,,
+    """
     columns = _columns(rows)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -71,12 +81,27 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV file written by :func:`write_csv`, one dict per line; every value is a string.
+
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.csv"
+    >>> write_csv([dict(arm="a", top1=0.9, params=1200)], path)
+    >>> read_csv(path)
+    [{'arm': 'a', 'top1': '0.9', 'params': '1200'}]
+    """
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """The rows as a GitHub markdown table, same columns and formatting as :func:`write_csv`."""
+    """The rows as a GitHub markdown table, same columns and formatting as :func:`write_csv`.
+
+    >>> print(markdown_table([dict(top1=0.123456789, arm="a", note="x"), dict(arm="b", top1=None)]))
+    | arm | top1 | note |
+    |---|---|---|
+    | a | 0.123457 | x |
+    | b |  |  |
+    """
     columns = _columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_format(row.get(k, "")) for k in columns) + " |" for row in rows]
@@ -84,12 +109,34 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def write_markdown(rows: Sequence[dict], path: str | os.PathLike, title: str = "", notes: str = "") -> None:
+    """Write ``rows`` as :func:`markdown_table` to ``path``, under a ``# title`` heading and a paragraph of
+    ``notes`` when they are given.
+
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.md"
+    >>> write_markdown([dict(arm="a", top1=0.9)], path, title="attention_type (smoke)", notes="Two epochs.")
+    >>> print(path.read_text(), end="")
+    # attention_type (smoke)
+    <BLANKLINE>
+    Two epochs.
+    <BLANKLINE>
+    | arm | top1 |
+    |---|---|
+    | a | 0.9 |
+    """
     text = (f"# {title}\n\n" if title else "") + (f"{notes.strip()}\n\n" if notes.strip() else "")
     Path(path).write_text(text + markdown_table(rows) + "\n")
 
 
 def read_markdown(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of the (first) table in a markdown file written by :func:`write_markdown`."""
+    """Rows of the (first) table in a markdown file written by :func:`write_markdown`; values are strings.
+
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.md"
+    >>> write_markdown([dict(arm="a", top1=0.9), dict(arm="b", top1=None)], path, title="an ablation")
+    >>> read_markdown(path)
+    [{'arm': 'a', 'top1': '0.9'}, {'arm': 'b', 'top1': ''}]
+    """
     lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip().startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
@@ -104,6 +151,15 @@ def plot_pareto(
     tables. A row without a number in ``x`` or ``y`` (no validation metric, say) is left out, with a warning that
     names it. Drawn on a bare :class:`matplotlib.figure.Figure`, so no pyplot backend is chosen or changed
     (inline plots in a notebook keep working).
+
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "pareto.png"
+    >>> rows = [dict(arm="fast", top1=0.7, infer_imgs_per_sec=300.0),
+    ...         dict(arm="slow", top1=0.9, infer_imgs_per_sec=100)]
+    >>> plot_pareto(rows, path, title="an ablation")
+    [('fast', 300.0, 0.7), ('slow', 100.0, 0.9)]
+    >>> path.read_bytes()[:4] == b"\\x89PNG"
+    True
     """
     from matplotlib.figure import Figure
 

@@ -29,7 +29,17 @@ __all__ = [
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A real data set is not on disk; the message says what to download and where to put it."""
+    """A real data set is not on disk; the message says what to download and where to put it.
+
+    Raised by a data module's ``setup`` (nothing is downloaded); it is a :class:`FileNotFoundError`.
+
+    >>> from recipes.data import CIFARDataModule
+    >>> try:
+    ...     CIFARDataModule("/no/such/folder").setup()
+    ... except DatasetNotFoundError as error:
+    ...     print(isinstance(error, FileNotFoundError), str(error).split(" (")[0])
+    True CIFAR10 not found: expected /no/such/folder/cifar-10-batches-py
+    """
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -208,6 +218,22 @@ class RecipeDataModule(pl.LightningDataModule):
     state only when they are made after the restore, which ``estimated_stepping_batches`` in
     ``configure_optimizers`` prevents), so the resume point travels here and :func:`train_loader` hands it
     to the new loader of a fit that resumes from a checkpoint.
+
+    A subclass gives ``num_classes``, ``batch_size``, ``num_workers`` and ``seed`` and makes the two sets in
+    ``setup``:
+
+    >>> from torch.utils.data import TensorDataset
+    >>> class Tiny(RecipeDataModule):
+    ...     num_classes, batch_size, num_workers, seed = 2, 2, 0, 0
+    ...     def setup(self, stage=None):
+    ...         self.train_set = self.val_set = TensorDataset(torch.randn(5, 3, 8, 8), torch.arange(5) % 2)
+    >>> dm = Tiny()
+    >>> dm.setup("fit")
+    >>> len(dm.train_dataloader()), len(dm.val_dataloader())  # whole training batches only; every sample evaluated
+    (2, 3)
+    >>> images, target = next(iter(dm.test_dataloader()))
+    >>> images.shape, target.tolist()
+    (torch.Size([2, 3, 8, 8]), [0, 1])
     """
 
     def train_dataloader(self) -> DataLoader:
@@ -257,6 +283,16 @@ class MixupDataModule(RecipeDataModule):
         cutmix: CutMix alpha (0 disables CutMix).
         mixup_prob: probability of mixing a batch.
         mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
+
+    A subclass gives ``num_classes`` (and, as a :class:`RecipeDataModule`, its sets and loader settings):
+
+    >>> class TinyMix(MixupDataModule):
+    ...     num_classes = 3
+    >>> images, target = TinyMix(mixup=0.8, cutmix=1.0).mixup_fn(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    >>> images.shape, target.shape, target.sum(-1).allclose(torch.ones(4))  # soft targets, one row per image
+    (torch.Size([4, 3, 8, 8]), torch.Size([4, 3]), True)
+    >>> TinyMix().mixup_fn is None  # mixup=0 and cutmix=0 (the defaults): batches are left alone
+    True
     """
 
     def __init__(
@@ -302,7 +338,16 @@ def _posterize(img, bits_to_keep: int, **_):
 
 def with_safe_posterize(transform):
     """``transform`` (timm's ``create_transform``) with the posterize ops of its RandAugment / AutoAugment
-    replaced by :func:`_posterize`, in this transform only (timm's op table is left alone)."""
+    replaced by :func:`_posterize`, in this transform only (timm's op table is left alone).
+
+    >>> from PIL import Image
+    >>> from timm.data import create_transform
+    >>> transform = with_safe_posterize(create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1"))
+    >>> [op.name for step in transform.transforms for op in getattr(step, "ops", ()) if op.aug_fn is _posterize]
+    ['PosterizeIncreasing']
+    >>> transform(Image.new("RGB", (40, 40))).shape
+    torch.Size([3, 32, 32])
+    """
     for step in getattr(transform, "transforms", ()):
         for op in getattr(step, "ops", ()):
             if str(getattr(op, "name", "")).startswith("Posterize"):
@@ -315,7 +360,19 @@ def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory:
     attributes of each): whole batches only, in an order that is a function of ``(seed, epoch)`` and with
     each sample's augmentation a function of ``(seed, epoch, index)`` (:class:`SeededSamples`), so the
     batches do not depend on ``num_workers`` and a run resumed from a checkpoint, at the end of an epoch or
-    inside one, repeats the uninterrupted one. Loader processes start afresh every epoch (not persistent)."""
+    inside one, repeats the uninterrupted one. Loader processes start afresh every epoch (not persistent).
+
+    >>> from torch.utils.data import TensorDataset
+    >>> dm = pl.LightningDataModule()
+    >>> dm.batch_size, dm.num_workers, dm.seed = 4, 0, 0
+    >>> data = TensorDataset(torch.arange(10))
+    >>> loader = train_loader(dm, data)
+    >>> len(loader)  # whole batches only: 10 samples make 2 batches of 4
+    2
+    >>> first = [batch.tolist() for (batch,) in loader]
+    >>> first == [batch.tolist() for (batch,) in loader], len(set(sum(first, [])))  # same seed and epoch: same order
+    (True, 8)
+    """
     world = getattr(datamodule.trainer, "world_size", 1) if datamodule.trainer is not None else 1
     if len(dataset) < datamodule.batch_size * world:
         raise ValueError(
@@ -352,7 +409,14 @@ def train_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory:
 
 def eval_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory: bool = False) -> DataLoader:
     """The validation / test / predict loader: in order, every sample, and loader-process seeds from its own
-    generator, so that evaluating never draws from the global RNG (which training's dropout uses)."""
+    generator, so that evaluating never draws from the global RNG (which training's dropout uses).
+
+    >>> from torch.utils.data import TensorDataset
+    >>> dm = pl.LightningDataModule()
+    >>> dm.batch_size, dm.num_workers, dm.seed = 4, 0, 0
+    >>> [batch.tolist() for (batch,) in eval_loader(dm, TensorDataset(torch.arange(10)))]
+    [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    """
     return DataLoader(
         dataset,
         batch_size=datamodule.batch_size,

@@ -21,6 +21,21 @@ def test_builds_by_name_or_takes_a_module():
         create_model("no_such_model")
 
 
+def test_create_model_suggests_close_names():
+    # case and dashes ignored, as fastervit.create_model does; recipe, FasterViT and timm names all suggested
+    with pytest.raises(ValueError, match=r"unknown model 'Window-Probe' \(did you mean 'window_probe'\?\)"):
+        create_model("Window-Probe")
+    with pytest.raises(ValueError, match=r"did you mean 'fastervit_mixer'"):
+        create_model("fastervit_mixr")
+    with pytest.raises(ValueError, match=r"did you mean 'faster_vit_0_any_res'"):
+        create_model("FasterViT-0-any-res")
+    with pytest.raises(ValueError, match=r"did you mean 'swin_tiny_patch4_window7_224'"):
+        create_model("swin_tiny_patch4_windw7_224")
+    with pytest.raises(ValueError, match="unknown model") as error:
+        create_model("qqqqqqqq")
+    assert "did you mean" not in str(error.value)
+
+
 def test_loss_hard_soft_and_smoothing():
     module = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=4, label_smoothing=0.1)
     logits, target = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
