@@ -25,7 +25,6 @@ reported as missing, unexpected or mismatched, as a strict load would.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,15 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from hatplug.checkpoint import _SHOWN, LoadReport, _fill_aliases, _more, extract_state_dict, load_state_dict_file
+from hatplug.checkpoint import (
+    _SHOWN,
+    LoadReport,
+    _fill_aliases,
+    _more,
+    check_load_target,
+    extract_state_dict,
+    load_state_dict_file,
+)
 from hatplug.errors import CheckpointMismatchError
 
 __all__ = ["AdaptReport", "adapt_checkpoint", "load_adapted", "summarise_keys", "CARRIER_TOKEN_MODULES"]
@@ -207,17 +214,7 @@ def load_adapted(
         newly initialised 0: -
         dropped 18: levels.2.blocks.*.hat_pos_embed (18)
     """
-    if not isinstance(model, nn.Module):
-        swapped = isinstance(checkpoint, nn.Module) and isinstance(model, (str, os.PathLike, Mapping))
-        raise TypeError(
-            f"load_adapted got a {type(model).__name__} as model"
-            + (
-                f" and a {type(checkpoint).__name__} as checkpoint: the arguments look swapped, call "
-                "load_adapted(model, checkpoint)"
-                if swapped
-                else ": pass the FasterViT to load the weights into"
-            )
-        )
+    check_load_target("load_adapted", model, checkpoint)
     inner = getattr(model, "model", None)
     if inner is not None and not hasattr(model, "levels") and hasattr(inner, "levels"):
         raise TypeError(
@@ -234,8 +231,7 @@ def load_adapted(
     state, report = adapt_checkpoint(state, model, ignore_missing)
     if not report.ok:
         message = f"checkpoint {source} does not fit {type(model).__name__} even allowing for the geometry:\n{report}"
-        if report.truncated:
-            message += f"\n(lists cut at {_SHOWN} names: the error's .report, an AdaptReport, has every one)"
+        message += report.cut_note()
         if strict:
             raise CheckpointMismatchError(
                 message + "\nCheck that the checkpoint is of the same variant (width, depths, heads); pass "

@@ -69,6 +69,19 @@ def directory_error(path: Path) -> CheckpointError:
     )
 
 
+def check_load_target(func: str, model: object, checkpoint: object) -> None:
+    """A ``TypeError`` when ``func(model, checkpoint)`` got no module to load into, saying so when the two
+    arguments look swapped (a path or state dict as the model and a module as the checkpoint)."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(checkpoint, nn.Module) and isinstance(model, (str, os.PathLike, Mapping)):
+        raise TypeError(
+            f"{func} got a {type(model).__name__} as model and a {type(checkpoint).__name__} as checkpoint: the "
+            f"arguments look swapped, call {func}(model, checkpoint)"
+        )
+    raise TypeError(f"{func}: model must be the nn.Module to load the weights into, got {type(model).__name__}")
+
+
 def read_checkpoint(path: str | Path) -> object:
     """Read a ``.pth``/``.pth.tar``/``.safetensors`` file without running untrusted code.
 
@@ -182,6 +195,16 @@ class LoadReport:
         """Whether ``str(report)`` leaves out names: it shows at most 20 per list (the attributes hold all)."""
         return max(len(self.missing), len(self.unexpected), len(self.mismatched)) > _SHOWN
 
+    def cut_note(self) -> str:
+        """The line an error adds under this report's text when a list was cut: where every name is."""
+        if not self.truncated:
+            return ""
+        name = "hatplug.LoadReport" if type(self) is LoadReport else type(self).__name__
+        return (
+            f"\n(lists cut at {_SHOWN} names: the error's .report, a {name}, has every one in .missing, .unexpected "
+            "and .mismatched)"
+        )
+
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.derived)} derived or unused"]
         if self.replaced:
@@ -280,15 +303,7 @@ def load_checkpoint(
     >>> print(load_checkpoint(net, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}))
     loaded 2 tensors, dropped 0 derived or unused
     """
-    if not isinstance(model, nn.Module):
-        if isinstance(checkpoint, nn.Module) and isinstance(model, (str, os.PathLike, Mapping)):
-            raise TypeError(
-                f"load_checkpoint got a {type(model).__name__} as model and a {type(checkpoint).__name__} as "
-                "checkpoint: the arguments look swapped, call load_checkpoint(model, checkpoint)"
-            )
-        raise TypeError(
-            f"load_checkpoint: model must be the nn.Module to load the weights into, got {type(model).__name__}"
-        )
+    check_load_target("load_checkpoint", model, checkpoint)
     source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
     state = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, Path)) else extract_state_dict(checkpoint)
     if filter_fn is not None:
@@ -319,12 +334,7 @@ def load_checkpoint(
 
     if not report.ok:
         message = f"checkpoint {source} does not match {type(model).__name__}:\n{report}"
-        every_name = (
-            f"\n(lists cut at {_SHOWN} names: the error's .report, a hatplug.LoadReport, has every one in .missing, "
-            ".unexpected and .mismatched)"
-            if report.truncated
-            else ""
-        )
+        every_name = report.cut_note()
         if strict:
             raise CheckpointMismatchError(message + every_name + "\n" + (mismatch_hint or _STRICT_HINT), report=report)
         if state and own and not report.loaded:  # strict=False is for a partial fit, not for none at all
