@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m recipes.demo
 
 test: install
-	$(PY) -m pytest -q --doctest-modules hatplug fastervit recipes tests
+	$(PY) -m pytest -q --doctest-modules hatplug fastervit tests
 
 bench: install
 	$(PY) -m hatplug.bench --preset cpu

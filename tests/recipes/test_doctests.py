@@ -1,4 +1,5 @@
-"""The examples in the docstrings of recipes and hatplug.mixers run (``make test`` doctests hatplug only)."""
+"""The examples in the docstrings of recipes and hatplug.mixers run (`make test` runs --doctest-modules on hatplug
+and fastervit; the recipes modules are listed here)."""
 
 import doctest
 import importlib
