@@ -367,3 +367,29 @@ def test_caches_notice_a_replaced_weight_at_the_freed_address_with_the_same_vers
             old.data.copy_(torch.randn_like(old))  # new values in that memory, bypassing the version counter
             setattr(module, name, new)
         torch.testing.assert_close(model(x), _plain(model, x), **TOL)  # computed afresh, not the stale values
+
+
+def test_models_built_under_inference_mode_fold_every_call():
+    """Weights made under ``torch.inference_mode`` (a model built or ``.to()``-ed there, as serving code does) are
+    inference tensors, which keep no version counter: the caches fold them on each call instead of failing, and
+    see an in-place edit made there."""
+    x = torch.randn(2, 3, 64, 80)
+    torch.manual_seed(0)
+    reference = _model()
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = _model()
+        assert model.levels[2].blocks[0].mlp.fc1.weight.is_inference()
+        torch.testing.assert_close(model(x), _plain(reference, x), **TOL)
+        model.patch_embed.conv_down[1].running_var.mul_(4.0)  # in place, inside inference mode: no version bump
+        model.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[2].weight.mul_(-1.0)
+        edited = model(x)
+    with torch.no_grad():
+        reference.patch_embed.conv_down[1].running_var.mul_(4.0)
+        reference.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[2].weight.mul_(-1.0)
+    torch.testing.assert_close(edited, _plain(reference, x), **TOL)
+    assert model.patch_embed._folded.empty  # nothing kept that an unseen edit could make stale
+    with torch.inference_mode():
+        moved = copy.deepcopy(reference).to(torch.float64).to(torch.float32)  # new (inference) tensors
+        assert moved.levels[0].blocks[0].conv1.weight.is_inference()
+        torch.testing.assert_close(moved(x), _plain(reference, x), **TOL)

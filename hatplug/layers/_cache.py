@@ -52,7 +52,9 @@ class FoldedTensors:
     ``get(sources, compute, extra)`` returns ``compute()``'s tuple, recomputed whenever a source changed or
     ``extra`` (anything else the value depends on) differs: the key is each source's storage address, in-place
     version counter, shape, dtype and device, ``extra`` and the number of optimizer steps taken so far. The result is
-    computed outside inference mode and without autograd, so it is a plain constant usable anywhere.
+    computed outside inference mode and without autograd, so it is a plain constant usable anywhere. Sources that
+    are inference tensors (made under ``torch.inference_mode``) have no version counter: then nothing is cached
+    and ``compute()`` runs on every call.
     Not a module and not a buffer: it never appears in ``state_dict``.
     """
 
@@ -75,7 +77,16 @@ class FoldedTensors:
         compute: Callable[[], tuple[Tensor | None, ...]],
         extra: tuple = (),
     ) -> tuple[Tensor | None, ...]:
-        key = self._key_of(sources, extra)
+        try:
+            key = self._key_of(sources, extra)
+        except RuntimeError:
+            if not any(t is not None and t.is_inference() for t in sources):
+                raise
+            # tensors made under torch.inference_mode (a model built or moved there) keep no version counter,
+            # so an in-place change to them could not be seen: derive the value anew on every call, keep nothing
+            self.clear()
+            with torch.inference_mode(False), torch.no_grad():
+                return compute()
         # the same key is not enough: a replaced tensor can get the freed one's address and version 0
         if self._value is None or self._key != key or not same_sources(self._refs, sources):
             with torch.inference_mode(False), torch.no_grad():
