@@ -4,12 +4,13 @@
 
 For each model (random weights, eval, ``torch.inference_mode``, batch 16, 224 px) the script records the aten
 ops of one forward with a ``TorchDispatchMode``, keeps the dense ones (convolutions, linears, matrix products:
-``conv2d``, ``linear``, ``matmul``, ``mm``, ``addmm``, ``addmm_``, ``bmm``, ...; under inference mode the mode sees
-``conv2d`` and ``linear`` before they decompose) with copies of their arguments, and then, round after round, times (a) a whole
-forward and (b) a replay of those dense ops on their own, one after the other. It prints the medians and the
-dense ops' share of the forward, and for the first model (FasterViT-0 by default) the throughput ratio to each
-other model that it would reach with zero time outside its dense ops ("floor"), beside the ratio it reaches now
-(from the same rounds). Fused attention (SDPA) counts as not dense: its GEMMs are a few percent of the FLOPs.
+``conv2d``, ``linear``, ``matmul``, ``mm``, ``addmm``, ``addmm_``, ``bmm``, ...; under inference mode the mode
+sees ``conv2d`` and ``linear`` before they decompose) with copies of their arguments, and then, round after
+round, times (a) a whole forward and (b) a replay of those dense ops on their own, one after the other. It prints
+the medians and the dense ops' share of the forward, and for the first model (FasterViT-0 by default) the
+throughput ratio to each other model that it would reach with zero time outside its dense ops ("floor"), beside
+the ratio it reaches now (from the same rounds). Fused attention (SDPA) counts as not dense: its GEMMs are a few
+percent of the FLOPs.
 """
 
 from __future__ import annotations
