@@ -111,11 +111,11 @@ def test_cache_follows_weight_and_statistics_changes():
     block = model.levels[0].blocks[0]
     with torch.no_grad():
         before = model(x)
-        cached = block._folded._value
-        assert torch.equal(model(x), before) and block._folded._value is cached  # reused
+        cached = block._folded.cached
+        assert torch.equal(model(x), before) and block._folded.cached is cached  # reused
         block.norm1.running_var.mul_(2.0)  # new BN statistics
         after_stats = model(x)
-        assert block._folded._value is not cached
+        assert block._folded.cached is not cached
         torch.testing.assert_close(after_stats, _plain(model, x), **TOL)
         model.levels[2].blocks[0].attn.proj.weight.add_(0.1)  # a folded linear
         model.levels[2].blocks[0].gamma3.mul_(3.0)  # and its layer scale
@@ -124,7 +124,7 @@ def test_cache_follows_weight_and_statistics_changes():
     assert not torch.allclose(before, after_stats) and not torch.allclose(after_stats, after_weights)
     # a forward in training mode updates the BN statistics; eval folds them again
     model.train()
-    assert block._folded._value is None  # train() drops the cache
+    assert block._folded.cached is None  # train() drops the cache
     model(x)
     model.eval()
     with torch.no_grad():
@@ -144,10 +144,10 @@ def test_copies_and_pickles_fold_again():
     with torch.no_grad():
         expected = model(x)
         clone = copy.deepcopy(model)
-        assert clone.levels[0].blocks[0]._folded._value is None
+        assert clone.levels[0].blocks[0]._folded.cached is None
         torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
     restored = pickle.loads(pickle.dumps(model))  # torch.save(model) pickles: no derived tensors go along
-    assert restored.levels[0].blocks[0]._folded._value is None
+    assert restored.levels[0].blocks[0]._folded.cached is None
     with torch.no_grad():
         torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
     assert FoldedTensors().__getstate__() == {"derived": None}
@@ -393,3 +393,29 @@ def test_models_built_under_inference_mode_fold_every_call():
         moved = copy.deepcopy(reference).to(torch.float64).to(torch.float32)  # new (inference) tensors
         assert moved.levels[0].blocks[0].conv1.weight.is_inference()
         torch.testing.assert_close(moved(x), _plain(reference, x), **TOL)
+
+
+def test_cache_reads_one_entry_when_another_caller_stores_in_between(monkeypatch):
+    """Two callers sharing a cache with different keys (threads serving one model under two autocast dtypes):
+    when the other caller stores its value while this one is between its key check and its read (here: inside
+    the source-identity check, where a thread switch can happen), this one still gets its own value. Reading the
+    key, the sources and the value as separate attributes handed it the other caller's value."""
+    import hatplug.layers._cache as cache_module
+
+    cache, source = FoldedTensors(), torch.ones(3)
+
+    def get(tag: int):
+        return cache.get([source], lambda: (torch.full((1,), float(tag)),), extra=(tag,))[0].item()
+
+    assert get(1) == 1.0
+    real_check, switched = cache_module.same_sources, []
+
+    def check_then_switch(refs, tensors):
+        if not switched:
+            switched.append(get(2))  # the other caller runs here and stores its own entry
+        return real_check(refs, tensors)
+
+    monkeypatch.setattr(cache_module, "same_sources", check_then_switch)
+    assert get(1) == 1.0 and switched == [2.0]
+    monkeypatch.setattr(cache_module, "same_sources", real_check)
+    assert get(2) == 2.0 and get(1) == 1.0

@@ -58,12 +58,12 @@ class FoldedTensors:
     Not a module and not a buffer: it never appears in ``state_dict``.
     """
 
-    __slots__ = ("_key", "_refs", "_value")
+    __slots__ = ("_entry",)
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._refs: tuple = ()
-        self._value: tuple[Tensor | None, ...] | None = None
+        # (key, weak references to the sources, value) in one attribute, replaced whole: a thread that reads it
+        # while another stores a new entry sees the old entry or the new one, never a key with another's value
+        self._entry: tuple | None = None
 
     @staticmethod
     def _key_of(sources: Sequence[Tensor | None], extra: tuple) -> tuple:
@@ -87,20 +87,26 @@ class FoldedTensors:
             self.clear()
             with torch.inference_mode(False), torch.no_grad():
                 return compute()
+        entry = self._entry
         # the same key is not enough: a replaced tensor can get the freed one's address and version 0
-        if self._value is None or self._key != key or not same_sources(self._refs, sources):
+        if entry is None or entry[0] != key or not same_sources(entry[1], sources):
             with torch.inference_mode(False), torch.no_grad():
                 value = compute()
-            self._key, self._refs, self._value = key, source_refs(sources), value
-        return self._value
+            entry = self._entry = (key, source_refs(sources), value)
+        return entry[2]
+
+    @property
+    def cached(self) -> tuple[Tensor | None, ...] | None:
+        """The value held now (``None`` when empty)."""
+        entry = self._entry
+        return None if entry is None else entry[2]
 
     @property
     def empty(self) -> bool:
-        return self._value is None
+        return self._entry is None
 
     def clear(self) -> None:
-        self._key = self._value = None
-        self._refs = ()
+        self._entry = None
 
     def __deepcopy__(self, memo: dict) -> FoldedTensors:
         return FoldedTensors()  # the copy has other storages: it folds again on first use
