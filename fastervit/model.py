@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from hatplug.checkpoint import drop_derived
 from hatplug.errors import refuse_scripting
 from hatplug.layers import HATStage
-from hatplug.layers.fusion import FoldedTensors, fold_batchnorm, fusion_active, gelu_, stream_dtype
+from hatplug.layers.fusion import BATCHNORMS, FoldedTensors, fold_batchnorm, fusion_active, gelu_, runs_as, stream_dtype
 from hatplug.layers.hat import _is_int as _is_integer
 from hatplug.layers.pos_embed import _tracing
 from hatplug.models.heads import check_head
@@ -159,7 +159,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x)
-        if not fusion_active(self, x):
+        if not (self._foldable() and fusion_active(self, x)):
             return self.conv_down(x)
         conv1, bn1, _, conv2, bn2, _ = self.conv_down
         w1, b1, w2, b2 = _folded_conv_bn(self._folded, ((conv1, bn1), (conv2, bn2)))
@@ -168,6 +168,18 @@ class PatchEmbed(nn.Module):
         if chunk < x.shape[0]:
             return torch.cat([self._folded_forward(part, w1, b1, w2, b2) for part in x.split(chunk)])
         return self._folded_forward(x, w1, b1, w2, b2)
+
+    def _foldable(self) -> bool:
+        """Whether ``conv_down`` is still conv-BN-ReLU twice as built, which the folded form computes (not after
+        ``torch.ao.quantization.fuse_modules``, other activations or layers with their own ``forward``)."""
+        seq = self.conv_down
+        return (
+            type(seq) is nn.Sequential
+            and len(seq) == 6
+            and all(runs_as(seq[i], nn.Conv2d) and runs_as(seq[i + 1], *BATCHNORMS) for i in (0, 3))
+            and type(seq[2]) is nn.ReLU
+            and type(seq[5]) is nn.ReLU
+        )
 
     def _folded_forward(self, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
         conv1, conv2 = self.conv_down[0], self.conv_down[3]
@@ -227,8 +239,18 @@ class ConvBlock(nn.Module):
         self._folded.clear()
         return super().train(mode)
 
+    def _foldable(self) -> bool:
+        """Whether the block's layers are the stock ones that the folded form reads instead of calling."""
+        return (
+            type(self.act1) is nn.GELU
+            and runs_as(self.conv1, nn.Conv2d)
+            and runs_as(self.conv2, nn.Conv2d)
+            and runs_as(self.norm1, *BATCHNORMS)
+            and runs_as(self.norm2, *BATCHNORMS)
+        )
+
     def forward(self, x: Tensor) -> Tensor:
-        if fusion_active(self, x) and isinstance(self.act1, nn.GELU):
+        if self._foldable() and fusion_active(self, x):
             pairs = ((self.conv1, self.norm1), (self.conv2, self.norm2))
             w1, b1, w2, b2 = _folded_conv_bn(self._folded, pairs, self.gamma)
             y = gelu_(self.conv1._conv_forward(x, w1, b1), self.act1.approximate)
@@ -528,7 +550,7 @@ class FasterViT(nn.Module):
         self.num_classes = check_head(global_pool, num_classes)
         self.avgpool = _global_pool(global_pool)
         in_features = self.num_features * self.avgpool.feat_mult()
-        like = self.patch_embed.conv_down[0].weight  # the new head joins the model on its device, in its dtype
+        like = next(self.patch_embed.parameters())  # the new head joins the model on its device, in its dtype
         self.head = (
             nn.Linear(in_features, num_classes, device=like.device, dtype=like.dtype)
             if num_classes > 0
@@ -727,8 +749,8 @@ class FasterViT(nn.Module):
                 f"FasterViT takes floating-point images, got {x.dtype}: convert them first, e.g. x.float() / 255 for "
                 "uint8 images, then normalise as the model's data config says (timm.data.resolve_data_config)"
             )
-        weight = self.patch_embed.conv_down[0].weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        weight = next(self.patch_embed.parameters(), None)  # the stem may be fused or wrapped: any of its weights
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"the input is {x.dtype} but the model's weights are {weight.dtype}: pass x.to({weight.dtype}), or "
                 f"move the model with model.to({x.dtype})"

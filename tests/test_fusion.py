@@ -3,9 +3,12 @@ its cache follows every change of the weights while the state dict stays the off
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
+from timm.layers import GluMlp
+from torch import nn
 
 import fastervit
 import fastervit.model as fv_model
@@ -17,6 +20,7 @@ from hatplug.layers.fusion import (
     gelu_,
     inference_fusion,
     residual_linear,
+    runs_as,
 )
 
 from .conftest import randomize_
@@ -419,3 +423,135 @@ def test_cache_reads_one_entry_when_another_caller_stores_in_between(monkeypatch
     assert get(1) == 1.0 and switched == [2.0]
     monkeypatch.setattr(cache_module, "same_sources", real_check)
     assert get(2) == 2.0 and get(1) == 1.0
+
+
+class _LoRA(nn.Module):
+    """A PEFT-style adapter: the wrapped layer plus a low-rank term, with ``weight`` / ``bias`` forwarded to the
+    wrapped layer (so code that reads them instead of calling the module loses the low-rank term)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base
+        if isinstance(base, nn.Linear):
+            self.lora_a, self.lora_b = nn.Linear(base.in_features, 2, bias=False), nn.Linear(2, base.out_features)
+        else:
+            self.lora_a = nn.Conv2d(base.in_channels, 2, base.kernel_size, base.stride, base.padding, bias=False)
+            self.lora_b = nn.Conv2d(2, base.out_channels, 1)
+        nn.init.normal_(self.lora_b.weight, std=0.5)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def _own_forward(module: nn.Module) -> nn.Module:
+    """``module`` as an instance of a subclass of its class that adds a per-channel offset in ``forward``."""
+
+    class Shifted(type(module)):
+        def forward(self, x):
+            y = super().forward(x)
+            if y.dim() == 4:  # an NCHW map: per channel
+                return y + torch.linspace(-0.5, 0.5, y.shape[1]).view(1, -1, 1, 1)
+            return y + torch.linspace(-0.5, 0.5, y.shape[-1])  # tokens
+
+    shifted = Shifted.__new__(Shifted)
+    shifted.__dict__ = module.__dict__.copy()
+    return shifted
+
+
+def _own_forward_act(act: nn.Module) -> nn.Module:
+    class Doubled(type(act)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    return Doubled()
+
+
+def _swap(model, path: str, make) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    setattr(parent, name, make(getattr(parent, name)))
+
+
+REPLACEMENTS = {  # a module of the small model -> what a user puts in its place
+    "LoRA on attn.proj": ("levels.2.blocks.0.attn.proj", _LoRA),
+    "LoRA on mlp.fc2": ("levels.3.blocks.0.mlp.fc2", _LoRA),
+    "LoRA on hat_attn.proj": ("levels.2.blocks.0.hat_attn.proj", _LoRA),
+    "LoRA on hat_mlp.fc2": ("levels.2.blocks.1.hat_mlp.fc2", _LoRA),
+    "own forward on mlp.fc2": ("levels.2.blocks.0.mlp.fc2", _own_forward),
+    "own forward on mlp": ("levels.2.blocks.0.mlp", _own_forward),
+    "GluMlp as mlp": ("levels.3.blocks.0.mlp", lambda m: GluMlp(m.fc1.in_features, 2 * m.fc1.out_features)),
+    "LoRA on a conv block's conv": ("levels.0.blocks.0.conv2", _LoRA),
+    "own forward on a conv": ("levels.1.blocks.0.conv1", _own_forward),
+    "own forward on a BatchNorm": ("levels.0.blocks.0.norm2", _own_forward),
+    "GroupNorm for a BatchNorm": ("levels.1.blocks.0.norm1", lambda m: nn.GroupNorm(4, m.num_features)),
+    "GELU with its own forward": ("levels.0.blocks.0.act1", _own_forward_act),
+    "SiLU in the stem": ("patch_embed.conv_down.2", lambda m: nn.SiLU()),
+    "own forward on a stem conv": ("patch_embed.conv_down.3", _own_forward),
+}
+
+
+@pytest.mark.parametrize("case", list(REPLACEMENTS))
+def test_replaced_layers_are_called_not_read(case):
+    """The folded forms read some layers' tensors instead of calling them. A layer replaced by one whose call
+    differs (a LoRA adapter, a subclass with its own forward, another MLP or norm or activation) must be called:
+    the block takes the plain path, and the output is what the modules compute."""
+    model = _model()
+    path, make = REPLACEMENTS[case]
+    _swap(model, path, make)
+    model.eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), **TOL)
+
+
+def test_parametrized_layers_still_fold():
+    """A parametrized layer (weight norm) is called as the stock class: it keeps the folded path, whose
+    tensors are the parametrized weights."""
+    model = _model()
+    fc2 = model.levels[2].blocks[0].mlp.fc2
+    torch.nn.utils.parametrizations.weight_norm(fc2)
+    torch.nn.utils.parametrizations.weight_norm(model.levels[0].blocks[0].conv1)
+    model.eval()  # the new parametrization modules too
+    assert runs_as(fc2, nn.Linear)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        folded = model(x)
+    assert not model.levels[2].blocks[0]._folded.empty and not model.levels[0].blocks[0]._folded.empty
+    torch.testing.assert_close(folded, _plain(model, x), **TOL)
+
+
+def test_fused_stem_and_quantized_linears_run():
+    """``torch.ao.quantization.fuse_modules`` on the stem (conv-BN-ReLU -> ConvReLU2d + Identity) and
+    ``quantize_dynamic`` on the linears (whose ``weight`` is a method) leave models that run in eval mode, as
+    their modules compute them; both used to fail inside the folded path."""
+    model = _model()
+    torch.ao.quantization.fuse_modules(model.patch_embed.conv_down, [["0", "1", "2"], ["3", "4", "5"]], inplace=True)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _plain(model, x), **TOL)
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5)
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    quantized.eval()
+    with torch.no_grad():
+        out, reference = quantized(x), _plain(model, x)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference, rtol=0, atol=0.05 * reference.abs().max().item())
+
+
+def test_hooks_on_a_position_mlp_see_every_forward():
+    """A cached position bias skips its MLP's call: with a hook on that MLP, it is computed on every call."""
+    model = _model()
+    calls = []
+    model.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[0].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    assert len(calls) == 3

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["FoldedTensors"]
+__all__ = ["FoldedTensors", "hooks_below"]
 
 _optimizer_steps = 0
 
@@ -44,6 +44,23 @@ def same_sources(refs: Sequence[weakref.ref | None], tensors: Sequence[Tensor | 
         if (ref is None) != (t is None) or (ref is not None and ref() is not t):
             return False
     return True
+
+
+def hooks_below(module: torch.nn.Module) -> bool:
+    """Whether a submodule of ``module`` has forward or backward hooks, or global module hooks are registered:
+    a cached value would skip the calls those hooks must see."""
+    m = torch.nn.modules.module
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        return True
+    stack = list(module._modules.values())
+    while stack:
+        sub = stack.pop()
+        if sub is None:
+            continue
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            return True
+        stack.extend(sub._modules.values())
+    return False
 
 
 class FoldedTensors:

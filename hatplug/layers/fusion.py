@@ -32,7 +32,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._cache import FoldedTensors
 from .pos_embed import _tracing
@@ -48,6 +50,7 @@ __all__ = [
     "mlp_hidden",
     "passes_through",
     "residual_linear",
+    "runs_as",
     "stream_dtype",
 ]
 
@@ -170,6 +173,36 @@ def fold_scale(weight: Tensor, bias: Tensor | None, scale: Tensor) -> tuple[Tens
     return weight * _channel_view(scale, weight.ndim), None if bias is None else bias * scale
 
 
+#: what a folded conv + BatchNorm may stand for: the classes whose eval call is ``(x - mean) / sqrt(var + eps) * weight
+#: + bias`` with the module's own running statistics (timm's ``freeze_batch_norm_2d`` makes torchvision's)
+BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def runs_as(module: nn.Module | None, *classes: type) -> bool:
+    """Whether calling ``module`` runs the call of one of ``classes``: an instance of one whose class overrides
+    neither ``forward`` nor (for convs) ``_conv_forward`` (a parametrized layer qualifies: its weight is a property
+    but its call is the stock one). A folded form reads such a module's tensors and skips its call, so it must
+    check this: a LoRA wrapper, a subclass with its own ``forward`` or a dynamically quantized linear is called as
+    itself on the plain path instead.
+
+    >>> lin = nn.Linear(2, 2)
+    >>> runs_as(lin, nn.Linear), runs_as(nn.utils.parametrizations.weight_norm(lin), nn.Linear)
+    (True, True)
+    >>> class Shifted(nn.Linear):
+    ...     def forward(self, x):
+    ...         return super().forward(x) + 1
+    >>> runs_as(Shifted(2, 2), nn.Linear), runs_as(nn.Conv2d(1, 1, 1), nn.Linear)
+    (False, False)
+    """
+    cls = type(module)
+    return any(
+        issubclass(cls, base)
+        and cls.forward is base.forward
+        and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+        for base in classes
+    )
+
+
 def passes_through(*modules: nn.Module) -> bool:
     """Whether each module (dropout, drop path, identity) is the identity as it stands: in eval mode, or with
     a zero rate. A folded path that skips them must check this (MC dropout re-enables dropout in eval)."""
@@ -197,9 +230,11 @@ def gelu_(x: Tensor, approximate: str = "none") -> Tensor:
 
 
 def mlp_hidden(mlp: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """For a timm ``Mlp`` (``fc1, act, drop1, norm, fc2, drop2``): the part before ``fc2`` (with an exact
-    ``nn.GELU`` applied in place), or ``None`` for any other module."""
-    if not all(hasattr(mlp, name) for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2")):
+    """For a timm ``Mlp`` (``fc1, act, drop1, norm, fc2, drop2``) whose ``fc2`` is a linear layer: the part before
+    ``fc2`` (with an exact ``nn.GELU`` applied in place), or ``None`` for any other module (another MLP, such as
+    ``GluMlp``, an ``Mlp`` subclass with its own ``forward``, or an ``fc2`` that must be called as itself, see
+    :func:`runs_as`): the folded forms then run the plain one."""
+    if not runs_as(mlp, Mlp) or not runs_as(mlp.fc2, nn.Linear):
         return None
     act = mlp.act
     if type(act) is nn.GELU:

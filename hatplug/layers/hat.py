@@ -36,6 +36,7 @@ from .fusion import (
     mlp_hidden,
     passes_through,
     residual_linear,
+    runs_as,
     stream_dtype,
 )
 from .pos_embed import AbsolutePositionMLP, _tracing
@@ -120,6 +121,12 @@ def _scale(x: Tensor, gamma: Tensor | None) -> Tensor:
 def _scaled_linear(linear: nn.Linear, gamma: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``(weight, bias)`` of ``gamma * linear(.)``: the layer's own tensors when there is no layer scale."""
     return (linear.weight, linear.bias) if gamma is None else fold_scale(linear.weight, linear.bias, gamma)
+
+
+def _attention_runs_as_stock(attn: nn.Module) -> bool:
+    """Whether the folded form may stand in for ``attn``'s call: ``attn.proj(attn.attend(x))`` with ``proj`` read,
+    not called (:func:`~hatplug.layers.fusion.runs_as`)."""
+    return runs_as(attn, BiasedAttention) and runs_as(attn.proj, nn.Linear)
 
 
 def _folded_residual_pair(cache, proj: nn.Linear, gamma_attn, fc2: nn.Linear, gamma_mlp) -> tuple:
@@ -229,7 +236,7 @@ class CarrierTokenHalf:
         if (
             (fusion_active(self, ct) if folding is None else folding)
             and hidden is not None
-            and isinstance(self.hat_attn, BiasedAttention)
+            and _attention_runs_as_stock(self.hat_attn)
             and passes_through(self.hat_drop_path, self.hat_attn.proj_drop, self.hat_mlp.drop2)
         ):
             w_attn, b_attn, w_mlp, b_mlp = _folded_residual_pair(
@@ -438,6 +445,7 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         hidden = mlp_hidden(self.mlp)
         if (
             hidden is not None
+            and _attention_runs_as_stock(self.attn)
             and fusion_active(self, x, ct)
             and passes_through(self.drop_path, self.attn.proj_drop, self.mlp.drop2)
         ):

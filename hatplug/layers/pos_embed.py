@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import drop_derived
 from ..errors import refuse_scripting
-from ._cache import FoldedTensors
+from ._cache import FoldedTensors, hooks_below
 
 __all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP", "CarrierPositionMLP"]
 
@@ -52,7 +52,7 @@ class CachedBias(nn.Module):
         return super().train(mode)
 
     def forward(self, *geometry: int) -> Tensor:
-        if self.training or _tracing():
+        if self.training or _tracing() or hooks_below(self):  # hooks on the MLP see every computation
             return self.compute(*geometry)
         params = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -95,6 +95,15 @@ def _log_relative_coords(window_h: int, window_w: int, dtype: torch.dtype = torc
 def _centred_axis(side: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``(i - side // 2) / (side // 2)`` for ``i < side``: a 7-wide grid spans ``[-1, 1]``."""
     return (torch.arange(side, dtype=dtype) - side // 2) / max(side // 2, 1)
+
+
+def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which float dtype ``module`` computes: those of its first floating-point parameter, or CPU
+    float32 for one without (a dynamically quantized MLP keeps its weights packed, and takes float32 inputs)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
 
 
 def _float64_coordinates(like: Tensor) -> bool:
@@ -253,14 +262,13 @@ class CarrierPositionMLP(CachedBias):
 
     def compute(self, windows_h: int, windows_w: int) -> Tensor:
         c = self.ct_size
-        device = self.cpb_mlp[0].weight.device
+        device, dtype = _device_and_dtype(self.cpb_mlp)
         local = torch.arange(c, device=device)
         rows = torch.arange(windows_h, device=device).view(-1, 1, 1, 1) * c + local.view(1, 1, -1, 1)
         cols = torch.arange(windows_w, device=device).view(1, -1, 1, 1) * c + local.view(1, 1, 1, -1)
         shape = (windows_h, windows_w, c, c)
-        weight = self.cpb_mlp[0].weight
-        exact = torch.float64 if _float64_coordinates(weight) else torch.float32
+        exact = torch.float64 if dtype == torch.float64 else torch.float32
         y = (2 * rows.expand(shape).to(exact) + 1) / (windows_h * c) - 1
         x = (2 * cols.expand(shape).to(exact) + 1) / (windows_w * c) - 1
-        coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(weight.dtype)
+        coords = torch.stack((y, x), dim=-1).reshape(1, -1, 2).to(dtype)
         return self.cpb_mlp(coords)
