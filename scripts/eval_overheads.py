@@ -7,7 +7,8 @@ Prints the best of 7 repeats of: a cached position bias (``pos_embed()`` and the
 a stage-3 block of ``faster_vit_0_224``), one ``FoldedTensors.get`` hit (a conv block's folded weights), the
 check whether a block may run folded (``fusion_active``, a walk over its submodules) for a HAT and a conv block,
 one ``stream_dtype`` call as a HAT block's folded form makes it, FasterViT's input checks and the shape checks of
-``window_partition`` / ``window_reverse`` (each forward runs them once per call), and an
+``window_partition`` / ``window_reverse`` (each forward runs them once per call), the checks that the layers a
+folded form reads are stock ones (``runs_as``; per block) and for hooks under a cached bias (per bias), and an
 eval forward of ``hatplug.convert(swin_tiny_patch4_window7_224)`` at batch 8, 224 px (random weights).
 """
 
@@ -20,7 +21,9 @@ import torch
 
 import fastervit
 import hatplug
-from hatplug.layers.fusion import FoldedTensors, fusion_active, stream_dtype
+from hatplug.layers._cache import hooks_below
+from hatplug.layers.fusion import FoldedTensors, fusion_active, mlp_hidden, stream_dtype
+from hatplug.layers.hat import _attention_runs_as_stock
 from hatplug.layers.windows import _check_fold, _check_windows
 
 
@@ -46,6 +49,10 @@ def main() -> None:
             "FasterViT input checks (_check_input)": lambda: model._check_input(x),
             "window_partition's shape check": lambda: _check_windows(stage_map, 7),
             "window_reverse's shape check": lambda: _check_fold(windows, 7, 14, 14),
+            "stock-layer checks (HAT block)": lambda: _attention_runs_as_stock(block.attn) and mlp_hidden(block.mlp),
+            "stock-layer checks (conv block)": conv_block._foldable,
+            "stock-layer checks (stem)": model.patch_embed._foldable,
+            "hooks_below(position bias)": lambda: hooks_below(block.pos_embed),
         }
         for name, fn in calls.items():
             fn()

@@ -195,12 +195,16 @@ def runs_as(module: nn.Module | None, *classes: type) -> bool:
     (False, False)
     """
     cls = type(module)
-    return any(
-        issubclass(cls, base)
-        and cls.forward is base.forward
-        and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
-        for base in classes
-    )
+    if cls in classes:  # the common case, in a tenth of the time of the loop
+        return True
+    for base in classes:
+        if (
+            issubclass(cls, base)
+            and cls.forward is base.forward
+            and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+        ):
+            return True
+    return False
 
 
 def passes_through(*modules: nn.Module) -> bool:
