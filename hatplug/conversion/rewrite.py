@@ -88,10 +88,11 @@ def unsupported_message(model: nn.Module) -> str:
             "HAT gives carrier tokens to windowed (local) attention; attention that already spans the whole map "
             "(ViT, PVT, Twins-PCPVT's GlobalSubSampleAttn) has no windows to summarise, and no adapter changes that."
         )
-    if isinstance(model, torch.fx.GraphModule):
+    if any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):  # or holds one: timm's FeatureGraphNet
         lines.append(
-            "It is an fx graph (e.g. timm features_only with feature_cls='fx'), whose blocks are inlined: convert "
-            "the model first, then extract features from the converted model (timm's create_feature_extractor)."
+            "It is or holds an fx graph (e.g. timm features_only with feature_cls='fx'), whose blocks are inlined: "
+            "convert the model first, then extract features from the converted model (timm's "
+            "create_feature_extractor)."
         )
     lines.append("Supported block families:")
     for adapter in registered_adapters():

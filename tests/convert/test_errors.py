@@ -243,3 +243,11 @@ def test_save_refuses_a_directory_and_other_suffixes(tmp_path):
     (tmp_path / "swin.safetensors").mkdir()
     with pytest.raises(CheckpointError, match=r"swin\.safetensors is a directory, not a checkpoint file"):
         hatplug.load(tmp_path / "swin.safetensors", make_model(FAMILIES["swin"], 64))
+
+
+def test_fx_feature_extractor_says_to_convert_first():
+    """timm's ``features_only=True, feature_cls="fx"`` is a FeatureGraphNet holding an fx graph with the blocks
+    inlined: the refusal says to convert the model first and extract features from the converted one."""
+    model = FAMILIES["swin"].make(64, features_only=True, out_indices=(1, 2), feature_cls="fx")
+    with pytest.raises(UnsupportedModelError, match="convert the model first, then extract features"):
+        hatplug.convert(model)
