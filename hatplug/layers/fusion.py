@@ -17,7 +17,8 @@ modules and fuse on their own), and no autograd through the weights or the input
 modules run, so training is bit-identical with or without this. A submodule with hooks (a feature or
 attention-map probe) makes its module run the plain form, so that the hooks fire, and so does one in
 training mode under an eval-mode parent (test-time BatchNorm adaptation, MC dropout / drop path) or a
-BatchNorm without running statistics.
+BatchNorm without running statistics. So does a block whose read-not-called layers are no longer the stock
+classes (a LoRA adapter, a quantized linear, a subclass with its own ``forward``: :func:`runs_as`).
 ``inference_fusion(False)`` switches it off globally (A/B measurements, debugging), together with the
 other inference-only forms that use
 :func:`fusion_active`: FasterViT's conv levels in channels-last on CPU and its stem in batch chunks
