@@ -21,7 +21,7 @@ import torch
 
 import fastervit
 import hatplug
-from hatplug.layers._cache import hooks_below
+from hatplug.layers._cache import must_run_below
 from hatplug.layers.fusion import FoldedTensors, fusion_active, mlp_hidden, stream_dtype
 from hatplug.layers.hat import _attention_runs_as_stock
 from hatplug.layers.windows import _check_fold, _check_windows
@@ -52,7 +52,7 @@ def main() -> None:
             "stock-layer checks (HAT block)": lambda: _attention_runs_as_stock(block.attn) and mlp_hidden(block.mlp),
             "stock-layer checks (conv block)": conv_block._foldable,
             "stock-layer checks (stem)": model.patch_embed._foldable,
-            "hooks_below(position bias)": lambda: hooks_below(block.pos_embed),
+            "must_run_below(position bias)": lambda: must_run_below(block.pos_embed),
         }
         for name, fn in calls.items():
             fn()

@@ -37,7 +37,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ._cache import FoldedTensors
+from ._cache import FoldedTensors, must_run_below
 from .pos_embed import _tracing
 
 __all__ = [
@@ -86,24 +86,8 @@ def inference_fusion(enabled: bool) -> Iterator[None]:
 
 def _not_foldable_below(module: nn.Module) -> bool:
     """Whether a submodule of ``module`` must run as itself, which the folded form (it skips their calls) cannot
-    do: one with hooks, or any while global module hooks are registered (those must see every module run); one
-    in training mode under an eval-mode parent (test-time BatchNorm adaptation, MC dropout); a BatchNorm
-    without running statistics (it normalises with the batch's). A plain walk over ``_modules`` (about 25 us
-    for a FasterViT HAT block; ``module.modules()`` takes several times that)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
-    stack = list(module._modules.values())
-    while stack:
-        m = stack.pop()
-        if m is None:
-            continue
-        if m.training or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return True
-        # a BatchNorm without running statistics has them registered as None (a dict lookup, not isinstance)
-        if m._buffers.get("running_mean", 0) is None or m._buffers.get("running_var", 0) is None:
-            return True
-        stack.extend(m._modules.values())
-    return False
+    do (see :func:`~hatplug.layers._cache.must_run_below`)."""
+    return must_run_below(module, folding=True)
 
 
 def fusion_active(module: nn.Module, *inputs: Tensor | None) -> bool:

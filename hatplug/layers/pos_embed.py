@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import drop_derived
 from ..errors import refuse_scripting
-from ._cache import FoldedTensors, hooks_below
+from ._cache import FoldedTensors, must_run_below
 
 __all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP", "CarrierPositionMLP"]
 
@@ -52,7 +52,7 @@ class CachedBias(nn.Module):
         return super().train(mode)
 
     def forward(self, *geometry: int) -> Tensor:
-        if self.training or _tracing() or hooks_below(self):  # hooks on the MLP see every computation
+        if self.training or _tracing() or must_run_below(self):  # hooks on the MLP see every computation
             return self.compute(*geometry)
         params = list(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
