@@ -555,3 +555,15 @@ def test_hooks_on_a_position_mlp_see_every_forward():
         for _ in range(3):
             model(x)
     assert len(calls) == 3
+
+
+def test_vmap_over_eval_forwards():
+    """``torch.func.vmap`` over eval forwards without autograd (the folded form's ``out=`` writes have no batching
+    rule): the plain form runs, and each slice gives what a forward of that slice gives."""
+    model = _model()
+    stage = HATStage(16, 1, 2, (8, 8), 4).eval()
+    xs, maps = torch.randn(2, 1, 3, 64, 80), torch.randn(3, 1, 16, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # functorch: no batching rule for the CPU attention kernel (a fallback)
+        for module, inputs in ((model, xs), (stage, maps)):
+            torch.testing.assert_close(torch.func.vmap(module)(inputs), torch.stack([module(x) for x in inputs]), **TOL)

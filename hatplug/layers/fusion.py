@@ -90,11 +90,18 @@ def _not_foldable_below(module: nn.Module) -> bool:
     return must_run_below(module, folding=True)
 
 
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def fusion_active(module: nn.Module, *inputs: Tensor | None) -> bool:
     """True where ``module`` may run its folded form: fusion enabled, ``module`` and every submodule in eval
-    mode, no tracer/compiler, no autograd through its parameters or ``inputs``, no hooks on its submodules (the
-    folded form skips their calls) and no BatchNorm without running statistics."""
+    mode, no tracer/compiler, no ``torch.func`` transform (``vmap``, ``grad``) over ``inputs``, no autograd through
+    its parameters or ``inputs``, no hooks on its submodules (the folded form skips their calls) and no BatchNorm
+    without running statistics."""
     if not _ENABLED or module.training or _tracing() or _not_foldable_below(module):
+        return False
+    # inside torch.func transforms (vmap has no batching rule for the folded forms' out= writes): the plain form
+    if any(t is not None and _functorch_wrapped(t) for t in inputs):
         return False
     if torch.is_grad_enabled():
         if any(t is not None and t.requires_grad for t in inputs):
