@@ -87,7 +87,7 @@ def test_grouped_order_matches_per_window_view():
     tok = CarrierTokenizer(dim=4, map_size=(14, 21), window_size=7, ct_size=2)
     x = torch.randn(2, 4, 14, 21)
     ct = tok(x)  # (B, nW*4, C)
-    pooled = tok.to_global_feature(x)  # (B, C, 4, 6)
+    pooled = tok.to_global_feature(tok.pos_embed(x))  # (B, C, 4, 6)
     per_window = ct.reshape(2 * 6, 4, 4)
     # window (row 1, col 2) of image 1 owns pooled[1, :, 2:4, 4:6]
     expected = pooled[1, :, 2:4, 4:6].reshape(4, 4).T
@@ -343,3 +343,25 @@ def test_stage_names_bad_inputs_and_arguments():
     assert block.hat_attn is not None
     with pytest.raises(ValueError, match=r"call it as block\(x, ct\)"):  # "NoneType + Tensor" before
         block(torch.randn(4, 49, 8))
+
+
+def test_functional_call_puts_every_parameter_back():
+    """``torch.func.functional_call`` swaps parameters in and back out. The carrier-token conv, which official
+    checkpoints name twice (``pos_embed`` and ``to_global_feature.pos``), used to be registered under both names,
+    and torch does not put back a submodule registered twice: it kept the swapped-in tensor, so the stage's own
+    output changed and a deepcopy after per-sample gradients failed. The state dict still has both names."""
+    stage = HATStage(16, 1, 2, (8, 8), 4).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        before = stage(x)
+    params = dict(stage.named_parameters())
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    with torch.no_grad():
+        swapped = torch.func.functional_call(stage, zeros, (x,))
+    assert not torch.equal(swapped, before)
+    assert all(p is params[name] for name, p in stage.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(stage(x), before, rtol=0, atol=0)
+    state = copy.deepcopy(stage).state_dict()
+    tok = "global_tokenizer."
+    assert torch.equal(state[tok + "pos_embed.weight"], state[tok + "to_global_feature.pos.weight"])

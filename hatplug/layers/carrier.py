@@ -38,27 +38,26 @@ def _pool_geometry(size, window_size, ct_size):
 _ALIASES = [(f"pos_embed.{name}", f"to_global_feature.pos.{name}") for name in ("weight", "bias")]
 
 
-def _copy_alias(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """The second name of the conv gets a copy in a state dict, not the same tensor: savers that refuse
-    shared memory (``safetensors.torch.save_file``, timm's ``save_for_hf``) then take it. With
-    ``keep_vars=True`` (Parameters) both names keep the one Parameter."""
-    for _, alias in _ALIASES:
-        value = state_dict.get(prefix + alias)
-        if value is not None and not isinstance(value, nn.Parameter):
-            state_dict[prefix + alias] = value.clone()
+def _add_alias(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The official checkpoints' second name of the conv, ``to_global_feature.pos``, in a state dict: the same
+    Parameter with ``keep_vars=True``, else a copy (not the same memory), so that savers that refuse shared
+    memory (``safetensors.torch.save_file``, timm's ``save_for_hf``) take it."""
+    for name, alias in _ALIASES:
+        value = state_dict.get(prefix + name)
+        if value is not None:
+            state_dict[prefix + alias] = value if isinstance(value, nn.Parameter) else value.clone()
 
 
-def _fill_alias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Both names of the conv load the tensor given under ``pos_embed`` (else the one under the second name):
-    a state dict holding one of them (deduplicating savers such as ``safetensors.torch.save_model`` keep one)
-    loads with ``load_state_dict``, strict or not, and so does a full state dict that
-    ``torch.distributed.checkpoint`` has sharded under the first name only (FSDP2)."""
+def _take_alias(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """The conv loads the tensor given under ``pos_embed`` (else the one under the second name, which is then
+    not an unexpected key): a state dict holding one of them (deduplicating savers such as
+    ``safetensors.torch.save_model`` keep one) loads with ``load_state_dict``, strict or not, and so does a full
+    state dict that ``torch.distributed.checkpoint`` has sharded under the first name only (FSDP2)."""
     for name, alias in _ALIASES:
         a, b = prefix + name, prefix + alias
-        if a in state_dict:
-            state_dict[b] = state_dict[a]
-        elif b in state_dict:
-            state_dict[a] = state_dict[b]
+        if b in state_dict:
+            value = state_dict.pop(b)
+            state_dict.setdefault(a, value)
 
 
 class CarrierTokenizer(nn.Module):
@@ -68,8 +67,10 @@ class CarrierTokenizer(nn.Module):
     each window. The result is stored grouped by window: ``(B, nW * ct_size**2, C)`` where windows are
     row-major, so ``ct.view(B * nW, ct_size**2, C)`` lines up with :func:`window_partition`.
 
-    With a ``map_size`` the tokenizer is built for that (padded) size, as in FasterViT, and the conv is
-    also reachable as ``to_global_feature.pos`` because official checkpoints store it under both names.
+    With a ``map_size`` the tokenizer is built for that (padded) size, as in FasterViT, and its state dict
+    also holds the conv as ``to_global_feature.pos``, because official checkpoints store it under both names
+    (either loads). The conv is one module, registered once (``torch.func.functional_call`` does not put back
+    a submodule registered under two names).
     With ``map_size=None`` it accepts any size: the map is zero-padded to whole windows and the pooling
     geometry (:func:`carrier_pool_geometry`) is worked out from the input on every call, which is what
     converted models use.
@@ -116,19 +117,21 @@ class CarrierTokenizer(nn.Module):
             out_h, stride_h, kernel_h = carrier_pool_geometry(self.map_size[0], window[0], ct_size)
             out_w, stride_w, kernel_w = carrier_pool_geometry(self.map_size[1], window[1], ct_size)
             self.grid_size = (out_h, out_w)
-            self.to_global_feature = nn.Sequential()
-            self.to_global_feature.add_module("pos", self.pos_embed)
+            self.to_global_feature = nn.Sequential()  # the official module, but for its "pos", which is pos_embed
             self.to_global_feature.add_module(
                 "pool", nn.AvgPool2d(kernel_size=(kernel_h, kernel_w), stride=(stride_h, stride_w))
             )
-            self.register_state_dict_post_hook(_copy_alias)
-            self.register_load_state_dict_pre_hook(_fill_alias)
+            # reachable by that name (torch.distributed.checkpoint resolves state-dict keys by attribute), but not
+            # registered twice: the official "pos" is an attribute of the Sequential, not one of its modules
+            object.__setattr__(self.to_global_feature, "pos", self.pos_embed)
+            self.register_state_dict_post_hook(_add_alias)
+            self.register_load_state_dict_pre_hook(_take_alias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
         if self.map_size is not None:
-            x = self.to_global_feature(x)  # (B, C, ct * nH, ct * nW)
+            x = self.to_global_feature(self.pos_embed(x))  # (B, C, ct * nH, ct * nW)
             gh, gw = self.grid_size
         else:
             x = self._pool_any_size(x)
