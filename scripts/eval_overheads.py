@@ -8,7 +8,8 @@ a stage-3 block of ``faster_vit_0_224``), one ``FoldedTensors.get`` hit (a conv 
 check whether a block may run folded (``fusion_active``, a walk over its submodules) for a HAT and a conv block,
 one ``stream_dtype`` call as a HAT block's folded form makes it, FasterViT's input checks and the shape checks of
 ``window_partition`` / ``window_reverse`` (each forward runs them once per call), the checks that the layers a
-folded form reads are stock ones (``runs_as``; per block) and for hooks under a cached bias (per bias), and an
+folded form reads are stock ones (``runs_as``; per block) and for hooks under a cached bias (per bias), the input
+checks of a HAT block, its attention and a carrier tokenizer (per call), and an
 eval forward of ``hatplug.convert(swin_tiny_patch4_window7_224)`` at batch 8, 224 px (random weights).
 """
 
@@ -38,6 +39,7 @@ def main() -> None:
     probe = torch.zeros(1)
     stage_map = torch.zeros(8, 256, 14, 14)  # stage 3 of faster_vit_0_224
     windows = torch.zeros(32, 49, 256)
+    tokens, carriers, joined = torch.zeros(32, 49, 256), torch.zeros(8, 16, 256), torch.zeros(32, 53, 256)
     with torch.inference_mode():
         calls = {
             "pos_embed() (cached)": block.pos_embed,
@@ -53,6 +55,9 @@ def main() -> None:
             "stock-layer checks (conv block)": conv_block._foldable,
             "stock-layer checks (stem)": model.patch_embed._foldable,
             "must_run_below(position bias)": lambda: must_run_below(block.pos_embed),
+            "HAT block input check": lambda: block._check_input(tokens, carriers),
+            "attention token check": lambda: block.attn._check_tokens(joined),
+            "carrier tokenizer input check": lambda: model.levels[2].global_tokenizer._check_input(stage_map),
         }
         for name, fn in calls.items():
             fn()

@@ -19,7 +19,9 @@ from hatplug.layers import (
     grouped_to_raster_index,
     upsample_index,
     window_partition,
+    window_partition_nhwc,
     window_reverse,
+    window_reverse_nhwc,
 )
 from hatplug.layers.fusion import inference_fusion
 
@@ -365,3 +367,72 @@ def test_functional_call_puts_every_parameter_back():
     state = copy.deepcopy(stage).state_dict()
     tok = "global_tokenizer."
     assert torch.equal(state[tok + "pos_embed.weight"], state[tok + "to_global_feature.pos.weight"])
+
+
+def _block_and_tokens(dim=16, window=4, windows=(2, 2), ct=2):
+    grid = CarrierTokenGrid(windows, ct)
+    block = HATBlock(dim, 2, window, grid)
+    n = windows[0] * windows[1]
+    return block, torch.randn(2 * n, window * window, dim), torch.randn(2, n * ct * ct, dim)
+
+
+BAD_INPUTS = {  # what a researcher may pass the primitives -> the named error it gets
+    "tokenizer: map of another size": (
+        lambda: CarrierTokenizer(8, (8, 12), 4, 2)(torch.randn(1, 8, 12, 8)),
+        "built for 8x12 maps",
+    ),
+    "tokenizer: unpadded map": (lambda: CarrierTokenizer(8, (8, 12), 4, 2)(torch.randn(1, 8, 7, 11)), "pad_to_windows"),
+    "tokenizer: channels-last map": (
+        lambda: CarrierTokenizer(6, (8, 12), 4, 2)(torch.randn(1, 8, 12, 6)),
+        "channels_last=True",
+    ),
+    "tokenizer: unbatched map": (lambda: CarrierTokenizer(8, None, 4, 2)(torch.randn(8, 7, 11)), r"x\[None\]"),
+    "block: wrong token count": (
+        lambda: (lambda b, x, ct: b(x[:, :9], ct))(*_block_and_tokens()),
+        r"takes windows of tokens \(B \* num_windows, 16, 16\)",
+    ),
+    "block: a map instead of windows": (
+        lambda: (lambda b, x, ct: b(torch.randn(2, 16, 8, 8), ct))(*_block_and_tokens()),
+        "window_partition makes them",
+    ),
+    "block: carrier tokens of another grid": (
+        lambda: (lambda b, x, ct: b(x, ct[:, :8]))(*_block_and_tokens()),
+        "grid has 4 windows of 4 tokens",
+    ),
+    "block: batch not B * windows": (
+        lambda: (lambda b, x, ct: b(x[:6], ct))(*_block_and_tokens()),
+        r"with x of shape \(B \* 4, 16, 16\)",
+    ),
+    "block: ct_size above the window": (lambda: _block_and_tokens(window=2, ct=3), r"1 <= ct_size <= window_size"),
+    "grid: ct_size 0": (lambda: CarrierTokenGrid((2, 2), 0), "ct_size must be a positive int"),
+    "stage: float ct_size": (lambda: HATStage(16, 1, 2, (8, 8), 4, ct_size=2.0), "ct_size must be a positive int"),
+    "nhwc partition: indivisible map": (
+        lambda: window_partition_nhwc(torch.randn(2, 14, 21, 8), 4),
+        "does not split into 4x4 windows",
+    ),
+    "nhwc reverse: wrong H": (
+        lambda: window_reverse_nhwc(torch.randn(12, 49, 8), (7, 7), 15, 21),
+        "a 15x21 map does not split",
+    ),
+    "attention: negative dropout": (lambda: BiasedAttention(16, 2, (4, 4), attn_drop=-1.0), "between 0 and 1"),
+    "attention: tokens of another window": (
+        lambda: BiasedAttention(16, 2, (4, 4), num_prefix_tokens=4)(torch.randn(2, 16, 16)),
+        r"N = 20",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_to_the_primitives_get_named_errors(case):
+    call, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_window_helpers_take_an_int_window():
+    x = torch.randn(2, 14, 21, 8)
+    assert torch.equal(window_partition_nhwc(x, 7), window_partition_nhwc(x, (7, 7)))
+    assert torch.equal(window_reverse_nhwc(window_partition_nhwc(x, 7), 7, 14, 21), x)
+    square, pair = ContinuousPositionBias(2, 7), ContinuousPositionBias(2, (7, 7))
+    pair.load_state_dict(square.state_dict())
+    assert torch.equal(square(), pair())

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import refuse_scripting
 from .fusion import fusion_active
-from .pos_embed import ContinuousPositionBias
+from .pos_embed import ContinuousPositionBias, _tracing
 
 __all__ = ["BiasedAttention", "CarrierWindowAttention", "gated_carrier_attention", "merge_heads"]
 
@@ -87,6 +87,8 @@ class BiasedAttention(nn.Module):
             raise ValueError(f"num_heads must be at least 1, got {num_heads}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if not 0 <= attn_drop <= 1:
+            raise ValueError(f"attn_drop is a dropout probability, between 0 and 1, got {attn_drop!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim**-0.5
@@ -102,6 +104,8 @@ class BiasedAttention(nn.Module):
 
     def attend(self, x: Tensor) -> Tensor:
         """The attention before the output projection: ``(B_, N, C)`` -> ``(B_, N, C)``."""
+        if not _tracing():
+            self._check_tokens(x)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, heads, N, hd)
@@ -110,6 +114,16 @@ class BiasedAttention(nn.Module):
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
         return merge_heads(x)
+
+    def _check_tokens(self, x: Tensor) -> None:
+        """A named error for tokens of another width or, with a position bias, another count."""
+        C = self.num_heads * self.head_dim
+        n = None if self.pos_emb_funct is None else self.pos_emb_funct.seq_len
+        if x.dim() != 3 or x.shape[2] != C or (n is not None and x.shape[1] != n):
+            count = "N" if n is None else f"{n} (the window its position bias covers, with its prefix tokens)"
+            raise ValueError(
+                f"{type(self).__name__} takes (B, N, {C}) tokens with N = {count}, got shape {tuple(x.shape)}"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj_drop(self.proj(self.attend(x)))

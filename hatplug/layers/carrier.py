@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import refuse_scripting
+from .pos_embed import _tracing
 
 __all__ = ["CarrierTokenizer", "carrier_pool_geometry"]
 
@@ -127,7 +128,37 @@ class CarrierTokenizer(nn.Module):
             self.register_state_dict_post_hook(_add_alias)
             self.register_load_state_dict_pre_hook(_take_alias)
 
+    def _check_input(self, x: Tensor) -> None:
+        """A named error for a map this tokenizer was not built for (a raw reshape error, or tokens grouped into
+        the wrong windows, otherwise)."""
+        layout = "(B, H, W, C)" if self.channels_last else "(B, C, H, W)"
+        C = self.pos_embed.in_channels
+        channels = x.shape[-1] if self.channels_last else x.shape[1] if x.dim() == 4 else None
+        size = tuple(x.shape[1:3] if self.channels_last else x.shape[2:]) if x.dim() == 4 else None
+        if x.dim() == 4 and channels == C and (self.map_size is None or size == self.map_size):
+            return
+        expected = "H, W" if self.map_size is None else f"{self.map_size[0]}, {self.map_size[1]}"
+        expected = f"(B, {expected}, {C})" if self.channels_last else f"(B, {C}, {expected})"
+        if x.dim() != 4:
+            hint = "add the batch dimension, x[None]" if x.dim() == 3 else "pass a batch of maps"
+        elif channels != C:
+            hint = (
+                "build with channels_last=True for (B, H, W, C) maps"
+                if not self.channels_last and x.shape[-1] == C
+                else "build with channels_last=False for (B, C, H, W) maps"
+                if self.channels_last and x.shape[1] == C
+                else f"build it with dim={channels} for {channels}-channel maps"
+            )
+        else:
+            hint = (
+                f"it was built for {self.map_size[0]}x{self.map_size[1]} maps: pad a smaller map to whole windows "
+                f"(pad_to_windows), or build with map_size={size} (or None for any size)"
+            )
+        raise ValueError(f"CarrierTokenizer takes {layout} = {expected} maps, got shape {tuple(x.shape)}: {hint}")
+
     def forward(self, x: Tensor) -> Tensor:
+        if not _tracing():
+            self._check_input(x)
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
         if self.map_size is not None:

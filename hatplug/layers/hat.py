@@ -273,6 +273,9 @@ class CarrierTokenGrid:
 
     def __init__(self, windows: tuple[int, int], ct_size: int, official_order: bool = True) -> None:
         n_h, n_w = windows
+        for name, value in (("windows[0]", n_h), ("windows[1]", n_w), ("ct_size", ct_size)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"CarrierTokenGrid: {name} must be a positive int, got {value!r}")
         self.windows = (n_h, n_w)
         self.ct_size = ct_size
         self.num_tokens = n_h * n_w * ct_size * ct_size
@@ -335,8 +338,15 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         propagate: bool = False,
     ) -> None:
         super().__init__()
+        if ct_grid is not None and not 1 <= ct_grid.ct_size <= window_size:
+            raise ValueError(
+                f"ct_size={ct_grid.ct_size} carrier tokens per window side need 1 <= ct_size <= window_size, and the "
+                f"window is {window_size}x{window_size}: lower the grid's ct_size or raise window_size"
+            )
         self.window_size = window_size
         self.ct_per_window = 0 if ct_grid is None else ct_grid.ct_size**2
+        self.num_windows = 0 if ct_grid is None else ct_grid.windows[0] * ct_grid.windows[1]
+        self.token_dim = dim
         self.propagate = propagate and ct_grid is not None
         hidden = int(dim * mlp_ratio)
 
@@ -436,12 +446,31 @@ class HATBlock(CarrierTokenHalf, nn.Module):
             x = propagate_carrier_tokens(x, ct_windows, self.ct_upsample_index, self.gamma1)
         return x, ct_windows.reshape(B, -1, C)
 
-    def forward(self, x: Tensor, ct: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        if ct is None and self.hat_attn is not None and not _tracing():
+    def _check_input(self, x: Tensor, ct: Tensor | None) -> None:
+        """Named errors for tokens this block was not built for (raw broadcast or view errors otherwise)."""
+        if ct is None and self.hat_attn is not None:
             raise ValueError(
                 "this HATBlock has carrier tokens (it was built with a ct_grid): call it as block(x, ct) with the "
                 "(B, num_windows * ct_size**2, C) tokens of a CarrierTokenizer, or use a HATStage, which makes them"
             )
+        C, n = self.token_dim, self.window_size**2
+        if x.dim() != 3 or x.shape[1:] != (n, C):
+            raise ValueError(
+                f"HATBlock takes windows of tokens (B * num_windows, {n}, {C}), {self.window_size}x{self.window_size} "
+                f"tokens of width {C} each (window_partition makes them from a map), got shape {tuple(x.shape)}"
+            )
+        if ct is not None and self.hat_attn is not None:
+            m = self.num_windows * self.ct_per_window
+            if ct.dim() != 3 or ct.shape[1:] != (m, C) or ct.shape[0] * self.num_windows != x.shape[0]:
+                raise ValueError(
+                    f"this HATBlock's carrier-token grid has {self.num_windows} windows of {self.ct_per_window} "
+                    f"tokens: it takes ct of shape (B, {m}, {C}) with x of shape (B * {self.num_windows}, {n}, {C}), "
+                    f"got ct {tuple(ct.shape)} and x {tuple(x.shape)}"
+                )
+
+    def forward(self, x: Tensor, ct: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if not _tracing():
+            self._check_input(x, ct)
         hidden = mlp_hidden(self.mlp)
         if (
             hidden is not None
@@ -525,6 +554,8 @@ class HATStage(nn.Module):
         ct_grid = None
         self.global_tokenizer = None
         if hat and windows[0] * windows[1] > 1:
+            if not _is_int(ct_size):
+                raise ValueError(f"ct_size must be a positive int (carrier tokens per window side), got {ct_size!r}")
             if not 1 <= ct_size <= window_size:
                 raise ValueError(
                     f"ct_size={ct_size} carrier tokens per window side need 1 <= ct_size <= window_size, and this "

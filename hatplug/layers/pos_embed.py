@@ -140,7 +140,7 @@ class ContinuousPositionBias(CachedBias):
 
     Args:
         num_heads: attention heads.
-        window_size: ``(h, w)`` of the token grid the bias covers.
+        window_size: ``(h, w)`` of the token grid the bias covers (an int for a square one).
         num_prefix_tokens: leading tokens (carrier tokens) with zero bias rows and columns.
         token_order: optional permutation of the resulting sequence (``seq[k] = old[order[k]]``), for
             token streams that are not stored in raster order.
@@ -161,7 +161,7 @@ class ContinuousPositionBias(CachedBias):
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.window_size = tuple(window_size)
+        self.window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.cpb_mlp = nn.Sequential(
             nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)

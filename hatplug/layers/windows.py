@@ -68,21 +68,30 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, C)
 
 
-def _check_windows(x: Tensor, window_size: int) -> None:
-    """A named error for a map that :func:`window_partition` cannot split (a raw reshape error otherwise)."""
+def _window_pair(window_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+
+
+def _check_windows(x: Tensor, window_size: int | tuple[int, int], nhwc: bool = False) -> None:
+    """A named error for a map that :func:`window_partition` (``nhwc``: :func:`window_partition_nhwc`) cannot
+    split (a raw reshape error otherwise)."""
+    name, layout = ("window_partition_nhwc", "(B, H, W, C)") if nhwc else ("window_partition", "(B, C, H, W)")
     if x.dim() != 4:
-        raise ValueError(
-            f"window_partition takes a (B, C, H, W) map, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
-        )
-    if window_size < 1:
+        raise ValueError(f"{name} takes a {layout} map, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    wh, ww = _window_pair(window_size)
+    if wh < 1 or ww < 1:
         raise ValueError(f"window_size must be a positive int, got {window_size!r}")
-    H, W = x.shape[2:]
-    if H % window_size or W % window_size:
+    H, W = x.shape[1:3] if nhwc else x.shape[2:]
+    if H % wh or W % ww:
+        other = (
+            "an NCHW (B, C, H, W) map goes to window_partition"
+            if nhwc
+            else "a channels-last (B, H, W, C) map goes to window_partition_nhwc"
+        )
         raise ValueError(
-            f"window_partition: the {H}x{W} map (shape {tuple(x.shape)}, read as (B, C, H, W)) does not split into "
-            f"{window_size}x{window_size} windows: pad it to {ceil_to_multiple(H, window_size)}x"
-            f"{ceil_to_multiple(W, window_size)} first (pad_to_windows); a channels-last "
-            "(B, H, W, C) map goes to window_partition_nhwc"
+            f"{name}: the {H}x{W} map (shape {tuple(x.shape)}, read as {layout}) does not split into "
+            f"{wh}x{ww} windows: pad it to {ceil_to_multiple(H, wh)}x{ceil_to_multiple(W, ww)} first "
+            f"(pad_to_windows); {other}"
         )
 
 
@@ -100,28 +109,31 @@ def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
 
 
-def _check_fold(windows: Tensor, window_size: int, H: int, W: int) -> None:
-    """A named error for windows that :func:`window_reverse` cannot fold into an ``H x W`` map."""
-    if window_size < 1 or H % window_size or W % window_size:
+def _check_fold(windows: Tensor, window_size: int | tuple[int, int], H: int, W: int, nhwc: bool = False) -> None:
+    """A named error for windows that :func:`window_reverse` (``nhwc``: :func:`window_reverse_nhwc`) cannot fold
+    into an ``H x W`` map."""
+    name = "window_reverse_nhwc" if nhwc else "window_reverse"
+    wh, ww = _window_pair(window_size)
+    if wh < 1 or ww < 1 or H % wh or W % ww:
         raise ValueError(
-            f"window_reverse: a {H}x{W} map does not split into {window_size}x{window_size} windows: pass the H and W "
+            f"{name}: a {H}x{W} map does not split into {wh}x{ww} windows: pass the H and W "
             "of the padded map the windows came from (multiples of window_size)"
         )
-    per_image = (H // window_size) * (W // window_size)
-    if windows.dim() != 3 or windows.shape[1] != window_size * window_size or windows.shape[0] % per_image:
+    per_image = (H // wh) * (W // ww)
+    if windows.dim() != 3 or windows.shape[1] != wh * ww or windows.shape[0] % per_image:
         raise ValueError(
-            f"window_reverse: windows of shape {tuple(windows.shape)} are not (B * {per_image}, "
-            f"{window_size * window_size}, C), the {per_image} windows of {window_size}x{window_size} tokens per "
+            f"{name}: windows of shape {tuple(windows.shape)} are not (B * {per_image}, "
+            f"{wh * ww}, C), the {per_image} windows of {wh}x{ww} tokens per "
             f"image that a {H}x{W} map has: pass the window_size and the H and W they were made with"
         )
 
 
-def window_partition_nhwc(x: Tensor, window_size: tuple[int, int]) -> Tensor:
+def window_partition_nhwc(x: Tensor, window_size: int | tuple[int, int]) -> Tensor:
     """Split a channels-last map into windows of tokens (the layout of timm's Swin and Twins).
 
     Args:
         x: ``(B, H, W, C)`` with H and W multiples of the window sides.
-        window_size: ``(wh, ww)``.
+        window_size: ``(wh, ww)``, or one int for square windows.
 
     Returns:
         ``(B * H/wh * W/ww, wh * ww, C)``, batch-major, windows and tokens row-major: the same order as
@@ -131,21 +143,25 @@ def window_partition_nhwc(x: Tensor, window_size: tuple[int, int]) -> Tensor:
     >>> torch.equal(window_partition_nhwc(x, (7, 7)), window_partition(x.permute(0, 3, 1, 2), 7))
     True
     """
+    if not _tracing():  # a traced or compiled graph records the reshape, not this check
+        _check_windows(x, window_size, nhwc=True)
     B, H, W, C = x.shape
-    wh, ww = window_size
+    wh, ww = _window_pair(window_size)
     x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, wh * ww, C)
 
 
-def window_reverse_nhwc(windows: Tensor, window_size: tuple[int, int], H: int, W: int) -> Tensor:
+def window_reverse_nhwc(windows: Tensor, window_size: int | tuple[int, int], H: int, W: int) -> Tensor:
     """Inverse of :func:`window_partition_nhwc`: ``(B * nW, wh * ww, C)`` -> ``(B, H, W, C)``.
 
     >>> x = torch.randn(2, 14, 21, 8)
     >>> torch.equal(window_reverse_nhwc(window_partition_nhwc(x, (7, 3)), (7, 3), 14, 21), x)
     True
     """
+    if not _tracing():  # a traced or compiled graph records the reshape, not this check
+        _check_fold(windows, window_size, H, W, nhwc=True)
     C = windows.shape[-1]
-    wh, ww = window_size
+    wh, ww = _window_pair(window_size)
     x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, H, W, C)
 
