@@ -17,6 +17,7 @@ from hatplug.layers import (
     HATStage,
     carrier_pool_geometry,
     grouped_to_raster_index,
+    pad_to_windows,
     upsample_index,
     window_partition,
     window_partition_nhwc,
@@ -414,6 +415,7 @@ BAD_INPUTS = {  # what a researcher may pass the primitives -> the named error i
         lambda: window_reverse_nhwc(torch.randn(12, 49, 8), (7, 7), 15, 21),
         "a 15x21 map does not split",
     ),
+    "pad: negative amount": (lambda: pad_to_windows(torch.ones(1, 2, 5, 6), -1, 0), "does not crop"),
     "attention: negative dropout": (lambda: BiasedAttention(16, 2, (4, 4), attn_drop=-1.0), "between 0 and 1"),
     "attention: tokens of another window": (
         lambda: BiasedAttention(16, 2, (4, 4), num_prefix_tokens=4)(torch.randn(2, 16, 16)),

@@ -45,6 +45,8 @@ def pad_to_windows(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
     """
     if pad_h == 0 and pad_w == 0:
         return x
+    if pad_h < 0 or pad_w < 0:  # F.pad would crop
+        raise ValueError(f"pad_to_windows pads, it does not crop: pad_h and pad_w must be >= 0, got {pad_h}, {pad_w}")
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
