@@ -438,3 +438,21 @@ def test_window_helpers_take_an_int_window():
     square, pair = ContinuousPositionBias(2, 7), ContinuousPositionBias(2, (7, 7))
     pair.load_state_dict(square.state_dict())
     assert torch.equal(square(), pair())
+
+
+def test_stage_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    stage = HATStage(16, depth=2, num_heads=2, input_resolution=(8, 12), window_size=4, do_propagation=True)
+    x = torch.randn(2, 16, 8, 12)
+    grads, calls = [], []
+    stage.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    for enable in (False, True):
+        stage.set_grad_checkpointing(enable)
+        stage.zero_grad()
+        calls.clear()
+        stage(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in stage.named_parameters()})
+        assert len(calls) == (2 if enable else 1)  # checkpointed: the block runs again in the backward pass
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)

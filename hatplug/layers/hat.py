@@ -582,6 +582,16 @@ class HATStage(nn.Module):
             for i in range(depth)
         )
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """In training, recompute each block's activations in the backward pass instead of keeping them (less
+        memory, one more forward per block), as timm models' method of that name does.
+
+        >>> stage = HATStage(16, depth=2, num_heads=2, input_resolution=8, window_size=4)
+        >>> stage.set_grad_checkpointing()
+        >>> stage(torch.randn(1, 16, 8, 8, requires_grad=True)).sum().backward()
+        """
+        self.grad_checkpointing = enable
+
     @property
     def has_carrier_tokens(self) -> bool:
         return self.global_tokenizer is not None
