@@ -445,7 +445,7 @@ def test_stage_grad_checkpointing_gives_the_same_gradients():
     stage = HATStage(16, depth=2, num_heads=2, input_resolution=(8, 12), window_size=4, do_propagation=True)
     x = torch.randn(2, 16, 8, 12)
     grads, calls = [], []
-    stage.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    stage.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))  # recomputation may stop early
     for enable in (False, True):
         stage.set_grad_checkpointing(enable)
         stage.zero_grad()
