@@ -424,6 +424,14 @@ BAD_INPUTS = {  # what a researcher may pass the primitives -> the named error i
 }
 
 
+def test_stage_refuses_integer_maps():
+    """An integer map failed inside the carrier-token conv ("Input type (long int) and bias type (float)"), or,
+    without carrier tokens, was silently promoted to float."""
+    for hat in (True, False):
+        with pytest.raises(TypeError, match="floating-point maps"):
+            HATStage(16, 1, 2, (8, 8), 4, hat=hat)(torch.ones(1, 16, 8, 8, dtype=torch.long))
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_to_the_primitives_get_named_errors(case):
     call, message = BAD_INPUTS[case]

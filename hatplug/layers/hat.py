@@ -612,6 +612,8 @@ class HATStage(nn.Module):
                 f"this HATStage takes {self.dim}-channel maps (B, {self.dim}, {H}, {W}), got shape {tuple(x.shape)}"
                 + ("; that looks channels-last (B, H, W, C): pass x.permute(0, 3, 1, 2)" if nhwc else "")
             )
+        if not x.is_floating_point():
+            raise TypeError(f"HATStage takes floating-point maps, got {x.dtype}: convert them first, e.g. x.float()")
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
