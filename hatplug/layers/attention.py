@@ -118,7 +118,7 @@ class BiasedAttention(nn.Module):
     def _check_tokens(self, x: Tensor) -> None:
         """A named error for tokens of another width or, with a position bias, another count."""
         C = self.num_heads * self.head_dim
-        n = None if self.pos_emb_funct is None else self.pos_emb_funct.seq_len
+        n = getattr(self.pos_emb_funct, "seq_len", None)  # a bias of other code (an ablation's) may have none
         if x.dim() != 3 or x.shape[2] != C or (n is not None and x.shape[1] != n):
             count = "N" if n is None else f"{n} (the window its position bias covers, with its prefix tokens)"
             raise ValueError(
