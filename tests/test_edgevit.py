@@ -258,8 +258,8 @@ def test_forward_intermediates_equal_the_stage_outputs_and_forward_features():
 
 def test_feature_getter_and_pruned_model_give_the_hooked_features():
     torch.manual_seed(0)
-    hooked = timm.create_model("edgevit_xxs", features_only=True, out_indices=(1, 2)).eval()
-    getter = timm.create_model("edgevit_xxs", features_only=True, out_indices=(1, 2), feature_cls="getter").eval()
+    hooked = timm.create_model("edgevit_xxs", features_only=True, out_indices=(1, 2), feature_cls="hook").eval()
+    getter = timm.create_model("edgevit_xxs", features_only=True, out_indices=(1, 2)).eval()  # the default
     weights = {k.removeprefix("body."): v for k, v in hooked.state_dict().items()}
     own = getter.model.state_dict()
     getter.model.load_state_dict({k: weights[k] for k in own})  # strict: every kept tensor comes from `hooked`
@@ -274,6 +274,26 @@ def test_feature_getter_and_pruned_model_give_the_hooked_features():
     with torch.no_grad():
         for ours, theirs in zip(getter(x), hooked(x)):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_features_only_trains_every_parameter_it_keeps():
+    """The default feature wrapper prunes after the last requested stage, so each kept parameter gets a gradient
+    (DistributedDataParallel's default refuses unused ones; the hook wrapper ran the whole classifier, leaving 178
+    of 216 parameters without a gradient for out_indices=(0,))."""
+    model = timm.create_model("edgevit_xxs", features_only=True, out_indices=(0,))
+    sum(f.sum() for f in model(torch.randn(1, 3, 64, 64))).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused[:5]
+
+
+def test_input_channels_reach_timm_data_config():
+    """timm's input helpers read the model's ``in_chans`` (without it they assumed 3 channels and refused 1)."""
+    from timm.data import resolve_input_data_config
+    from timm.models import get_model_input_config
+
+    model = timm.create_model("edgevit_xxs", in_chans=1)
+    assert get_model_input_config(model)["input_size"] == (1, 224, 224)
+    assert resolve_input_data_config(model, args={"in_chans": 1})["input_size"] == (1, 224, 224)
 
 
 def test_prune_intermediate_layers_keeps_the_requested_stages():
@@ -307,3 +327,13 @@ def test_torch_jit_script_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(scripted.forward_features(x), model.forward_features(x), rtol=1e-6, atol=1e-6)
+
+
+def test_empty_and_unbatched_inputs():
+    """An empty batch gives empty logits, as timm's ViT and ResNet do (a reshape with -1 failed on it); one image
+    without the batch dimension gets a named error (it failed in a permute)."""
+    model = timm.create_model("edgevit_xxs", num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(0, 3, 64, 64)).shape == (0, 5)
+    with pytest.raises(Exception, match=r"for one image pass x\[None\]"):
+        model(torch.zeros(3, 64, 64))

@@ -48,7 +48,7 @@ class EdgeViTCarrierAttention(CarrierWindowAttention):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B_, L = x.shape[0], x.shape[1]
-        q, k, v = self.qkv(x).reshape(B_, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(x).reshape(B_, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q * self.scale, k, v
 
     def sparse_attention(self, x: Tensor, H: int, W: int) -> Tensor:

@@ -77,6 +77,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.dim() == 4, "EdgeViT takes a batch of images (B, C, H, W): for one image pass x[None]")
         x = self.proj(x)  # (B, C, H/p, W/p)
         # LayerNorm normalises the last dim, so channels go last for the norm and come back afterwards;
         # contiguous() keeps the rest of the network in the default NCHW memory format.
@@ -218,7 +219,7 @@ class GlobalSparseAttn(nn.Module):
             h, w = x.shape[2], x.shape[3]
             x = x.flatten(2).transpose(1, 2)  # (B, n, C), n = h * w
 
-        qkv = self.qkv(x).reshape(B, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, x.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, n, head_dim)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -227,7 +228,7 @@ class GlobalSparseAttn(nn.Module):
             attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, n, n)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v  # (B, heads, n, head_dim)
-        x = x.transpose(1, 2).reshape(B, -1, C)  # (B, n, C)
+        x = x.transpose(1, 2).reshape(B, x.shape[2], C)  # (B, n, C); no -1, so that an empty batch works
 
         if self.sr_ratio > 1:
             x = x.transpose(1, 2).reshape(B, C, h, w)  # (B, C, h, w)
@@ -417,6 +418,7 @@ class EdgeViT(nn.Module):
         if img_size is not None:
             update_model_input_size(self, to_2tuple(img_size))
         self.num_classes = num_classes
+        self.in_chans = in_chans  # timm reads it (get_model_input_config, resolve_input_data_config)
         self.global_pool = global_pool
         self.embed_dims = tuple(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
@@ -643,13 +645,15 @@ def _create_edgevit(variant: str, pretrained: bool = False, **kwargs) -> EdgeViT
                 f"timm.create_model({variant!r}, pretrained=True, "
                 f"pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth'))."
             )
-    # features_only: the stages are not registered in execution order (all patch embeds come first, as in
-    # the reference), so features are taken with forward hooks on the unmodified model.
+    # features_only: taken by forward_intermediates on a model pruned after the last requested stage (timm's
+    # "getter"), so every parameter it keeps gets a gradient (DDP's default needs that) and nothing after the
+    # last feature runs. feature_cls="hook" still works: forward hooks on the whole, unmodified model (its
+    # stages are not registered in execution order, so timm's module-flattening wrapper cannot be used).
     return build_model_with_cfg(
         EdgeViT,
         variant,
         pretrained,
-        feature_cfg=dict(feature_cls="hook", no_rewrite=True, out_indices=(0, 1, 2, 3)),
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
         **kwargs,
     )
 
