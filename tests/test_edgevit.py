@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.fx
 
+import hatplug
 from hatplug.models.edgevit import EdgeViT, GlobalSparseAttn, GlobalSparseBlock, LGLBlock, LocalAgg
 
 from .contracts import check_forward_intermediates
@@ -330,10 +331,11 @@ def test_torch_jit_script_matches_eager():
 
 
 def test_empty_and_unbatched_inputs():
-    """An empty batch gives empty logits, as timm's ViT and ResNet do (a reshape with -1 failed on it); one image
-    without the batch dimension gets a named error (it failed in a permute)."""
+    """An empty batch gives empty logits, as timm's ViT and ResNet do (a reshape with -1 failed on it), also after
+    conversion; one image without the batch dimension gets a named error (it failed in a permute)."""
     model = timm.create_model("edgevit_xxs", num_classes=5).eval()
     with torch.no_grad():
         assert model(torch.zeros(0, 3, 64, 64)).shape == (0, 5)
+        assert hatplug.convert(model)(torch.zeros(0, 3, 64, 64)).shape == (0, 5)
     with pytest.raises(Exception, match=r"for one image pass x\[None\]"):
         model(torch.zeros(3, 64, 64))

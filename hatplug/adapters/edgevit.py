@@ -61,7 +61,8 @@ class EdgeViTCarrierAttention(CarrierWindowAttention):
             x = x.flatten(2).transpose(1, 2)
         q, k, v = self.project(x)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0).transpose(1, 2).reshape(B, -1, C)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=1.0)
+        x = x.transpose(1, 2).reshape(B, q.shape[2], C)  # no -1: an empty batch has no size to infer
         if self.sr_ratio > 1:
             x = self.LocalProp(x.transpose(1, 2).reshape(B, C, h, w))[:, :, :H, :W]  # (B, C, H, W)
             x = self.norm(x.flatten(2).transpose(1, 2))
@@ -77,7 +78,7 @@ class EdgeViTCarrierAttention(CarrierWindowAttention):
         n = ct_windows.shape[1]
         windows = window_partition_nhwc(F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)), window_size)
         q, k, v = self.project(torch.cat((ct_windows, windows), dim=1))
-        hat = self.joint_attention(q, k, v, n).transpose(1, 2).reshape(q.shape[0], -1, C)  # (B*nW, n + N_w, C)
+        hat = self.joint_attention(q, k, v, n).transpose(1, 2).reshape(q.shape[0], q.shape[2], C)  # (B*nW, n+N_w, C)
         hat_ct = hat[:, :n]
         out = window_reverse_nhwc(hat[:, n:], window_size, Hp, Wp)[:, :H, :W].reshape(B, N, C)
         if self.hat_gate is not None:
@@ -121,7 +122,7 @@ class EdgeViTHATBlock(CarrierBlock):
         # extraction (timm's create_feature_extractor) takes a module's output from its last op
         ct_windows = ct_windows + self.drop_path1(ct_out)
         ct_windows = ct_windows + self.drop_path2(self.mlp(self.norm2(ct_windows)))
-        ct_out = ct_windows.reshape(B, -1, C)
+        ct_out = ct_windows.reshape(B, n_h * n_w * ct_windows.shape[1], C)
         x = x + self.drop_path1(out)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         x = x.view(B, H, W, C)
