@@ -104,8 +104,6 @@ class BiasedAttention(nn.Module):
 
     def attend(self, x: Tensor) -> Tensor:
         """The attention before the output projection: ``(B_, N, C)`` -> ``(B_, N, C)``."""
-        if not _tracing():
-            self._check_tokens(x)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, heads, N, hd)
@@ -126,6 +124,8 @@ class BiasedAttention(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        if not _tracing():  # not in attend: a HATBlock's folded form calls that on tokens it has checked itself
+            self._check_tokens(x)
         return self.proj_drop(self.proj(self.attend(x)))
 
 

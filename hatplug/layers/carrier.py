@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import Tensor, nn
 
 from ..errors import refuse_scripting
 from .pos_embed import _tracing
 
 __all__ = ["CarrierTokenizer", "carrier_pool_geometry"]
+
+
+def check_ct_size(ct_size, window: tuple[int, int]) -> None:
+    """The one check of a carrier-token size against its window (tokenizer, stage and block share it)."""
+    if isinstance(ct_size, bool) or not isinstance(ct_size, numbers.Integral) or ct_size < 1:
+        raise ValueError(f"ct_size must be a positive int (carrier tokens per window side), got {ct_size!r}")
+    if ct_size > min(window):
+        raise ValueError(
+            f"ct_size={ct_size} carrier tokens per window side need 1 <= ct_size <= window_size, and the window is "
+            f"{window[0]}x{window[1]}: lower ct_size or raise window_size"
+        )
 
 
 def carrier_pool_geometry(size: int, window_size: int, ct_size: int) -> tuple[int, int, int]:
@@ -103,12 +117,8 @@ class CarrierTokenizer(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        window = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
-        if not 1 <= ct_size <= min(window):
-            raise ValueError(
-                f"ct_size={ct_size} carrier tokens per window side need 1 <= ct_size <= the window side, and the "
-                f"window is {window[0]}x{window[1]}: lower ct_size or raise window_size"
-            )
+        window = to_2tuple(window_size)
+        check_ct_size(ct_size, window)
         self.window_size = window
         self.ct_size = ct_size
         self.channels_last = channels_last

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import refuse_scripting
 from .attention import BiasedAttention
-from .carrier import CarrierTokenizer
+from .carrier import CarrierTokenizer, check_ct_size
 from .fusion import (
     FoldedTensors,
     fold_scale,
@@ -338,11 +338,8 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         propagate: bool = False,
     ) -> None:
         super().__init__()
-        if ct_grid is not None and not 1 <= ct_grid.ct_size <= window_size:
-            raise ValueError(
-                f"ct_size={ct_grid.ct_size} carrier tokens per window side need 1 <= ct_size <= window_size, and the "
-                f"window is {window_size}x{window_size}: lower the grid's ct_size or raise window_size"
-            )
+        if ct_grid is not None:
+            check_ct_size(ct_grid.ct_size, (window_size, window_size))
         self.window_size = window_size
         self.ct_per_window = 0 if ct_grid is None else ct_grid.ct_size**2
         self.num_windows = 0 if ct_grid is None else ct_grid.windows[0] * ct_grid.windows[1]
@@ -554,13 +551,7 @@ class HATStage(nn.Module):
         ct_grid = None
         self.global_tokenizer = None
         if hat and windows[0] * windows[1] > 1:
-            if not _is_int(ct_size):
-                raise ValueError(f"ct_size must be a positive int (carrier tokens per window side), got {ct_size!r}")
-            if not 1 <= ct_size <= window_size:
-                raise ValueError(
-                    f"ct_size={ct_size} carrier tokens per window side need 1 <= ct_size <= window_size, and this "
-                    f"stage's window is {window_size}x{window_size}: lower ct_size or raise window_size"
-                )
+            check_ct_size(ct_size, (window_size, window_size))
             ct_grid = CarrierTokenGrid(windows, ct_size, official_ct_order)
             self.global_tokenizer = CarrierTokenizer(dim, self.padded_resolution, window_size, ct_size)
         rates = _drop_path_rates(drop_path, depth)

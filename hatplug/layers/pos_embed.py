@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import Tensor, nn
 
 from ..checkpoint import drop_derived
@@ -161,7 +162,7 @@ class ContinuousPositionBias(CachedBias):
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+        self.window_size = to_2tuple(window_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.cpb_mlp = nn.Sequential(
             nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)

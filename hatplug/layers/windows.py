@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import Tensor
 
 from .pos_embed import _tracing
@@ -70,17 +71,13 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, C)
 
 
-def _window_pair(window_size: int | tuple[int, int]) -> tuple[int, int]:
-    return (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
-
-
 def _check_windows(x: Tensor, window_size: int | tuple[int, int], nhwc: bool = False) -> None:
     """A named error for a map that :func:`window_partition` (``nhwc``: :func:`window_partition_nhwc`) cannot
     split (a raw reshape error otherwise)."""
     name, layout = ("window_partition_nhwc", "(B, H, W, C)") if nhwc else ("window_partition", "(B, C, H, W)")
     if x.dim() != 4:
         raise ValueError(f"{name} takes a {layout} map, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
-    wh, ww = _window_pair(window_size)
+    wh, ww = to_2tuple(window_size)
     if wh < 1 or ww < 1:
         raise ValueError(f"window_size must be a positive int, got {window_size!r}")
     H, W = x.shape[1:3] if nhwc else x.shape[2:]
@@ -115,7 +112,7 @@ def _check_fold(windows: Tensor, window_size: int | tuple[int, int], H: int, W: 
     """A named error for windows that :func:`window_reverse` (``nhwc``: :func:`window_reverse_nhwc`) cannot fold
     into an ``H x W`` map."""
     name = "window_reverse_nhwc" if nhwc else "window_reverse"
-    wh, ww = _window_pair(window_size)
+    wh, ww = to_2tuple(window_size)
     if wh < 1 or ww < 1 or H % wh or W % ww:
         raise ValueError(
             f"{name}: a {H}x{W} map does not split into {wh}x{ww} windows: pass the H and W "
@@ -148,7 +145,7 @@ def window_partition_nhwc(x: Tensor, window_size: int | tuple[int, int]) -> Tens
     if not _tracing():  # a traced or compiled graph records the reshape, not this check
         _check_windows(x, window_size, nhwc=True)
     B, H, W, C = x.shape
-    wh, ww = _window_pair(window_size)
+    wh, ww = to_2tuple(window_size)
     x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, wh * ww, C)
 
@@ -163,7 +160,7 @@ def window_reverse_nhwc(windows: Tensor, window_size: int | tuple[int, int], H: 
     if not _tracing():  # a traced or compiled graph records the reshape, not this check
         _check_fold(windows, window_size, H, W, nhwc=True)
     C = windows.shape[-1]
-    wh, ww = _window_pair(window_size)
+    wh, ww = to_2tuple(window_size)
     x = windows.view(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, H, W, C)
 
@@ -196,7 +193,7 @@ def upsample_index(ct_size: int, window_size: int | tuple[int, int]) -> Tensor:
     >>> upsample_index(2, (2, 3)).tolist()
     [0, 0, 1, 2, 2, 3]
     """
-    size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+    size = to_2tuple(window_size)
     ids = torch.arange(ct_size * ct_size, dtype=torch.float32, device="cpu").view(1, 1, ct_size, ct_size)
     up = F.interpolate(ids, size=size, mode="nearest")
     return up.reshape(-1).long()
