@@ -66,6 +66,31 @@ def test_folded_eval_forward_matches_the_plain_one():
     assert features.is_contiguous() and all(m.is_contiguous() for m in maps)
 
 
+def test_inference_fusion_works_as_a_call_and_as_a_context_manager():
+    """Like ``torch.set_grad_enabled``: a plain call switches folding until the next call (a plain call used to
+    build a context manager and change nothing); a ``with`` block restores the setting, also on an exception."""
+    from hatplug.layers.fusion import inference_fusion_enabled
+
+    model, x = _model(), torch.randn(1, 3, 64, 80)
+    assert inference_fusion_enabled()
+    try:
+        inference_fusion(False)
+        assert not inference_fusion_enabled()
+        with torch.no_grad():
+            assert not fusion_active(model.levels[0].blocks[0], x)
+        with inference_fusion(True):
+            assert inference_fusion_enabled()
+        assert not inference_fusion_enabled()
+    finally:
+        inference_fusion(True)
+    with pytest.raises(RuntimeError, match="boom"), inference_fusion(False):
+        raise RuntimeError("boom")
+    assert inference_fusion_enabled()
+    with pytest.raises(TypeError, match="True or False"):
+        inference_fusion("off")
+    assert inference_fusion_enabled()
+
+
 def test_hooks_on_submodules_fire_in_eval_mode():
     """A folded path skips its submodules' calls: where one has a hook (a feature or attention probe), its
     module runs the plain form, with the same result."""

@@ -28,8 +28,7 @@ place, and the fused-kernel attention of converted blocks (:class:`~hatplug.laye
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +62,11 @@ def inference_fusion_enabled() -> bool:
     return _ENABLED
 
 
-@contextmanager
-def inference_fusion(enabled: bool) -> Iterator[None]:
-    """Switch inference-time folding on or off inside a ``with`` block (globally, not per thread).
+class inference_fusion:  # noqa: N801 - lower case like torch.set_grad_enabled, which it mirrors
+    """Switch inference-time folding on or off (globally, not per thread).
+
+    Like ``torch.set_grad_enabled`` it works both ways: as a plain call it sets the switch until the next call,
+    and in a ``with`` block it restores the previous setting on leaving the block (also on an exception).
 
     >>> import fastervit, torch
     >>> model = fastervit.create_model("faster_vit_0_any_res", resolution=[64, 64]).eval()
@@ -75,13 +76,28 @@ def inference_fusion(enabled: bool) -> Iterator[None]:
     >>> with torch.no_grad():
     ...     torch.allclose(model(x), plain, rtol=1e-4, atol=1e-5)
     True
+    >>> _ = inference_fusion(False)  # a plain call: off from here on
+    >>> inference_fusion_enabled()
+    False
+    >>> _ = inference_fusion(True)
     """
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, bool(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED = previous
+
+    def __init__(self, enabled: bool) -> None:
+        if not isinstance(enabled, (bool, int)):
+            raise TypeError(f"inference_fusion takes True or False, got {type(enabled).__name__} {enabled!r}")
+        global _ENABLED
+        self.enabled = bool(enabled)
+        self.previous, _ENABLED = _ENABLED, self.enabled
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _ENABLED
+        _ENABLED = self.previous
+
+    def __repr__(self) -> str:
+        return f"inference_fusion({self.enabled})"
 
 
 def _not_foldable_below(module: nn.Module) -> bool:
