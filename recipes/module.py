@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from timm.optim import create_optimizer_v2, list_optimizers
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 import hatplug
@@ -199,6 +200,10 @@ class ImageClassifier(pl.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        # the evaluation loss as a metric, a mean over samples also when processes hold different numbers (a
+        # distributed evaluation counts each sample once, see recipes.data.base.eval_loader): Lightning's
+        # sync_dist mean divides the summed batch sizes by the process count in integers (15 / 2 -> 7)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     @_restricted_classmethod  # like Lightning's: calling it on an instance is an error, not a silent no-op
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
@@ -235,7 +240,9 @@ class ImageClassifier(pl.LightningModule):
         top1(logits, target)
         top5(logits, target)
         progress = stage == "val"
-        self.log(f"{stage}/loss", F.cross_entropy(logits, target), on_epoch=True, prog_bar=progress, sync_dist=True)
+        loss = getattr(self, f"{stage}_loss")
+        loss(F.cross_entropy(logits, target), weight=target.shape[0])
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=progress)
         self.log(f"{stage}/top1", top1, on_epoch=True, prog_bar=progress)
         self.log(f"{stage}/top5", top5, on_epoch=True)
 

@@ -9,6 +9,7 @@ from functools import partial
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from PIL import ImageOps
@@ -411,16 +412,40 @@ def eval_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory: 
     """The validation / test / predict loader: in order, every sample, and loader-process seeds from its own
     generator, so that evaluating never draws from the global RNG (which training's dropout uses).
 
+    Under a distributed strategy each process evaluates every ``world_size``-th sample
+    (Lightning's ``UnrepeatedDistributedSampler``), so each sample is counted exactly once. Lightning's own
+    ``DistributedSampler``, which it would put in otherwise, repeats samples to give every process as many, and
+    those repeats were counted in the metrics. The processes' metrics are summed over samples when synced
+    (torchmetrics states, ``sync_dist`` means weighted by batch size), so the result is the single-process one.
+
     >>> from torch.utils.data import TensorDataset
     >>> dm = pl.LightningDataModule()
     >>> dm.batch_size, dm.num_workers, dm.seed = 4, 0, 0
     >>> [batch.tolist() for (batch,) in eval_loader(dm, TensorDataset(torch.arange(10)))]
     [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     """
+    sampler = _eval_sampler(datamodule.trainer, dataset)
     return DataLoader(
         dataset,
         batch_size=datamodule.batch_size,
         num_workers=datamodule.num_workers,
         pin_memory=pin_memory,
+        sampler=sampler,
         generator=torch.Generator().manual_seed(_epoch_seed(datamodule.seed, 0, stream=2)),
     )
+
+
+def _eval_sampler(trainer: pl.Trainer | None, dataset: Sized) -> UnrepeatedDistributedSampler | None:
+    """Every ``world_size``-th sample for this process where Lightning would put in its padding
+    ``DistributedSampler`` (a distributed run with ``use_distributed_sampler``), else ``None`` (in order)."""
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if world <= 1 or not getattr(connector, "use_distributed_sampler", True):
+        return None
+    if len(dataset) < world:
+        # a process without a sample would run no step, and the others would wait for it at the first sync
+        raise ValueError(
+            f"the evaluation split has {len(dataset)} samples, fewer than the {world} processes evaluating it, so "
+            "one would get none; evaluate on fewer devices (Trainer(devices=...)) or use more samples"
+        )
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False)

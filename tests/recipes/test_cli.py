@@ -62,8 +62,10 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
-    single = tiny_config(tmp_path, "single", trainer={"max_epochs": 1})
-    ddp = tiny_config(tmp_path, "ddp", trainer={"max_epochs": 1, "strategy": "ddp", "devices": 2})
+    # 15 validation samples on 2 processes: Lightning's padding sampler would give both 8 and count one twice
+    data = {"data": {"init_args": {"val_samples": 15}}}
+    single = tiny_config(tmp_path, "single", trainer={"max_epochs": 1}, **data)
+    ddp = tiny_config(tmp_path, "ddp", trainer={"max_epochs": 1, "strategy": "ddp", "devices": 2}, **data)
     for config in (single, ddp):
         result = run_recipes("fit", "--config", str(config))
         assert result.returncode == 0, result.stderr[-3000:]
@@ -78,6 +80,11 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert ddp_columns == single_columns
     final = [r for r in ddp_rows if r.get("val/top1")][-1]
     assert 0.0 <= float(final["val/top1"]) <= 1.0 and float(final["val/loss"]) > 0
+    # the two processes' metrics are those of one process validating the same weights: each sample once
+    checkpoint = tmp_path / "ddp" / "version_0" / "checkpoints" / "last.ckpt"
+    alone = main(["validate", "--config", str(single), "--ckpt_path", str(checkpoint)]).trainer.callback_metrics
+    for key in ("val/loss", "val/top1", "val/top5"):
+        assert float(final[key]) == pytest.approx(alone[key].item(), rel=1e-5, abs=1e-7), key
 
 
 def test_test_and_predict_subcommands_and_loading_without_the_warm_start_file(tmp_path):

@@ -331,6 +331,31 @@ def test_a_resume_point_applies_only_to_a_fit_resumed_from_a_checkpoint():
     assert first_epoch("fit", None) == first_epoch("validate", "step=1.ckpt") == 8
 
 
+def test_distributed_evaluation_counts_each_sample_once():
+    """Under DDP each process evaluates every world_size-th sample (Lightning's padding sampler counted repeats);
+    with ``use_distributed_sampler=False`` the loader is left to the user, and a split too small to give every
+    process a sample is refused (that process would run no step and the others would wait for it)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from recipes.data.base import eval_loader
+
+    def indices(n: int, rank: int, world: int = 2, use_sampler: bool = True) -> list[int]:
+        module = _Loaders()
+        module.num_workers = 0
+        connector = SimpleNamespace(use_distributed_sampler=use_sampler)
+        module.trainer = SimpleNamespace(world_size=world, global_rank=rank, _accelerator_connector=connector)
+        return [i for (batch,) in eval_loader(module, TensorDataset(torch.arange(n))) for i in batch.tolist()]
+
+    ranks = [indices(7, rank) for rank in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(7)) and [len(r) for r in ranks] == [4, 3]
+    assert [len(indices(8, rank, world=3)) for rank in range(3)] == [3, 3, 2]
+    assert indices(7, 1, use_sampler=False) == list(range(7))
+    with pytest.raises(ValueError, match="1 samples, fewer than the 2 processes"):
+        indices(1, 0)
+
+
 def test_randaugment_posterize_at_the_top_magnitude_does_not_end_training(tmp_path):
     """timm's increasing-level posterize keeps 0 bits at magnitude 10, which Pillow 13 refuses with a ValueError
     (rand-m9-mstd0.5 reaches 10 in about 2 % of draws): the recipes' transforms give the black image that older
