@@ -91,6 +91,32 @@ def test_inference_fusion_works_as_a_call_and_as_a_context_manager():
     assert inference_fusion_enabled()
 
 
+def test_eval_convs_take_cached_weights_in_the_maps_layout():
+    """On channels-last maps (the CPU eval path) the folded and the downsample conv weights are kept in that layout,
+    so that no forward copies a weight (oneDNN copied each NCHW weight on every call); an NCHW map keeps NCHW
+    weights and gives an NCHW map, and the outputs are the plain form's."""
+    from torch.profiler import profile
+
+    model = _model()
+    weight_shapes = [list(m.weight.shape) for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        first = model(x)  # folds and caches
+        with profile(record_shapes=True) as prof:  # sees the copies inside the conv kernels too
+            again = model(x)
+    copies = [e.input_shapes[0] for e in prof.events() if e.name == "aten::clone" and e.input_shapes[0] in weight_shapes]
+    assert copies == [] and torch.equal(first, again)
+    torch.testing.assert_close(again, _plain(model, x), **TOL)
+    block = model.levels[0].blocks[0]
+    assert block._folded.cached[0].is_contiguous(memory_format=torch.channels_last)
+    assert model.levels[0].downsample._weight.cached[0].is_contiguous(memory_format=torch.channels_last)
+    nchw = torch.randn(2, block.conv1.in_channels, 16, 20)
+    with torch.no_grad():
+        out = block(nchw)
+        assert out.is_contiguous() and block._folded.cached[0].is_contiguous()
+        torch.testing.assert_close(out, _plain(block, nchw), **TOL)
+
+
 def test_hooks_on_submodules_fire_in_eval_mode():
     """A folded path skips its submodules' calls: where one has a hook (a feature or attention probe), its
     module runs the plain form, with the same result."""
