@@ -224,7 +224,9 @@ def _create(
             "published weights)"
         )
     out_indices = kwargs.pop("out_indices", tuple(range(num_levels)))
-    pruned = _PrunedKeys(out_indices, num_levels) if kwargs.get("features_only") else None
+    pruned = (
+        _PrunedKeys(out_indices, num_levels, bool(feature_cfg.get("norm"))) if kwargs.get("features_only") else None
+    )
     kwargs = {**arch, **kwargs}
     default = kwargs.pop("resolution")
     kwargs["img_size"] = img_size if img_size is not None else resolution if resolution is not None else default
@@ -392,14 +394,15 @@ def _check_out_indices(out_indices, num_levels: int) -> None:
 
 class _PrunedKeys:
     """Keys that a ``features_only`` backbone for ``out_indices`` prunes (the levels after the last one it
-    returns, that level's downsample, the final norm and the head): a checkpoint saved from such a backbone
-    lacks them, and the FasterViT built before the wrapping need not find them. A class, not a closure, so
-    that a backbone holding it still pickles."""
+    returns, that level's downsample, the head, and the final norm unless ``feature_cfg=dict(norm=True)`` keeps
+    it for the last level's map): a checkpoint saved from such a backbone lacks them, and the FasterViT built
+    before the wrapping need not find them. A class, not a closure, so that a backbone holding it still pickles."""
 
-    def __init__(self, out_indices, num_levels: int) -> None:
+    def __init__(self, out_indices, num_levels: int, keep_norm: bool = False) -> None:
         _, last = feature_take_indices(num_levels, out_indices)
         levels = tuple(f"levels.{j}." for j in range(last + 1, num_levels))
-        self.prefixes = ("norm.", "head.", f"levels.{last}.downsample.", *levels)
+        norm = () if keep_norm and last == num_levels - 1 else ("norm.",)  # as prune_intermediate_layers does
+        self.prefixes = (*norm, "head.", f"levels.{last}.downsample.", *levels)
 
     def __call__(self, key: str) -> bool:
         return key.startswith(self.prefixes)

@@ -583,6 +583,32 @@ def test_a_backbone_reloads_its_own_state_dict_and_timm_loads_a_classifier_check
         fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / "other.pth", strict=False, **options)
 
 
+def test_a_backbone_that_keeps_the_final_norm_loads_it_and_requires_it(tmp_path):
+    """``feature_cfg=dict(norm=True)`` keeps the final norm on the last map: a checkpoint's norm is loaded (and
+    reported so, not as dropped) by us and by timm.create_model, and a strict load of a file without it fails
+    (it passed, leaving the norm at its initial values)."""
+    classifier = _any_res(seed=5).eval()
+    with torch.no_grad():
+        classifier.norm.weight.uniform_(0.5, 2.0), classifier.norm.bias.uniform_(-1, 1)
+        classifier.norm.running_mean.uniform_(-1, 1)
+    torch.save(classifier.state_dict(), tmp_path / "full.pth")
+    options = dict(resolution=SIZE, window_size=WINDOWS, features_only=True, feature_cfg=dict(norm=True), **SMALL)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        reference = classifier.forward_intermediates(x, norm=True, intermediates_only=True)[-1]
+    ours = fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / "full.pth", **options).eval()
+    theirs = timm.create_model(ANY_RES, checkpoint_path=str(tmp_path / "full.pth"), **options).eval()
+    assert "norm.weight" in ours.load_report.loaded and "norm.weight" not in ours.load_report.derived
+    with torch.no_grad():
+        assert torch.equal(ours(x)[-1], reference) and torch.equal(theirs(x)[-1], reference)
+    torch.save({k: v for k, v in classifier.state_dict().items() if not k.startswith("norm.")}, tmp_path / "no.pth")
+    with pytest.raises(CheckpointMismatchError, match="missing: norm.weight"):
+        fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / "no.pth", **options)
+    # without norm=True the wrapper prunes the norm, and a file without it is complete
+    pruned = fastervit.create_model(ANY_RES, checkpoint_path=tmp_path / "no.pth", **{**options, "feature_cfg": {}})
+    assert pruned.load_report.ok
+
+
 def test_a_backbone_has_timm_training_helpers_under_its_own_parameter_names():
     from timm.models import group_parameters
     from timm.optim import create_optimizer_v2
