@@ -379,6 +379,29 @@ def _same_layout(x: Tensor, contiguous: bool) -> Tensor:
     return x.contiguous() if contiguous and not x.is_contiguous() else x
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _changed_since_built(module: nn.Module, built: nn.Module, prefix: str) -> str:
+    """What in ``module`` differs from ``built`` (the same module as its constructor makes it) other than tensor
+    values: a submodule replaced by another class (a LoRA or quantized layer, a subclass with its own ``forward``),
+    added or removed, or a module with hooks. "" when nothing."""
+    fresh = dict(built.named_modules())
+    for name, sub in module.named_modules():
+        path = f"{prefix}.{name}" if name else prefix
+        like = fresh.pop(name, None)
+        if like is None:
+            return f"{path} ({type(sub).__name__}) was added"
+        if type(like) is not type(sub):
+            return f"{path} is a {type(sub).__qualname__} where the level is built with a {type(like).__qualname__}"
+        hooks = [kind.strip("_") for kind in _HOOKS if len(getattr(sub, kind)) > len(getattr(like, kind))]
+        if hooks:
+            return f"{path} has {' and '.join(hooks)}"
+    if fresh:
+        return f"{prefix}.{next(iter(fresh))} was removed"
+    return ""
+
+
 def _take_over_weights(old: nn.Module, new: nn.Module) -> None:
     """Make ``new`` (same structure, other geometry) use ``old``'s parameters and persistent buffers.
 
@@ -726,20 +749,20 @@ class FasterViT(nn.Module):
 
     def _rebuilt_levels(self, img_size: tuple[int, int], window_size: list[int]) -> tuple[dict[int, HATLevel], str]:
         """The HAT levels built for another geometry, and why they cannot replace the current ones ("" if they
-        can: they hold the same tensors)."""
-        sizes = stage_resolutions(img_size, len(window_size))
+        can: they hold the same tensors, and nothing but tensors was changed in the current ones)."""
         rebuilt = {}
-        for i, args in self._hat_level_args.items():
+        for i in self._hat_level_args:
             if i >= len(self.levels):  # pruned by prune_intermediate_layers
                 continue
             old = self.levels[i]
-            new = HATLevel(
-                **args,
-                input_resolution=sizes[i],
-                window_size=window_size[i],
-                downsample=old.downsample is not None,
-                carrier_tokens=_carrier_tokens(args["hat"], img_size, i, window_size[i]),
-            )
+            changed = _changed_since_built(old, self._hat_level(i, self.img_size, self.window_size), f"levels.{i}")
+            if changed:
+                return {}, (
+                    f"would lose what was changed in levels.{i}: {changed}. It rebuilds the HAT levels from their "
+                    "constructor arguments and carries over only their tensors; change the input size before "
+                    "replacing layers or adding hooks, or do those again afterwards"
+                )
+            new = self._hat_level(i, img_size, window_size)
             old_keys, new_keys = set(old.state_dict()), set(new.state_dict())
             if old_keys != new_keys:
                 return {}, (
@@ -750,6 +773,17 @@ class FasterViT(nn.Module):
                 )
             rebuilt[i] = new
         return rebuilt, ""
+
+    def _hat_level(self, i: int, img_size: Sequence[int], window_size: Sequence[int]) -> HATLevel:
+        """A new HAT level ``i`` for that geometry, with the hyper-parameters the model was built with."""
+        args = self._hat_level_args[i]
+        return HATLevel(
+            **args,
+            input_resolution=stage_resolutions(img_size, len(window_size))[i],
+            window_size=window_size[i],
+            downsample=self.levels[i].downsample is not None,
+            carrier_tokens=_carrier_tokens(args["hat"], img_size, i, window_size[i]),
+        )
 
     def _check_input(self, x: Tensor) -> None:
         """A clear error for an input the model was not built for (skipped while tracing or compiling)."""

@@ -349,6 +349,39 @@ def test_set_input_size_refuses_a_geometry_that_changes_the_weights():
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+class _ScaledLinear(torch.nn.Linear):  # a layer with its own forward, such as a fake-quant or adapter layer
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_set_input_size_refuses_to_lose_replaced_layers_and_hooks():
+    """The HAT levels are rebuilt from their constructor arguments: a replaced layer or a hook inside one would
+    be lost (they were: the round trip to another size and back changed the output), so it is refused and names
+    the module; hooks elsewhere (conv levels, the model) are kept, and removing the change lets it through."""
+    model = _any_res(size=[96, 128]).eval()
+    mlp = model.levels[2].blocks[0].mlp
+    scaled = _ScaledLinear(mlp.fc2.in_features, mlp.fc2.out_features)
+    scaled.weight, scaled.bias, plain = mlp.fc2.weight, mlp.fc2.bias, mlp.fc2
+    mlp.fc2 = scaled
+    with pytest.raises(ValueError, match=r"levels\.2\.blocks\.0\.mlp\.fc2 is a _ScaledLinear where .* Linear"):
+        model.set_input_size([128, 160])
+    mlp.fc2 = plain
+    handle = model.levels[3].blocks[0].register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"levels\.3\.blocks\.0 has forward_hooks"):
+        model.set_input_size([128, 160])
+    model.levels[3].blocks[0].attn.extra = torch.nn.Identity()
+    handle.remove()
+    with pytest.raises(ValueError, match=r"levels\.3\.blocks\.0\.attn\.extra \(Identity\) was added"):
+        model.set_input_size([128, 160])
+    del model.levels[3].blocks[0].attn.extra
+    calls = []
+    model.levels[0].register_forward_hook(lambda *args: calls.append(1))  # not rebuilt: kept
+    assert model.img_size == (96, 128)
+    model.set_input_size([128, 160])
+    model(torch.randn(1, 3, 128, 160))
+    assert calls == [1]
+
+
 def test_set_input_size_keeps_dtype_mode_and_gradient_checkpointing():
     model = _any_res(size=[96, 128]).double().train()
     model.set_grad_checkpointing()
