@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .base import DatasetNotFoundError, MixupDataModule, with_safe_posterize
 
@@ -120,12 +122,29 @@ class ImageFolderDataModule(MixupDataModule):
         self.val_set = _labelled_like(_image_folder(self._split_dir("val"), val_tf), self.train_set)
 
 
-def _load_image(path: str):
-    """torchvision's image loader (PIL, converted to RGB), with the file named when it cannot be read."""
+def _load_image(path: str) -> Image.Image:
+    """An RGB PIL image, with the file named when it cannot be read.
+
+    8-bit images are converted to RGB as torchvision's loader does. 16-bit greyscale images (PNG, TIFF: Pillow's
+    ``I;16`` modes) are scaled to 8 bits first (65535 -> 255), which Pillow's own conversion does not do: it clips
+    every value above 255, so such images came out almost entirely white. Images of 32-bit integers or floats have
+    no fixed white level and are refused with the file named.
+    """
     try:
-        return default_loader(path)
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
     except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated / corrupt / not an image
         raise OSError(f"cannot read the image {path} ({error}); replace or delete that file") from error
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.uint32)  # the byte order is Pillow's to read
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        raise OSError(
+            f"cannot read the image {path}: its pixels are 32-bit {'integers' if image.mode == 'I' else 'floats'} "
+            f"(Pillow mode {image.mode!r}), which have no fixed white level; save it with 8 or 16 bits per channel"
+        )
+    return image.convert("RGB")
 
 
 def _class_folders(folder: Path) -> tuple[list[str], list[str]]:
@@ -137,6 +156,18 @@ def _class_folders(folder: Path) -> tuple[list[str], list[str]]:
 
 class _ClassFolders(ImageFolder):
     """torchvision's ImageFolder whose classes are :func:`_class_folders` (hidden folders skipped)."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's file list less hidden files: macOS writes an AppleDouble ``._<name>.jpg`` beside every
+        file it copies to a non-Mac disk, which has an image extension but is not an image."""
+        if is_valid_file is None:
+            exts = tuple(extensions or IMG_EXTENSIONS)
+
+            def is_valid_file(path: str) -> bool:
+                return not os.path.basename(path).startswith(".") and path.lower().endswith(exts)
+
+        return ImageFolder.make_dataset(directory, class_to_idx, None, is_valid_file, allow_empty)
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         classes = _class_folders(Path(directory))[0]

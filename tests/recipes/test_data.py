@@ -181,6 +181,31 @@ def _write_images(root: Path, classes: dict[str, int], size=(8, 8)) -> None:
             Image.fromarray(np.full((*size, 3), 40 * k, dtype=np.uint8)).save(root / cls / f"{k}.png")
 
 
+def test_image_folder_reads_16_bit_images_and_skips_hidden_files(tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits (Pillow's RGB conversion clipped it: almost all white); 32-bit
+    integer or float images are refused with the file named; macOS AppleDouble files (``._<name>.png``, not
+    images) are not taken as samples."""
+    from recipes.data.folder import _load_image
+
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I;16")
+    rgb = np.asarray(_load_image(str(tmp_path / "ramp16.png")))
+    expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(OSError, match=r"float\.tif: its pixels are 32-bit floats"):
+        _load_image(str(tmp_path / "float.tif"))
+    _write_images(tmp_path / "data" / "train", {"a": 2, "b": 2})
+    _write_images(tmp_path / "data" / "val", {"a": 1, "b": 1})
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    dm = ImageFolderDataModule(tmp_path / "data", image_size=8, batch_size=2, auto_augment=None, mixup=0, cutmix=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (4, 2)
+    assert not any(Path(path).name.startswith(".") for path, _ in dm.train_set.samples + dm.val_set.samples)
+
+
 def test_image_folder_errors_name_the_folder_file_and_fix(tmp_path):
     _write_images(tmp_path / "train", {"a": 2, "b": 2})
     _write_images(tmp_path / "val", {"a": 1, "b": 1})
