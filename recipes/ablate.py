@@ -49,6 +49,7 @@ import argparse
 import copy
 import importlib
 import inspect
+import re
 import tempfile
 import time
 import warnings
@@ -235,7 +236,7 @@ def load_ablation(
     'swin'
     """
     path, profile = _ablation_path(path), _profile(smoke, profile)
-    spec = yaml.safe_load(path.read_text())
+    spec = _load_yaml(path)
     _check_spec(path, spec)
     out = Path(out) if out is not None else default_out(spec, profile)
     unknown = {k for k in spec if not k.startswith("x-")} - _SPEC_KEYS  # x-*: free keys, e.g. for YAML anchors
@@ -244,7 +245,7 @@ def load_ablation(
     if profile is not None and profile not in spec:
         defined = [p for p in PROFILES if p in spec]
         raise ValueError(f"{path} has no {profile!r} profile (it defines {defined}); add a {profile!r} key or pick one")
-    base = yaml.safe_load((path.parent / spec["base"]).read_text())
+    base = _load_yaml(path.parent / spec["base"])
     common = deep_merge(base, spec.get("overrides"))
     if profile is not None:
         common = deep_merge(common, spec[profile])
@@ -270,7 +271,11 @@ def load_ablation(
         trainer["default_root_dir"] = str(run_dir)
         trainer["logger"], moved = _arm_loggers(trainer.get("logger"), run_dir)
         redirected += moved
-        callbacks = trainer.setdefault("callbacks", [])
+        callbacks = trainer.get("callbacks")
+        # LightningCLI takes one callback as a mapping, and null for none
+        callbacks = trainer["callbacks"] = (
+            [] if callbacks is None else [callbacks] if isinstance(callbacks, dict) else list(callbacks)
+        )
         if trainer["logger"] is False:
             _check_no_logger_callbacks(path, entry["name"], callbacks)
         has_bar = any("ProgressBar" in str(c.get("class_path", "")) for c in callbacks if isinstance(c, dict))
@@ -278,8 +283,8 @@ def load_ablation(
             label = f"{spec['name']}: {entry['name']}"
             callbacks.append({"class_path": "recipes.callbacks.LabelledProgressBar", "init_args": {"label": label}})
         model = config.setdefault("model", {})
-        if "convert" in entry:
-            model["convert"] = dict(entry["convert"])
+        if "convert" in entry:  # null: no conversion, also where the base config has one
+            model["convert"] = None if entry["convert"] is None else dict(entry["convert"])
         warm = entry.get("warm_start")
         if warm is not None:
             if warm not in names or names.index(warm) >= names.index(entry["name"]):
@@ -287,6 +292,22 @@ def load_ablation(
             model["init_checkpoint"] = str(_run_dir(out, warm) / "model.pt")
         arms.append(Arm(entry["name"], config, warm, [float(f) for f in entry.get("eval_scales", [])], redirected))
     return spec, arms
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-3`` (no dot) as a float, as the recipes CLI (jsonargparse) does;
+    PyYAML's YAML 1.1 rules make it the string ``'1e-3'``."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(path: Path) -> object:
+    return yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _arm_loggers(logger: object, run_dir: Path) -> tuple[object, list[tuple[str, str]]]:
@@ -370,7 +391,9 @@ def _metrics(results: list[dict]) -> dict:
     return {"top1": metrics.get("val/top1"), "top5": metrics.get("val/top5"), "loss": metrics.get("val/loss")}
 
 
-def _build(arm: Arm, size: int | None = None) -> tuple[pl.LightningDataModule, ImageClassifier]:
+def _build(
+    arm: Arm, size: int | None = None, init_checkpoint: str | Path | None = None
+) -> tuple[pl.LightningDataModule, ImageClassifier]:
     """The arm's data module and model (at ``size`` x ``size`` if given) without its warm-start weights."""
     model_cfg = copy.deepcopy(arm.config["model"])
     data_cfg = arm.config["data"]
@@ -380,7 +403,7 @@ def _build(arm: Arm, size: int | None = None) -> tuple[pl.LightningDataModule, I
         model_kwargs.pop("resolution", None)  # FasterViT's own name for img_size
         model_cfg["model_kwargs"] = {**model_kwargs, "img_size": size}
         data_args["image_size"] = size
-    model_cfg["init_checkpoint"] = None  # trained or warm-start weights are loaded by the caller
+    model_cfg["init_checkpoint"] = init_checkpoint  # trained or warm-start weights are loaded by the caller
     module_name, _, cls_name = data_cfg["class_path"].rpartition(".")
     data_cls = getattr(importlib.import_module(module_name), cls_name)
     datamodule = data_cls(**data_args)
@@ -391,7 +414,10 @@ def check_arms(arms: Sequence[Arm]) -> None:
     """Check every arm before any arm trains, so that a mistake in the last arm fails in seconds, not after the
     first arms have run: its config is parsed as ``python -m recipes fit`` would (a misspelt trainer option or
     top-level key), its data module and model are built, and for each ``eval_scales`` size the model is built
-    at that size and must take the weights of the model built at the training size."""
+    at that size and must take the weights of the model built at the training size. An arm's
+    ``init_checkpoint`` must exist and fit its model, and a warm start must fit: the arm's model must take the
+    weights of the model its source arm builds."""
+    built: dict[str, dict] = {}  # each arm's freshly built weights, what a later arm's warm start will load
     for arm in arms:
         with tempfile.TemporaryDirectory() as tmp:
             config = copy.deepcopy(arm.config)
@@ -403,12 +429,18 @@ def check_arms(arms: Sequence[Arm]) -> None:
             except ValueError as error:
                 message = str(error).split(": ", 1)[-1]
                 raise ValueError(f"arm {arm.name!r}: {message}; fix its options in the ablation YAML") from None
-        try:
-            datamodule, module = _build(arm)
-        except Exception as error:
-            raise ValueError(f"arm {arm.name!r} cannot be built ({type(error).__name__}: {error}); fix its "
-                             "options in the ablation YAML") from error  # fmt: skip
-        trained = module.model.state_dict()
+        with tempfile.TemporaryDirectory() as tmp:
+            init = arm.config.get("model", {}).get("init_checkpoint")
+            if arm.warm_start in built:  # the source arm's model.pt will hold weights shaped as these
+                init = Path(tmp) / "model.pt"
+                torch.save(built[arm.warm_start], init)
+            try:
+                datamodule, module = _build(arm, init_checkpoint=init)
+            except Exception as error:
+                cause = f"warm start from arm {arm.warm_start!r}: " if arm.warm_start is not None else ""
+                raise ValueError(f"arm {arm.name!r} cannot be built ({cause}{type(error).__name__}: {error}); fix "
+                                 "its options in the ablation YAML") from error  # fmt: skip
+        trained = built[arm.name] = module.model.state_dict()
         for scale in arm.eval_scales:
             size = round(datamodule.image_size * scale)
             try:

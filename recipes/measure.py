@@ -45,7 +45,7 @@ def gflops(model: nn.Module, image_size: int | tuple[int, int], device: str | to
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     model = copy.deepcopy(model).to(device).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, h, w, device=device))
+        model(torch.randn(1, 3, h, w, device=device, dtype=_input_dtype(model)))
     return counter.get_total_flops() / 1e9
 
 
@@ -72,7 +72,7 @@ def throughput(
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     device = torch.device(device)
     model = copy.deepcopy(model).to(device).train(train)
-    images = torch.randn(batch_size, 3, h, w, device=device)
+    images = torch.randn(batch_size, 3, h, w, device=device, dtype=_input_dtype(model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if train else None
 
     def step() -> None:
@@ -98,3 +98,9 @@ def throughput(
         step()
     sync()
     return batch_size * iters / (time.perf_counter() - start)
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of random input images: that of the model's floating-point weights (a model trained with
+    ``precision="bf16-true"`` holds bfloat16 weights and refuses float32 images), float32 for a model without."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

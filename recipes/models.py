@@ -155,6 +155,10 @@ class WindowProbe(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         self.num_classes = num_classes
 
+    def get_classifier(self) -> nn.Module:
+        """The linear head (timm's name; a warm start from another number of classes leaves it at its init)."""
+        return self.head
+
     def forward_features(self, x: Tensor) -> Tensor:
         return self.norm(self.stage(self.patch_embed(x)))  # (B, C, H/p, W/p)
 

@@ -361,6 +361,36 @@ def test_a_typo_in_an_arm_model_option_fails_before_any_arm_trains(tmp_path, cap
         assert not (tmp_path / name).exists()  # arm a did not train first
 
 
+def test_ablation_yaml_reads_as_the_cli_does_and_warm_starts_are_checked_up_front(tmp_path):
+    """``1e-3`` is a float (PyYAML alone reads a string, which the arm then failed on), ``callbacks`` may be one
+    mapping or null and ``convert`` null, as LightningCLI / ImageClassifier take them; a warm start that does not
+    fit and a missing ``init_checkpoint`` fail in the check before any arm trains, not after the first arms ran."""
+    from recipes.ablate import check_arms
+
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    arms = [
+        {"name": "a", "overrides": {"model": {"lr": "LR"}, "trainer": {"callbacks": checkpoint}}},
+        {"name": "b", "convert": None, "overrides": {"trainer": {"callbacks": None}}},
+    ]
+    path = _tiny_spec(tmp_path, arms)
+    path.write_text(path.read_text().replace("lr: LR", "lr: 1e-3"))
+    _, (a, b) = load_ablation(path, smoke=True, out=tmp_path / "out")
+    assert a.config["model"]["lr"] == 0.001 and a.config["trainer"]["callbacks"] == [checkpoint]
+    assert b.config["trainer"]["callbacks"] == [] and b.config["model"]["convert"] is None
+    check_arms([a, b])
+    wider = {"model": {"model_kwargs": {"dim": 32}}}
+    path = _tiny_spec(tmp_path, [{"name": "a"}, {"name": "b", "warm_start": "a", "overrides": wider}])
+    with pytest.raises(ValueError, match=r"arm 'b' cannot be built \(warm start from arm 'a': CheckpointMismatch"):
+        check_arms(load_ablation(path, smoke=True, out=tmp_path / "out")[1])
+    path = _tiny_spec(tmp_path, [{"name": "a"}, {"name": "b", "warm_start": "a"}])
+    check_arms(load_ablation(path, smoke=True, out=tmp_path / "out")[1])  # the same model: fits
+    missing = str(tmp_path / "no" / "such.pt")
+    path = _tiny_spec(tmp_path, [{"name": "a"}, {"name": "b", "overrides": {"model": {"init_checkpoint": missing}}}])
+    with pytest.raises(ValueError, match=r"arm 'b' cannot be built .*such\.pt"):
+        check_arms(load_ablation(path, smoke=True, out=tmp_path / "out")[1])
+    assert not (tmp_path / "out").exists()
+
+
 def test_kept_rows_are_the_same_ablation_and_profile_and_not_stale(tmp_path):
     """--arms keeps only rows of this ablation and profile, of arms the YAML has, and not of arms warm-started
     from an arm that runs again; the others are returned by why they were dropped."""

@@ -138,6 +138,10 @@ def test_warm_start_from_a_checkpoint_with_another_head(tmp_path):
     head = {k for k in own if k.startswith("head.")}
     assert head and all(torch.equal(own[k], fresh[k]) for k in head)  # the new head keeps its init
     assert all(torch.equal(own[k], theirs[k]) for k in own if k not in head)  # everything else was loaded
+    probe = {"img_size": 32, "dim": 8, "depth": 1}  # the window probe too (it had no get_classifier: refused)
+    torch.save(ImageClassifier("window_probe", probe, num_classes=5).model.state_dict(), path)
+    probe_head = ImageClassifier("window_probe", probe, num_classes=2, init_checkpoint=str(path)).model.head
+    assert probe_head.out_features == 2
     other_width = ImageClassifier("faster_vit_0_any_res", {**KWARGS, "dim": 24}, num_classes=5)
     torch.save(other_width.model.state_dict(), path)
     with pytest.raises(hatplug.CheckpointMismatchError, match="model / model_kwargs of the run that wrote it"):
@@ -184,6 +188,18 @@ def test_warmup_when_max_steps_alone_ends_the_run():
     assert trainer.global_step == 2 and trainer.max_epochs == -1
     schedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert schedule.keywords["warmup_steps"] == 2 and schedule.keywords["total_steps"] == 2  # half of 4 batches
+
+
+def test_measuring_a_model_with_half_precision_weights():
+    """An arm trained with ``precision="bf16-true"`` holds bfloat16 weights: the ablation runner's GFLOPs and
+    throughput measurements feed it bfloat16 images (they fed float32 ones, and the arm crashed after training)."""
+    from recipes.measure import gflops, throughput
+
+    model = create_model("faster_vit_0_any_res", **KWARGS, num_classes=3)
+    counted = gflops(model, 64)
+    half = model.to(torch.bfloat16)
+    assert gflops(half, 64) == counted
+    assert all(throughput(half, 64, batch_size=1, warmup=0, iters=1, train=t) > 0 for t in (False, True))
 
 
 def test_gflops_count_every_gemm_of_the_folded_eval_path():
