@@ -33,6 +33,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from hatplug.checkpoint import (
+    _NOTHING_LOADED,
     _SHOWN,
     LoadReport,
     _fill_aliases,
@@ -234,8 +235,8 @@ def load_adapted(
         message += report.cut_note()
         if strict:
             raise CheckpointMismatchError(
-                message + "\nCheck that the checkpoint is of the same variant (width, depths, heads); pass "
-                "strict=False to load the matching tensors anyway.",
+                _NOTHING_LOADED + message + "\nCheck that the checkpoint is of the same variant (width, depths, "
+                "heads); pass strict=False to load the matching tensors anyway.",
                 report=report,
             )
         _logger.warning(message)

@@ -269,7 +269,37 @@ def _fill_aliases(state: dict[str, Tensor], own: dict[str, Tensor], report: Load
     return state
 
 
+def _layout_hint(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str:
+    """How to make a checkpoint none of whose keys fits match: the prefix the model's keys have and the
+    checkpoint's lack (a wrapper that holds the model as a submodule, such as timm's ``features_only``
+    backbones: ``.model``), or the one the checkpoint's have and the model's lack."""
+    for ours, theirs, verb in ((own, state, "have"), (state, own, "lack")):
+        for key in ours:
+            suffix = next((k for k in theirs if key.endswith("." + k)), None)
+            if suffix is None:
+                continue
+            prefix = key[: -len(suffix)]
+            fits = sum(prefix + k in ours for k in theirs)
+            if 2 * fits >= len(theirs):
+                if verb == "have":
+                    return (
+                        f"the model's keys begin with {prefix!r}, which the checkpoint's lack ({fits} of its "
+                        f"{len(state)} tensors fit under it): load it into that submodule, e.g. "
+                        f"load_checkpoint(model.{prefix[:-1]}, ...) (a features_only backbone holds its model as "
+                        "`.model`; fastervit.create_model(..., features_only=True, checkpoint_path=...) maps the "
+                        "keys and drops what the backbone pruned), or add the prefix to the checkpoint's keys."
+                    )
+                return (
+                    f"the checkpoint's keys begin with {prefix!r}, which the model's lack ({fits} of its "
+                    f"{len(state)} tensors fit without it): strip that prefix from its keys."
+                )
+            break
+    return "strip or add the prefix that differs, or load it into the model it was saved from."
+
+
 _STRICT_HINT = "Pass strict=False to load the matching tensors anyway (the rest keep their init)."
+# a refused load changes nothing: the report under it says what the load would have done
+_NOTHING_LOADED = "nothing was loaded (the model is unchanged); the report says what loading would do. "
 
 
 def load_checkpoint(
@@ -335,16 +365,19 @@ def load_checkpoint(
     if not report.ok:
         message = f"checkpoint {source} does not match {type(model).__name__}:\n{report}"
         every_name = report.cut_note()
-        if strict:
-            raise CheckpointMismatchError(message + every_name + "\n" + (mismatch_hint or _STRICT_HINT), report=report)
         if state and own and not report.loaded:  # strict=False is for a partial fit, not for none at all
             raise CheckpointMismatchError(
-                message
+                _NOTHING_LOADED
+                + message
                 + every_name
                 + f"\nNot one of its {len(state)} tensors fits, even with strict=False: the keys have another "
-                f"layout (e.g. {next(iter(state))!r} against the model's {next(iter(own))!r}); strip or add the "
-                "prefix that differs, or load it into the model it was saved from.",
+                f"layout (e.g. {next(iter(state))!r} against the model's {next(iter(own))!r}); "
+                + _layout_hint(state, own),
                 report=report,
+            )
+        if strict:
+            raise CheckpointMismatchError(
+                _NOTHING_LOADED + message + every_name + "\n" + (mismatch_hint or _STRICT_HINT), report=report
             )
         _logger.warning(message)
     model.load_state_dict(to_load, strict=False)

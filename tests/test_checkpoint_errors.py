@@ -39,6 +39,9 @@ def test_short_lists_are_complete_and_do_not_point_at_report():
     message = str(info.value)
     assert "... and" not in message and ".report" not in message
     assert info.value.report.mismatched == [("0.weight", (3, 3), (2, 2))]
+    # the report lists the one tensor that fits as loaded: the message must say that nothing was (it is not)
+    assert message.startswith("nothing was loaded (the model is unchanged)") and "loaded 1 tensors" in message
+    assert not torch.equal(model[1].weight, torch.zeros(2, 2))
 
 
 def test_fastervit_0_weights_into_fastervit_1_report_every_name(tmp_path):
@@ -52,6 +55,11 @@ def test_fastervit_0_weights_into_fastervit_1_report_every_name(tmp_path):
     assert f"... and {len(report.missing) - 20} more" in message
     assert f"shape mismatch ... and {len(report.mismatched) - 20} more" in message
     assert ".report" in message and "adapt_geometry=True" in message  # fastervit's own hint is kept
+    assert message.startswith("nothing was loaded")
+    target = fastervit.create_model("faster_vit_0_any_res", resolution=[96, 96], dim=24, in_dim=8)
+    with pytest.raises(CheckpointMismatchError, match="^nothing was loaded") as info:  # load_adapted alike
+        fastervit.resize.load_adapted(target, tmp_path / "0.pth")
+    assert info.value.report.loaded  # what fits (the stem) is listed, and was not loaded
 
 
 def test_a_directory_is_named_as_such_with_the_files_inside(tmp_path):
@@ -75,3 +83,24 @@ def test_load_checkpoint_says_when_the_arguments_look_swapped(tmp_path):
         hatplug.load_checkpoint(tmp_path / "w.pth", model)  # "checkpoint holds a Sequential" before
     with pytest.raises(TypeError, match=r"model must be the nn.Module to load the weights into, got dict"):
         hatplug.load_checkpoint({"0.weight": torch.zeros(2, 2)}, {"0.weight": torch.zeros(2, 2)})
+
+
+def test_a_checkpoint_that_fits_a_submodule_says_which_and_how(tmp_path):
+    """A full model's checkpoint into a features_only backbone (timm wraps the model as ``.model``): not one key
+    fits, so the message no longer offers strict=False (which failed too) but names the prefix and the fix; a
+    checkpoint with an extra prefix is told to strip it."""
+    source = fastervit.create_model("faster_vit_0_224", dim=16, in_dim=8)
+    torch.save(source.state_dict(), tmp_path / "full.pth")
+    backbone = fastervit.create_model("faster_vit_0_224", dim=16, in_dim=8, features_only=True, out_indices=(1, 2))
+    for strict in (True, False):
+        with pytest.raises(CheckpointMismatchError, match=r"keys begin with 'model\.', which the checkpoint's lack"):
+            hatplug.load_checkpoint(backbone, tmp_path / "full.pth", strict=strict)
+    with pytest.raises(CheckpointMismatchError) as info:
+        hatplug.load_checkpoint(backbone, tmp_path / "full.pth")
+    message = str(info.value)
+    assert "load_checkpoint(model.model, ...)" in message and "Pass strict=False" not in message
+    hatplug.load_checkpoint(backbone.model, tmp_path / "full.pth", strict=False)  # the named fix loads
+    assert torch.equal(backbone.model.patch_embed.conv_down[0].weight, source.patch_embed.conv_down[0].weight)
+    wrapped = {f"net.{k}": v for k, v in source.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint's keys begin with 'net\.'.*strip that prefix"):
+        hatplug.load_checkpoint(fastervit.create_model("faster_vit_0_224", dim=16, in_dim=8), wrapped)
