@@ -39,8 +39,7 @@ from hatplug.checkpoint import (
     _fill_aliases,
     _more,
     check_load_target,
-    extract_state_dict,
-    load_state_dict_file,
+    read_weights,
 )
 from hatplug.errors import CheckpointMismatchError
 
@@ -115,6 +114,7 @@ class AdaptReport(LoadReport):
             f"ignored {len(self.derived)} derived buffers (recomputed for the new geometry)",
             f"newly initialised {len(self.new)}: {summarise_keys(self.new) or '-'}",
             f"dropped {len(self.dropped)}: {summarise_keys(self.dropped) or '-'}",
+            *self.ema_note(),
         ]
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
@@ -191,6 +191,7 @@ def load_adapted(
     strict: bool = True,
     filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None,
     ignore_missing: Callable[[str], bool] | None = None,
+    use_ema: bool = False,
 ) -> AdaptReport:
     """Load weights trained for another geometry into ``model`` with :func:`adapt_checkpoint`.
 
@@ -201,6 +202,7 @@ def load_adapted(
             geometry differs; with False load what fits and log the rest.
         filter_fn: maps the checkpoint onto this layout first, e.g. :func:`fastervit.checkpoint_filter_fn`.
         ignore_missing: see :func:`adapt_checkpoint`.
+        use_ema: load a training checkpoint's EMA weights instead (see :func:`hatplug.load_checkpoint`).
 
     Returns:
         The :class:`AdaptReport`.
@@ -223,13 +225,11 @@ def load_adapted(
             "backbone): pass backbone.model, or create the backbone with checkpoint_path=..., adapt_geometry=True "
             "(the weights then load before the classifier is pruned)"
         )
-    if isinstance(checkpoint, (str, Path)):
-        source, state = str(checkpoint), load_state_dict_file(checkpoint)
-    else:
-        source, state = "state dict", extract_state_dict(checkpoint)
+    source, state, unused_ema = read_weights(checkpoint, use_ema)
     if filter_fn is not None:
         state = filter_fn(state, model)
     state, report = adapt_checkpoint(state, model, ignore_missing)
+    report.unused_ema = unused_ema
     if not report.ok:
         message = f"checkpoint {source} does not fit {type(model).__name__} even allowing for the geometry:\n{report}"
         message += report.cut_note()

@@ -25,6 +25,7 @@ __all__ = [
     "SAFE_GLOBALS",
     "LoadReport",
     "read_checkpoint",
+    "ema_entry",
     "extract_state_dict",
     "load_state_dict_file",
     "load_checkpoint",
@@ -136,33 +137,71 @@ def read_checkpoint(path: str | Path) -> object:
         ) from exc
 
 
-def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
-    """The weights of a checkpoint object: under ``state_dict`` or ``model`` or the object itself,
-    with any ``module.`` (DataParallel/DDP) prefix removed.
+_EMA_KEYS = ("state_dict_ema", "model_ema")  # where timm's train.py (and others) keep the EMA weights
+
+
+def ema_entry(obj: object) -> str | None:
+    """The key under which a training checkpoint holds an EMA copy of the weights (``state_dict_ema`` as timm's
+    ``train.py`` writes it, or ``model_ema``), or ``None``.
+
+    >>> ema_entry({"state_dict": {}, "state_dict_ema": {}}), ema_entry({"state_dict": {}})
+    ('state_dict_ema', None)
+    """
+    if not isinstance(obj, Mapping):
+        return None
+    return next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
+
+
+def extract_state_dict(obj: object, source: str = "checkpoint", use_ema: bool = False) -> dict[str, Tensor]:
+    """The weights of a checkpoint object: under ``state_dict`` or ``model`` or the object itself (with
+    ``use_ema``: its EMA copy, see :func:`ema_entry`), with any ``module.`` (DataParallel/DDP) prefix removed.
 
     >>> extract_state_dict({"model": {"module.w": torch.zeros(1)}, "epoch": 3})
     {'w': tensor([0.])}
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a dict of tensors")
+    if use_ema:
+        key = ema_entry(obj)
+        if key is None:
+            raise CheckpointError(
+                f"use_ema=True, but {source} holds no EMA weights (looked for {' / '.join(_EMA_KEYS)}; it has "
+                f"{sorted(map(str, obj))[:8]}); pass use_ema=False to load its weights"
+            )
+        obj = obj[key]
     for key in ("state_dict", "model"):
         if key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
+        ema = ema_entry(obj)
         raise CheckpointError(
             f"{source} has no state dict: expected tensors under 'state_dict' or 'model' (or at the top "
             f"level), found non-tensor entries {sorted(map(str, bad))[:8]}"
+            + (f"; it holds EMA weights under {ema!r}: pass use_ema=True to load those" if ema else "")
         )
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+def load_state_dict_file(path: str | Path, use_ema: bool = False) -> dict[str, Tensor]:
     """:func:`read_checkpoint` then :func:`extract_state_dict`."""
-    return extract_state_dict(read_checkpoint(path), source=str(path))
+    return extract_state_dict(read_checkpoint(path), source=str(path), use_ema=use_ema)
+
+
+def read_weights(checkpoint: str | Path | Mapping, use_ema: bool = False) -> tuple[str, dict[str, Tensor], str | None]:
+    """``(source, state dict, EMA entry left unused)`` of a checkpoint file or object: the loaders' common first
+    step. The last item names an EMA copy the checkpoint holds besides the weights loaded (``use_ema=False``)."""
+    is_file = isinstance(checkpoint, (str, Path))
+    source = str(checkpoint) if is_file else "state dict"
+    obj = read_checkpoint(checkpoint) if is_file else checkpoint
+    state = extract_state_dict(obj, source=source, use_ema=use_ema)
+    unused = None if use_ema else ema_entry(obj)
+    if unused is not None:
+        _logger.info(f"{source}: loading its weights, not the EMA copy under {unused!r} (use_ema=True loads that)")
+    return source, state, unused
 
 
 @dataclass
@@ -185,6 +224,7 @@ class LoadReport:
     # the checkpoint's tensors of a module this model replaces (a classifier of another size) or does not have
     # (num_classes=0): not loaded; the model keeps its own initialisation
     replaced: list[str] = field(default_factory=list)
+    unused_ema: str | None = None  # the checkpoint's EMA copy of the weights, not loaded (use_ema=False)
 
     @property
     def ok(self) -> bool:
@@ -194,6 +234,15 @@ class LoadReport:
     def truncated(self) -> bool:
         """Whether ``str(report)`` leaves out names: it shows at most 20 per list (the attributes hold all)."""
         return max(len(self.missing), len(self.unexpected), len(self.mismatched)) > _SHOWN
+
+    def ema_note(self) -> list[str]:
+        """The report line on an EMA copy the checkpoint holds and the load left out (none if it had none)."""
+        if self.unused_ema is None:
+            return []
+        return [
+            f"not loaded: the checkpoint's EMA weights under {self.unused_ema!r} (use_ema=True loads those "
+            "instead, as timm's loader does by default)"
+        ]
 
     def cut_note(self) -> str:
         """The line an error adds under this report's text when a list was cut: where every name is."""
@@ -210,6 +259,7 @@ class LoadReport:
         if self.replaced:
             kept = ", ".join(self.replaced)
             lines.append(f"not loaded (this model's module has another size, or there is none): {kept}")
+        lines += self.ema_note()
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
                 lines.append(f"{len(keys)} {title}: " + ", ".join(keys[:_SHOWN]) + _more(keys))
@@ -309,6 +359,7 @@ def load_checkpoint(
     filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None = None,
     ignore_missing: Callable[[str], bool] | None = None,
     mismatch_hint: str | None = None,
+    use_ema: bool = False,
 ) -> LoadReport:
     """Load weights into ``model`` and say exactly what happened.
 
@@ -325,6 +376,9 @@ def load_checkpoint(
         filter_fn: maps the checkpoint's state dict onto the model's layout first (timm-style).
         ignore_missing: keys for which absence is expected (e.g. a replaced classifier).
         mismatch_hint: what the strict mismatch error suggests (default: ``strict=False``).
+        use_ema: load a training checkpoint's EMA copy of the weights (``state_dict_ema`` / ``model_ema``)
+            instead of its weights. timm's loader does that by default; here the weights are loaded unless asked,
+            and the report says when an EMA copy was left out.
 
     Returns:
         A :class:`LoadReport`.
@@ -334,12 +388,11 @@ def load_checkpoint(
     loaded 2 tensors, dropped 0 derived or unused
     """
     check_load_target("load_checkpoint", model, checkpoint)
-    source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
-    state = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, Path)) else extract_state_dict(checkpoint)
+    source, state, unused_ema = read_weights(checkpoint, use_ema)
     if filter_fn is not None:
         state = filter_fn(state, model)
 
-    report = LoadReport()
+    report = LoadReport(unused_ema=unused_ema)
     derived = _derived_shapes(model)
     own = model.state_dict(keep_vars=True)  # keys, shapes and shared storage only (no copies)
     state = _fill_aliases(state, own, report)

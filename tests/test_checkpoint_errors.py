@@ -104,3 +104,35 @@ def test_a_checkpoint_that_fits_a_submodule_says_which_and_how(tmp_path):
     wrapped = {f"net.{k}": v for k, v in source.state_dict().items()}
     with pytest.raises(CheckpointMismatchError, match=r"checkpoint's keys begin with 'net\.'.*strip that prefix"):
         hatplug.load_checkpoint(fastervit.create_model("faster_vit_0_224", dim=16, in_dim=8), wrapped)
+
+
+def test_a_training_checkpoint_with_ema_weights_says_which_it_loaded(tmp_path):
+    """timm's train.py saves ``state_dict`` and ``state_dict_ema``; timm's loader takes the EMA copy by default.
+    Ours loads the weights unless use_ema=True, and the report says that an EMA copy was left out (it said
+    nothing, so the two loaders gave different models silently)."""
+    import argparse
+
+    import timm
+
+    weights, ema = (fastervit.create_model("faster_vit_0_224", dim=16, in_dim=8) for _ in range(2))
+    path = tmp_path / "train.pth.tar"
+    torch.save({"epoch": 3, "state_dict": weights.state_dict(), "state_dict_ema": ema.state_dict(),
+                "args": argparse.Namespace(model="faster_vit_0_224")}, path)  # fmt: skip
+    built = fastervit.create_model("faster_vit_0_224", dim=16, in_dim=8, checkpoint_path=path)
+    assert torch.equal(built.head.weight, weights.head.weight) and built.load_report.ok
+    assert built.load_report.unused_ema == "state_dict_ema" and "use_ema=True" in str(built.load_report)
+    report = hatplug.load_checkpoint(built, path, use_ema=True)
+    assert torch.equal(built.head.weight, ema.head.weight) and report.unused_ema is None
+    assert "EMA" not in str(report)
+    theirs = timm.create_model("faster_vit_0_224", dim=16, in_dim=8, checkpoint_path=str(path))
+    assert torch.equal(theirs.head.weight, ema.head.weight)  # what use_ema=True matches
+    target = fastervit.create_model("faster_vit_0_any_res", resolution=[96, 96], dim=16, in_dim=8)
+    adapted = fastervit.resize.load_adapted(target, path, use_ema=True)
+    assert torch.equal(target.head.weight, ema.head.weight) and adapted.unused_ema is None
+    assert fastervit.resize.load_adapted(target, path).unused_ema == "state_dict_ema"
+    torch.save({"state_dict": weights.state_dict()}, tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        hatplug.load_checkpoint(built, tmp_path / "plain.pth", use_ema=True)
+    torch.save({"state_dict_ema": ema.state_dict(), "epoch": 1}, tmp_path / "ema_only.pth")
+    with pytest.raises(CheckpointError, match="EMA weights under 'state_dict_ema': pass use_ema=True"):
+        hatplug.load_checkpoint(built, tmp_path / "ema_only.pth")
