@@ -7,6 +7,8 @@ import logging
 import operator
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from timm.models._manipulate import adapt_input_conv
 from torch import Tensor, nn
 
 from hatplug.checkpoint import LoadReport, load_checkpoint
-from hatplug.errors import PretrainedWeightsNotFoundError
+from hatplug.errors import CheckpointMismatchError, PretrainedWeightsNotFoundError
 
 from .model import FasterViT, _is_integer, _to_2tuple
 from .resize import AdaptReport, load_adapted
@@ -218,6 +220,11 @@ def _create(
     for flag, value in (("pretrained", pretrained), ("strict", strict), ("adapt_geometry", adapt_geometry)):
         if not isinstance(value, bool):
             raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if pretrained and not strict:
+        raise ValueError(
+            "strict=False applies to checkpoint_path=...; for the published weights (pretrained=True) pass "
+            "pretrained_strict=False (timm's name) to load what fits"
+        )
     if pretrained and checkpoint_path is not None:
         raise ValueError(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "
@@ -247,23 +254,24 @@ def _create(
         if pretrained:
             model.load_report = _load_pretrained(model, source, merged, adapt_pretrained, pretrained_strict)
         if checkpoint_path is not None:
-            if adapt_geometry:
-                model.load_report = load_adapted(
-                    model, checkpoint_path, strict, filter_fn=checkpoint_filter_fn, ignore_missing=pruned
-                )
-            else:
-                model.load_report = load_checkpoint(
-                    model,
-                    checkpoint_path,
-                    strict=strict,
-                    filter_fn=checkpoint_filter_fn,
-                    ignore_missing=pruned,
-                    mismatch_hint="If the checkpoint was trained at another resolution, window size or number of "
-                    "classes, pass adapt_geometry=True (keeps every tensor that fits, re-initialises the classifier "
-                    "and the carrier-token tensors that do not, and reports which); otherwise strict=False loads "
-                    "the matching tensors anyway.",
-                )
+            with _input_channels_hint(model):
+                model.load_report = _load_file(model)
         return model
+
+    def _load_file(model: FasterViT) -> LoadReport:
+        if adapt_geometry:
+            return load_adapted(model, checkpoint_path, strict, filter_fn=checkpoint_filter_fn, ignore_missing=pruned)
+        return load_checkpoint(
+            model,
+            checkpoint_path,
+            strict=strict,
+            filter_fn=checkpoint_filter_fn,
+            ignore_missing=pruned,
+            mismatch_hint="If the checkpoint was trained at another resolution, window size or number of "
+            "classes, pass adapt_geometry=True (keeps every tensor that fits, re-initialises the classifier "
+            "and the carrier-token tensors that do not, and reports which); otherwise strict=False loads "
+            "the matching tensors anyway.",
+        )
 
     model = build_model_with_cfg(
         build,
@@ -284,6 +292,28 @@ def _create(
         model.group_matcher = partial(_prefixed_group_matcher, inner)
         model.register_load_state_dict_pre_hook(_ClassifierKeysIntoBackbone(pruned))
     return model
+
+
+_STEM = "patch_embed.conv_down.0.weight"
+
+
+@contextmanager
+def _input_channels_hint(model: FasterViT) -> Iterator[None]:
+    """A checkpoint whose stem takes another number of input channels than ``in_chans``: the mismatch error says
+    so and how to adapt it (the generic hint, adapt_geometry=True, fails the same way)."""
+    try:
+        yield
+    except CheckpointMismatchError as error:
+        stem = next((m for m in getattr(error.report, "mismatched", []) if m[0] == _STEM), None)
+        if stem is None or len(stem[1]) != 4 or stem[1][1] == stem[2][1]:
+            raise
+        raise CheckpointMismatchError(
+            f"{error}\nThe checkpoint's stem takes {stem[1][1]}-channel images and this model in_chans="
+            f"{model.in_chans}: build it with in_chans={stem[1][1]}, or adapt the first conv as timm does for "
+            "pretrained weights (timm.models.adapt_input_conv on the checkpoint's "
+            f"{_STEM!r}, or pretrained=True with pretrained_cfg_overlay=dict(file=<this file>), which does that).",
+            report=error.report,
+        ) from None
 
 
 def _without_pruned(report: LoadReport, pruned: _PrunedKeys) -> LoadReport:
@@ -522,8 +552,8 @@ def _load_pretrained(model: nn.Module, source: Path, cfg: dict, adapt_geometry: 
         filter_fn=drop_other_head,
         ignore_missing=lambda k: k in replaced,
         mismatch_hint="pretrained=True loads the published weights into this architecture: for another "
-        "resolution or window size add adapt_geometry=True; for another width or depth pass checkpoint_path=... "
-        "with strict=False instead.",
+        "resolution or window size add adapt_geometry=True; to load what fits into another width or depth pass "
+        "pretrained_strict=False (the rest keep their init).",
     )
     report.replaced = sorted(replaced)
     if replaced:

@@ -630,8 +630,11 @@ def test_pretrained_follows_timm_options(monkeypatch, tmp_path):
     partial = {k: v for k, v in tuned.state_dict().items() if k != "norm.weight"}
     torch.save(partial, tmp_path / "partial.pth")
     overlay = dict(file=str(tmp_path / "partial.pth"))
-    with pytest.raises(CheckpointMismatchError, match="1 missing: norm.weight"):
+    with pytest.raises(CheckpointMismatchError, match="(?s)1 missing: norm.weight.*pass pretrained_strict=False"):
         timm.create_model("faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=overlay, num_classes=10, **CHEAP)
+    # strict is checkpoint_path's option: with the published weights it did nothing, silently
+    with pytest.raises(ValueError, match="strict=False applies to checkpoint_path.*pretrained_strict=False"):
+        fastervit.create_model("faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=overlay, strict=False)
     loose = timm.create_model(
         "faster_vit_0_224", pretrained=True, pretrained_cfg_overlay=overlay, pretrained_strict=False,
         num_classes=10, **CHEAP,
@@ -655,6 +658,25 @@ def test_pretrained_adapts_the_first_conv_to_in_chans(monkeypatch, tmp_path):
     torch.testing.assert_close(gray.patch_embed.conv_down[0].weight, weight.sum(1, keepdim=True))  # timm's rule
     assert gray.in_chans == 1 and timm.models.get_model_input_config(gray)["input_size"] == (1, 224, 224)
     assert timm.models.get_model_input_config(gray)["fixed_input_size"]
+
+
+def test_a_checkpoint_for_other_input_channels_says_how_to_adapt_it(tmp_path):
+    """in_chans=1 with a 3-channel checkpoint_path: the error named adapt_geometry=True, which fails the same way;
+    it now names the channel counts and the fix, and the fix it names (the published-weights path, which adapts
+    the first conv as timm does) loads the file."""
+    rgb = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL))
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
+    for extra in ({}, {"adapt_geometry": True}):
+        with pytest.raises(CheckpointMismatchError, match="stem takes 3-channel images and this model in_chans=1"):
+            fastervit.create_model(
+                "faster_vit_0_224", in_chans=1, checkpoint_path=tmp_path / "rgb.pth", **SMALL, **extra
+            )
+    overlay = dict(file=str(tmp_path / "rgb.pth"))
+    gray = fastervit.create_model(
+        "faster_vit_0_224", in_chans=1, pretrained=True, pretrained_cfg_overlay=overlay, **SMALL
+    )
+    weight = rgb.patch_embed.conv_down[0].weight
+    torch.testing.assert_close(gray.patch_embed.conv_down[0].weight, weight.sum(1, keepdim=True))
 
 
 def test_timm_loaders_take_official_files(tmp_path):
