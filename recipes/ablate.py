@@ -276,6 +276,7 @@ def load_ablation(
         callbacks = trainer["callbacks"] = (
             [] if callbacks is None else [callbacks] if isinstance(callbacks, dict) else list(callbacks)
         )
+        redirected += _arm_checkpoint_dirs(callbacks, run_dir)
         if trainer["logger"] is False:
             _check_no_logger_callbacks(path, entry["name"], callbacks)
         has_bar = any("ProgressBar" in str(c.get("class_path", "")) for c in callbacks if isinstance(c, dict))
@@ -308,6 +309,26 @@ _YamlLoader.add_implicit_resolver(
 
 def _load_yaml(path: Path) -> object:
     return yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _arm_checkpoint_dirs(callbacks: list, run_dir: Path) -> list[tuple[str, str]]:
+    """Point each ``ModelCheckpoint`` callback that names its own ``dirpath`` into ``run_dir`` (a relative path under
+    it, an absolute one to ``run_dir/checkpoints``), in place, so that arms do not write their checkpoints into one
+    folder (Lightning then numbers them ``last-v1.ckpt`` ...); returns the settings replaced. Without a ``dirpath``
+    Lightning puts them under the arm's logger folder already."""
+    moved = []
+    for i, callback in enumerate(callbacks):
+        if not isinstance(callback, dict) or not str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+            continue
+        args = callback.get("init_args") or {}
+        dirpath = args.get("dirpath")
+        if dirpath is None:
+            continue
+        new = run_dir / ("checkpoints" if Path(dirpath).is_absolute() else dirpath)
+        if Path(dirpath) != new:
+            callbacks[i] = {**callback, "init_args": {**args, "dirpath": str(new)}}  # a copy: arms share the base
+            moved.append((f"trainer.callbacks[{i}].init_args.dirpath", str(dirpath)))
+    return moved
 
 
 def _arm_loggers(logger: object, run_dir: Path) -> tuple[object, list[tuple[str, str]]]:

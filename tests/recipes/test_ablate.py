@@ -391,6 +391,22 @@ def test_ablation_yaml_reads_as_the_cli_does_and_warm_starts_are_checked_up_fron
     assert not (tmp_path / "out").exists()
 
 
+def test_arm_checkpoint_folders_are_the_arms_own(tmp_path):
+    """A ModelCheckpoint with its own dirpath in the shared config wrote every arm's checkpoints into one folder
+    (last.ckpt, last-v1.ckpt, ...): each arm's now goes under its run folder, and the runner says so."""
+    callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "dirpath": "checkpoints"}}  # fmt: skip
+    absolute = {**callback, "init_args": {"dirpath": str(tmp_path / "ckpts")}}
+    path = _tiny_spec(tmp_path, [{"name": "a"}, {"name": "b", "overrides": {"trainer": {"callbacks": [absolute]}}}],
+                      trainer={"callbacks": [callback]})  # fmt: skip
+    _, arms = load_ablation(path, smoke=True, out=tmp_path / "out")
+    dirs = [Path(arm.config["trainer"]["callbacks"][0]["init_args"]["dirpath"]) for arm in arms]
+    assert dirs == [tmp_path / "out" / "runs" / name / "checkpoints" for name in ("a", "b")]
+    assert arms[0].config["trainer"]["callbacks"][0]["init_args"]["save_last"] is True
+    assert ("trainer.callbacks[0].init_args.dirpath", "checkpoints") in arms[0].redirected
+    assert ("trainer.callbacks[0].init_args.dirpath", str(tmp_path / "ckpts")) in arms[1].redirected
+
+
 def test_kept_rows_are_the_same_ablation_and_profile_and_not_stale(tmp_path):
     """--arms keeps only rows of this ablation and profile, of arms the YAML has, and not of arms warm-started
     from an arm that runs again; the others are returned by why they were dropped."""
