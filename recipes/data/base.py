@@ -43,6 +43,13 @@ class DatasetNotFoundError(FileNotFoundError):
     """
 
 
+def check_seed(seed: object) -> None:
+    """``ValueError`` naming ``data.seed`` unless it is an integer >= 0 (NumPy's seeding refuses negative ones,
+    which otherwise failed only at the first training batch, with nothing naming the option)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"data.seed must be an integer >= 0 (it seeds the shuffle and the augmentation), got {seed!r}")
+
+
 def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     """The seed of one random stream of an epoch: 0 the shuffle, 1 the training loader processes, 2 the
     evaluation loader processes."""

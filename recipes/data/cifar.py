@@ -8,7 +8,7 @@ from pathlib import Path
 from timm.data import create_transform
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from .base import DatasetNotFoundError, MixupDataModule, with_safe_posterize
+from .base import DatasetNotFoundError, MixupDataModule, check_seed, with_safe_posterize
 
 __all__ = ["CIFARDataModule"]
 
@@ -54,6 +54,7 @@ class CIFARDataModule(MixupDataModule):
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {sorted(_VARIANTS)}, got {variant!r}")
         self.root, self.variant, self.image_size = Path(root), variant, image_size
+        check_seed(seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.auto_augment, self.re_prob = auto_augment, re_prob
         self.train_set = self.val_set = None

@@ -12,7 +12,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .base import DatasetNotFoundError, MixupDataModule, with_safe_posterize
+from .base import DatasetNotFoundError, MixupDataModule, check_seed, with_safe_posterize
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -65,6 +65,7 @@ class ImageFolderDataModule(MixupDataModule):
     ) -> None:
         super().__init__(mixup, cutmix, mixup_prob, mixup_switch_prob)
         self.root, self.image_size = Path(root), image_size
+        check_seed(seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.auto_augment, self.color_jitter, self.re_prob = auto_augment, color_jitter, re_prob
         self.crop_pct, self.train_interpolation = crop_pct, train_interpolation

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import RecipeDataModule
+from .base import RecipeDataModule, check_seed
 
 __all__ = ["SHAPES", "SameShapeDataset", "SyntheticDataModule"]
 
@@ -299,6 +299,7 @@ class SyntheticDataModule(RecipeDataModule):
         _check_int("num_workers", num_workers, 0)
         self.task, self.image_size = task, image_size
         self.train_samples, self.val_samples = train_samples, val_samples
+        check_seed(seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.task_kwargs = dict(
             grid=grid,

@@ -206,6 +206,18 @@ def test_image_folder_reads_16_bit_images_and_skips_hidden_files(tmp_path):
     assert not any(Path(path).name.startswith(".") for path, _ in dm.train_set.samples + dm.val_set.samples)
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_bad_data_seed_is_refused_when_the_data_module_is_made(tmp_path, seed):
+    """A negative seed failed only at the first training batch, inside NumPy, naming nothing."""
+    for make in (
+        lambda: SyntheticDataModule(image_size=32, train_samples=8, val_samples=4, batch_size=4, seed=seed),
+        lambda: ImageFolderDataModule(tmp_path, image_size=8, batch_size=2, seed=seed),
+        lambda: CIFARDataModule(tmp_path, batch_size=2, seed=seed),
+    ):
+        with pytest.raises(ValueError, match=r"data\.seed must be an integer >= 0"):
+            make()
+
+
 def test_image_folder_errors_name_the_folder_file_and_fix(tmp_path):
     _write_images(tmp_path / "train", {"a": 2, "b": 2})
     _write_images(tmp_path / "val", {"a": 1, "b": 1})
