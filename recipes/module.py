@@ -197,9 +197,12 @@ class ImageClassifier(pl.LightningModule):
         # recall instead, which differs from top-1 accuracy on any split whose classes are not equally large)
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        # top-5 only where it can be below 1: with 5 classes or fewer every label is among the top 5 (the shipped
+        # two-class ablations logged a top5 of 1 for every arm)
+        top5 = num_classes > 5
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if top5 else None
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if top5 else None
         # the evaluation loss as a metric, a mean over samples also when processes hold different numbers (a
         # distributed evaluation counts each sample once, see recipes.data.base.eval_loader): Lightning's
         # sync_dist mean divides the summed batch sizes by the process count in integers (15 / 2 -> 7)
@@ -238,13 +241,14 @@ class ImageClassifier(pl.LightningModule):
         logits = self(images)
         top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
         top1(logits, target)
-        top5(logits, target)
         progress = stage == "val"
         loss = getattr(self, f"{stage}_loss")
         loss(F.cross_entropy(logits, target), weight=target.shape[0])
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=progress)
         self.log(f"{stage}/top1", top1, on_epoch=True, prog_bar=progress)
-        self.log(f"{stage}/top5", top5, on_epoch=True)
+        if top5 is not None:
+            top5(logits, target)
+            self.log(f"{stage}/top5", top5, on_epoch=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate("val", batch)

@@ -190,6 +190,18 @@ def test_warmup_when_max_steps_alone_ends_the_run():
     assert schedule.keywords["warmup_steps"] == 2 and schedule.keywords["total_steps"] == 2  # half of 4 batches
 
 
+def test_top5_is_measured_only_where_it_can_be_below_one():
+    """With 5 classes or fewer every label is among the top 5: no top-5 metric (the two-class ablations reported
+    a top5 of 1 for every arm); with more it is top-5 accuracy."""
+    probe = {"img_size": 32, "dim": 8, "depth": 1}
+    few, many = (ImageClassifier("window_probe", probe, num_classes=n) for n in (5, 6))
+    assert few.val_top5 is None and few.test_top5 is None
+    assert many.val_top5.top_k == 5 and many.test_top5.top_k == 5
+    logits, target = torch.tensor([[6.0, 5, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1]]), torch.tensor([4, 5])
+    many.val_top5(logits, target)
+    assert many.val_top5.compute().item() == 0.5  # label 4 is 5th, label 5 is 6th
+
+
 def test_measuring_a_model_with_half_precision_weights():
     """An arm trained with ``precision="bf16-true"`` holds bfloat16 weights: the ablation runner's GFLOPs and
     throughput measurements feed it bfloat16 images (they fed float32 ones, and the arm crashed after training)."""
