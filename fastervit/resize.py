@@ -156,7 +156,7 @@ def adapt_checkpoint(
     own = model.state_dict(keep_vars=True)  # keys, shapes and shared storage only (no copies)
     state: dict[str, Tensor] = {}
     report = AdaptReport()
-    state_dict = _fill_aliases(state_dict, own, report)  # a conv stored under one of its two names
+    state_dict, conflicted = _fill_aliases(state_dict, own, report)  # a conv stored under one of its two names
     for key, value in state_dict.items():
         if key in own:
             if value.shape == own[key].shape:
@@ -181,7 +181,7 @@ def adapt_checkpoint(
             report.new.append(key)
         else:
             report.missing.append(key)
-    report.loaded = sorted(state)
+    report.loaded = sorted(k for k in state if k not in conflicted)
     return state, report
 
 

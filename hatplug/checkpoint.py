@@ -297,14 +297,18 @@ def drop_derived(module: nn.Module, state_dict: dict, prefix: str) -> list[tuple
     return misfits
 
 
-def _fill_aliases(state: dict[str, Tensor], own: dict[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+def _fill_aliases(
+    state: dict[str, Tensor], own: dict[str, Tensor], report: LoadReport
+) -> tuple[dict[str, Tensor], set[str]]:
     """Keys that name one shared tensor (e.g. FasterViT's ``pos_embed`` / ``to_global_feature.pos``) are
-    filled from whichever the checkpoint has, as deduplicating savers (``safetensors.save_model``) keep one."""
+    filled from whichever the checkpoint has, as deduplicating savers (``safetensors.save_model``) keep one.
+    A name whose value differs from the first name's is reported as unexpected and takes the first's value;
+    those names are returned too (a load must not count them as loaded from the file)."""
     groups: dict[tuple, list[str]] = {}
     for key, tensor in own.items():
         if tensor.numel():
             groups.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.dtype), []).append(key)
-    state = dict(state)
+    state, conflicted = dict(state), set()
     for keys in groups.values():
         present = [k for k in keys if k in state]
         if len(keys) < 2 or not present:
@@ -312,11 +316,13 @@ def _fill_aliases(state: dict[str, Tensor], own: dict[str, Tensor], report: Load
         first = state[present[0]]
         for key in present[1:]:
             if state[key].shape != first.shape or not torch.equal(state[key], first):
-                report.mismatched.append((key, tuple(state[key].shape), tuple(first.shape)))
-                report.unexpected.append(f"{key} (differs from its alias {present[0]})")
+                # one tensor cannot take two values: the first name's is loaded, this one is reported (only)
+                report.unexpected.append(f"{key} (differs from its alias {present[0]}, whose value is loaded)")
+                del state[key]
+                conflicted.add(key)
         for key in keys:
             state.setdefault(key, first)
-    return state
+    return state, conflicted
 
 
 def _layout_hint(state: Mapping[str, Tensor], own: Mapping[str, Tensor]) -> str:
@@ -395,7 +401,7 @@ def load_checkpoint(
     report = LoadReport(unused_ema=unused_ema)
     derived = _derived_shapes(model)
     own = model.state_dict(keep_vars=True)  # keys, shapes and shared storage only (no copies)
-    state = _fill_aliases(state, own, report)
+    state, conflicted = _fill_aliases(state, own, report)
     to_load = {}
     for key, value in state.items():
         if key in derived and key not in own:
@@ -413,7 +419,7 @@ def load_checkpoint(
         expected_absent = key.endswith("num_batches_tracked") or (ignore_missing is not None and ignore_missing(key))
         if key not in state and not expected_absent:
             report.missing.append(key)
-    report.loaded = sorted(to_load)
+    report.loaded = sorted(k for k in to_load if k not in conflicted)
 
     if not report.ok:
         message = f"checkpoint {source} does not match {type(model).__name__}:\n{report}"

@@ -587,6 +587,16 @@ def test_aliases_of_one_tensor_must_agree(tmp_path):
     state["levels.2.global_tokenizer.to_global_feature.pos.weight"] += 1
     with pytest.raises(CheckpointMismatchError, match="differs from its alias"):
         hatplug.load_checkpoint(model, state)
+    # strict=False: the first name's value loads, and the other name is reported once, as unexpected (it was
+    # also listed as loaded and as a "shape mismatch" of two equal shapes, and the second value won)
+    first = "levels.2.global_tokenizer.pos_embed.weight"
+    report = hatplug.load_checkpoint(model, state, strict=False)
+    assert torch.equal(model.levels[2].global_tokenizer.pos_embed.weight, state[first])
+    assert report.mismatched == [] and report.unexpected == [
+        f"levels.2.global_tokenizer.to_global_feature.pos.weight (differs from its alias {first}, whose value is "
+        "loaded)"
+    ]
+    assert "levels.2.global_tokenizer.to_global_feature.pos.weight" not in report.loaded
 
 
 def test_pretrained_cfg_overlay_file_is_what_loads(monkeypatch, tmp_path):
