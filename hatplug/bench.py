@@ -683,6 +683,9 @@ def resolution_sweep(
         except Exception as exc:  # whatever the model raises at this size: recorded, the sweep goes on
             point.skipped = _skip_reason(exc)
             gc.collect()
+    if not built:  # an empty table, CSV and plot are not a result
+        reasons = "; ".join(f"{p.model} at {size_label(p.img_size)}: {p.skipped}" for p in points)
+        raise BenchInputError(f"no (model, size) pair of the sweep could run: {reasons}")
     for r in range(repeats):
         for i in _round_robin(list(built), r):
             point = points[i]
@@ -812,7 +815,10 @@ def results_to_markdown(results: Sequence[BenchResult], peers: Sequence[str] = (
     peers = [p for p in dict.fromkeys(peers) if p in by_name and (not results or p != results[0].baseline)]
     baseline = results[0].baseline if results else ""
     shorts = [_short(n) for n in [baseline, *peers]]
-    names = shorts if len(set(shorts)) == len(shorts) else [baseline, *peers]  # short names only if distinct
+    # short names only where no two models of the table share one (vit_small_patch16 / _patch32 both "vit_small")
+    every_short = [_short(r.model) for r in results]
+    distinct = all(every_short.count(n) == 1 for n in shorts) and len(set(shorts)) == len(shorts)
+    names = shorts if distinct else [baseline, *peers]
     header = ["model", "samples/s", "step (ms)", "batch", "img", "params (M)"] + [f"x {n}" for n in names]
     header += ["spread %"]
     rows = []
@@ -893,7 +899,7 @@ def sweep_to_markdown(points: Sequence[SweepPoint]) -> str:
 
 
 def _exponent(k: float, digits: int = 3) -> str:
-    return "n/a (fewer than 2 sizes measured)" if math.isnan(k) else f"{k:.{digits}f}"
+    return "n/a (fewer than 2 measured sizes with distinct pixel counts)" if math.isnan(k) else f"{k:.{digits}f}"
 
 
 def _rel(point: SweepPoint | None) -> str:
@@ -1097,6 +1103,13 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             parser.error(f"--{key.replace('_', '-')} must be at least 1, got {given[key]}")
     if "warmup" in given and given["warmup"] < 0:
         parser.error(f"--warmup must be at least 0, got {given['warmup']}")
+    outputs = [flag for flag in ("csv", "markdown", "plot") if given.get(flag) is not None]
+    for i, flag in enumerate(outputs):
+        same = next((o for o in outputs[:i] if Path(given[o]).resolve() == Path(given[flag]).resolve()), None)
+        if same:
+            parser.error(
+                f"--{same} and --{flag} name the same file {given[flag]}: the second would overwrite the first"
+            )
     for flag in ("csv", "markdown", "plot"):  # before the run, not after minutes of measuring
         if given.get(flag) is not None:
             problem = _unwritable(Path(given[flag]))

@@ -344,6 +344,7 @@ def test_non_square_throughput_and_sweep(tmp_path, monkeypatch):
         (["--preset", "cpu", "--sweep", "64,96"], "--sweep with --preset cpu: that preset measures throughput"),
         (["--csv", "/proc/no_such_folder/x.csv"], "--csv /proc/no_such_folder/x.csv: cannot create its folder"),
         (["--markdown", "."], "--markdown .: is a folder; give a file name"),
+        (["--csv", "r.out", "--markdown", "./r.out"], "--csv and --markdown name the same file"),
     ],
 )
 def test_cli_refuses_arguments_it_would_ignore_or_cannot_use(argv, message, capsys):
@@ -403,7 +404,7 @@ def test_sweep_skips_whatever_a_model_raises_and_says_n_a_for_one_size(tmp_path,
     assert [(p.model, p.img_size) for p in skipped] == [("picky_peers:make", 48)]
     assert skipped[0].skipped == "IndexError: too wide for this model"
     fits = dict((row[0], row[1]) for row in _markdown_rows(sweep_to_markdown(points).split("\n\n")[1]))
-    assert fits["picky_peers:make"] == "n/a (fewer than 2 sizes measured)"
+    assert fits["picky_peers:make"] == "n/a (fewer than 2 measured sizes with distinct pixel counts)"
     assert math.isfinite(float(fits["test_convnext"]))  # the peer that ran at both sizes has its exponent
 
 
@@ -412,6 +413,18 @@ def test_ratio_columns_use_full_names_when_short_ones_collide():
             for n in ("vit_tiny_patch16_224", "vit_tiny_patch16_384")]  # fmt: skip
     header = results_to_markdown(runs, peers=["vit_tiny_patch16_384", "vit_tiny_patch16_384"]).splitlines()[0]
     assert "x vit_tiny_patch16_224" in header and header.count("x vit_tiny_patch16_384") == 1
+    # the baseline alone: "x vit_tiny" would fit both rows of the table, so the full name is used
+    assert "x vit_tiny_patch16_224" in results_to_markdown(runs).splitlines()[0]
+
+
+def test_a_sweep_where_nothing_runs_is_an_error(tmp_path, capsys):
+    """Every (model, size) pair skipped: exit 2 with the reasons, not an empty table, CSV and plot with status 0."""
+    argv = ["--sweep", "33,40", "--sweep-models", "test_vit", "--batch-size", "1", "--repeats", "1", "--iters", "1",
+            "--warmup", "0", "--csv", str(tmp_path / "s.csv"), "--plot", str(tmp_path / "s.png")]  # fmt: skip
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no (model, size) pair of the sweep could run: test_vit at 33: " in err and "test_vit at 40: " in err
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.png").exists()
 
 
 def test_device_names_are_checked():
