@@ -30,6 +30,7 @@ The same functions run in Python:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import difflib
@@ -428,6 +429,11 @@ def _factory(name: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if timm.is_model(module_name):  # a model name with a misspelt suffix, not an import path
+            raise BenchInputError(
+                f"{name!r}: {module_name!r} is a model name and {attr!r} not a suffix this tool knows; did you mean "
+                f"{module_name + UNFUSED_SUFFIX!r} (the model with inference-time folding off)?"
+            ) from exc
         raise BenchInputError(
             f"{name!r}: cannot import {module_name!r} ({exc}); put its directory on PYTHONPATH"
         ) from exc
@@ -1119,14 +1125,24 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
 
 def _unwritable(path: Path) -> str:
-    """Why ``path`` cannot be written as a file ('' if it can); creates its missing parent folders."""
+    """Why ``path`` cannot be written as a file ('' if it can). Creates nothing (a run refused later, e.g. for a
+    misspelt model, leaves no empty folders): missing folders are made when the file is written, so the nearest
+    existing one must be a writable folder."""
     if path.is_dir():
         return "is a folder; give a file name"
-    try:
+    missing, folder = [], path.absolute().parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    try:  # the real test (os.access says yes to root anywhere), undone at once
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return f"cannot create its folder ({exc})"
-    return "" if os.access(path.parent, os.W_OK) else f"its folder {path.parent} is not writable"
+    finally:
+        for made in missing:  # innermost first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return "" if os.access(folder if missing else path.parent, os.W_OK) else f"its folder {path.parent} is not writable"
 
 
 def _settings_line(s: dict, sweep: bool) -> str:

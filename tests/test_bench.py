@@ -345,6 +345,7 @@ def test_non_square_throughput_and_sweep(tmp_path, monkeypatch):
         (["--csv", "/proc/no_such_folder/x.csv"], "--csv /proc/no_such_folder/x.csv: cannot create its folder"),
         (["--markdown", "."], "--markdown .: is a folder; give a file name"),
         (["--csv", "r.out", "--markdown", "./r.out"], "--csv and --markdown name the same file"),
+        (["--csv", "README.md/x.csv"], "--csv README.md/x.csv: cannot create its folder ("),
     ],
 )
 def test_cli_refuses_arguments_it_would_ignore_or_cannot_use(argv, message, capsys):
@@ -370,6 +371,7 @@ def test_cli_input_errors_exit_2_with_the_message(capsys):
         (["--models", "test_vit", "--baseline", "test_convnext"], "baseline 'test_convnext' is not among"),
         (["--models", "test_vit,test_convnext", "--img-size", "50"], "test_vit cannot run a batch of 1 at 50"),
         (["--preset", "cpu", "--models", "test_convnext", "--img-size", "64"], None),  # runs, against its model
+        (["--models", "test_vit:unfuse"], "did you mean 'test_vit:unfused'"),  # not "put it on PYTHONPATH"
     ]
     for argv, message in cases:
         status = bench.main(argv + quick)
@@ -453,3 +455,14 @@ def test_sweep_plot_labels_latency_within_a_decade_and_names_each_reference():
     assert latency.get_legend() is not None
     fig = bench.sweep_figure(points({"a": [224, 320], "b": [320, 448]}))
     assert fig.axes[1].get_ylabel() == "time per pixel, relative to each model's smallest measured size"
+
+
+def test_output_folders_are_made_when_written_not_when_checked(tmp_path, capsys):
+    """A run refused after the flags were checked (a misspelt model) leaves no empty output folder behind; a run
+    that writes makes the folders it needs."""
+    quick = ["--batch-size", "1", "--repeats", "1", "--iters", "1", "--warmup", "0", "--img-size", "32"]
+    assert bench.main(["--models", "test_resnt", "--csv", str(tmp_path / "never" / "x.csv"), *quick]) == 2
+    assert "unknown model name(s): 'test_resnt'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+    assert bench.main(["--models", "test_resnet", "--csv", str(tmp_path / "a" / "b" / "x.csv"), *quick]) == 0
+    assert (tmp_path / "a" / "b" / "x.csv").is_file()
