@@ -200,6 +200,7 @@ CSV_COLUMNS = [
     "amp",
     "channels_last",
     "compiled",
+    "torch_threads",
     "baseline",
     "ratio_vs_baseline",
     "spread_pct",
@@ -220,6 +221,7 @@ SWEEP_COLUMNS = [
     "amp",
     "channels_last",
     "compiled",
+    "torch_threads",
     "skipped",
     "ms_per_image_runs",
 ]
@@ -253,6 +255,7 @@ class BenchResult:
     iters: int
     baseline: str = ""
     ratio_vs_baseline: float = float("nan")
+    threads: int = field(default_factory=torch.get_num_threads)  # torch's CPU threads when it was measured
 
     @property
     def samples_per_sec(self) -> float:
@@ -287,6 +290,7 @@ class BenchResult:
             "amp": self.amp,
             "channels_last": str(self.channels_last),
             "compiled": str(self.compiled),
+            "torch_threads": str(self.threads),
             "baseline": self.baseline,
             "ratio_vs_baseline": f"{self.ratio_vs_baseline:.3f}",
             "spread_pct": f"{self.spread_pct:.1f}",
@@ -317,6 +321,7 @@ class SweepPoint:
     compiled: bool = False
     skipped: str = ""
     cost_per_pixel_rel: float = float("nan")
+    threads: int = field(default_factory=torch.get_num_threads)  # torch's CPU threads when it was measured
 
     @property
     def pixels(self) -> int:
@@ -346,6 +351,7 @@ class SweepPoint:
             "amp": self.amp,
             "channels_last": str(self.channels_last),
             "compiled": str(self.compiled),
+            "torch_threads": str(self.threads),
             "skipped": self.skipped,
             "ms_per_image_runs": ";".join(f"{v:.6g}" for v in self.ms_per_image_runs),
         }

@@ -466,3 +466,18 @@ def test_output_folders_are_made_when_written_not_when_checked(tmp_path, capsys)
     assert not (tmp_path / "never").exists()
     assert bench.main(["--models", "test_resnet", "--csv", str(tmp_path / "a" / "b" / "x.csv"), *quick]) == 0
     assert (tmp_path / "a" / "b" / "x.csv").is_file()
+
+
+def test_csv_records_the_torch_threads_of_the_run(tmp_path):
+    """1-thread and 2-thread CSVs were indistinguishable (the count was only in the markdown header)."""
+    quick = ["--models", "test_resnet", "--batch-size", "1", "--repeats", "1", "--iters", "1", "--img-size", "32"]
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}.csv"
+        assert bench.main([*quick, "--threads", str(threads), "--csv", str(out)]) == 0
+        with open(out) as f:
+            assert [row["torch_threads"] for row in csv.DictReader(f)] == [str(threads)]
+    out = tmp_path / "sweep.csv"
+    argv = ["--sweep", "32", "--sweep-models", "test_resnet", "--threads", "2", "--repeats", "1", "--csv", str(out)]
+    assert bench.main(argv) == 0
+    with open(out) as f:
+        assert [row["torch_threads"] for row in csv.DictReader(f)] == ["2"]
