@@ -8,6 +8,7 @@ primitive values and an allow-list of benign types found in training checkpoints
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
@@ -358,6 +359,51 @@ _STRICT_HINT = "Pass strict=False to load the matching tensors anyway (the rest 
 _NOTHING_LOADED = "nothing was loaded (the model is unchanged); the report says what loading would do. "
 
 
+def _check_conversion_config(model: nn.Module, path: Path, strict: bool) -> None:
+    """A file written by ``hatplug.save`` records the ``hatplug.convert`` options, some of which no tensor shape
+    shows (``ct_size``): its tensors into a model converted with other options, or into an unconverted model,
+    would load (or be refused) without a word on the cause. Refused with ``strict``; logged without."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    from .conversion.io import FORMAT, _unwrapped, read_config
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") != FORMAT:
+                return
+    except Exception:  # not readable as safetensors: read_checkpoint says why
+        return
+    saved = read_config(path)
+    saved_model = saved.pop("model")
+    info = getattr(_unwrapped(model), "hatplug_conversion", None)
+    if info is None:
+        problem = (
+            f"{path} holds a {saved_model} converted by hatplug.convert({_options(saved)}), and this "
+            f"{type(model).__name__} is not converted: rebuild it with hatplug.load(path, base_model), which converts "
+            "a fresh base model with those options and loads every tensor"
+        )
+    else:
+        ours = json.loads(json.dumps(info["config"]))
+        differ = {k: (v, ours.get(k)) for k, v in saved.items() if ours.get(k) != v}
+        if not differ:
+            return
+        problem = (
+            f"{path} was saved from a model converted with other options than this one: "
+            + ", ".join(f"{k}={a!r} in the file, {b!r} here" for k, (a, b) in differ.items())
+            + " (the tensors may fit, the function does not); convert with the file's options, or rebuild it with "
+            "hatplug.load(path, base_model)"
+        )
+    if strict:
+        raise CheckpointMismatchError("nothing was loaded (the model is unchanged): " + problem)
+    _logger.warning(problem + "; loading what fits anyway (strict=False)")
+
+
+def _options(config: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in config.items())
+
+
 def load_checkpoint(
     model: nn.Module,
     checkpoint: str | Path | Mapping[str, Tensor],
@@ -394,6 +440,8 @@ def load_checkpoint(
     loaded 2 tensors, dropped 0 derived or unused
     """
     check_load_target("load_checkpoint", model, checkpoint)
+    if isinstance(checkpoint, (str, Path)):
+        _check_conversion_config(model, Path(checkpoint), strict)
     source, state, unused_ema = read_weights(checkpoint, use_ema)
     if filter_fn is not None:
         state = filter_fn(state, model)

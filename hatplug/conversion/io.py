@@ -113,7 +113,16 @@ def read_config(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file written by hatplug.save ({exc})") from exc
+        pickled = Path(path).is_file() and Path(path).read_bytes()[:4].startswith((b"PK\x03\x04", b"\x80"))
+        hint = (
+            ": it is a torch.save file; load it into a model converted with the options it was trained with, "
+            "hatplug.load_checkpoint(hatplug.convert(base_model, ...), path)"
+            if pickled
+            else ""
+        )
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file written by hatplug.save ({exc}){hint}"
+        ) from exc
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} was not written by hatplug.save (no '{FORMAT}' metadata)")
     try:

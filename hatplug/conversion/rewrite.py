@@ -209,8 +209,11 @@ def _refuse_resize(*args, **kwargs) -> None:
     """``set_input_size`` of a converted model and of its rewritten stages: refused before anything changes."""
     raise ConversionError(
         "a converted model cannot change its input size or window (its carrier-token stages are built for one "
-        "geometry), so nothing was changed: call set_input_size on the original model and convert it again "
-        "(hatplug.save / hatplug.load carry trained weights over to a fresh conversion)"
+        "geometry), so nothing was changed: call set_input_size on the original model and convert it again. "
+        "Trained weights move over with hatplug.load_checkpoint(new_model, path, strict=False) from a "
+        "hatplug.save file: it loads every tensor that still fits and reports the rest (the carrier-token tensors "
+        "of a stage that gains or loses windows, position tables that timm resized); hatplug.load needs the "
+        "saved geometry"
     )
 
 

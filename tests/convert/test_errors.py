@@ -152,8 +152,37 @@ def test_load_checks_the_base_model(tmp_path):
     with pytest.raises(CheckpointError, match="the folder .*no_such_dir does not exist"):
         hatplug.save(hatplug.convert(make_model(FAMILIES["swin"], 64)), tmp_path / "no_such_dir" / "x.safetensors")
     torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file .*it is a torch.save file"):
         hatplug.load(tmp_path / "plain.pt", make_model(FAMILIES["swin"], 64))
+
+
+def test_a_saved_conversion_loads_only_into_a_model_converted_alike(tmp_path):
+    """No tensor shape shows ct_size: a hatplug.save file of a ct_size=2 conversion loaded strictly into a ct_size=1
+    one (another function), and into an unconverted model the error said only "strict=False". The file's recorded
+    options are compared; strict=False loads what fits after a warning."""
+    import logging
+
+    base = make_model(FAMILIES["swin"], 64)
+    path = hatplug.save(hatplug.convert(base, ct_size=2), tmp_path / "swin.safetensors")
+    other = hatplug.convert(base, ct_size=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(hatplug.CheckpointMismatchError, match="ct_size=2 in the file, 1 here"):
+        hatplug.load_checkpoint(other, path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing loaded
+    with pytest.raises(hatplug.CheckpointMismatchError, match=r"is not converted: rebuild it with hatplug\.load"):
+        hatplug.load_checkpoint(make_model(FAMILIES["swin"], 64), path)
+    alike = hatplug.convert(base, ct_size=2)
+    assert hatplug.load_checkpoint(alike, path).ok  # the same options: loads
+    logger = logging.getLogger("hatplug.checkpoint")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        assert hatplug.load_checkpoint(other, path, strict=False).ok  # every tensor fits: loaded, after a warning
+    finally:
+        logger.removeHandler(handler)
+    assert any("ct_size=2 in the file, 1 here" in r.getMessage() for r in records)
 
 
 def test_resizing_a_converted_swin_says_what_to_do_and_deepcopy_keeps_the_stages():
