@@ -8,7 +8,9 @@ Every mixer maps an NCHW map to an NCHW map of the same shape and is built like
 where ``block_kwargs`` are the :class:`~hatplug.layers.HATBlock` options (``mlp_ratio``, ``qkv_bias``,
 ``qk_scale``, ``drop``, ``attn_drop``, ``layer_scale``). All of them keep FasterViT's block shell (pre-norm,
 MLP, drop path, layer scale) and, where they attend inside windows, FasterViT's position embeddings, so the
-ablation varies *how tokens talk across windows* and little else:
+ablation varies *how tokens talk across windows* and little else. A map that the window does not divide is
+padded once per stage, as FasterViT's HAT stage does (timm's Swin and Twins pad again in every block, with zeros,
+and run Twins' global attention on the unpadded map); the attention-type ablation uses maps the window divides:
 
 ========== ===================================================================================
 ``window`` window attention only: :class:`~hatplug.layers.HATStage` with ``hat=False``
@@ -32,12 +34,13 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, to_2tuple
 from torch import Tensor, nn
 
 from .layers import AbsolutePositionMLP, BiasedAttention, HATBlock, HATStage
 from .layers.hat import _drop_path_rates as _rates
 from .layers.hat import _layer_scale, _scale
+from .layers.pos_embed import _tracing
 from .layers.windows import ceil_to_multiple, pad_to_windows, window_partition, window_reverse
 from .models.edgevit import LGLBlock
 
@@ -55,14 +58,33 @@ __all__ = [
 ]
 
 
+def _check_stage_args(name: str, window_size: object, depth: object) -> None:
+    for arg, value in (("window_size", window_size), ("depth", depth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {arg} must be an integer >= 1, got {value!r}")
+
+
+def _check_map(stage: nn.Module, x: Tensor, dim: int) -> None:
+    """A named error for a map a stage cannot take (skipped while tracing): not ``(B, dim, H, W)`` floats."""
+    if _tracing():
+        return
+    name = type(stage).__name__
+    if x.dim() != 4 or x.shape[1] != dim:
+        hint = "; channels-last (B, H, W, C)? pass x.permute(0, 3, 1, 2)" if x.dim() == 4 and x.shape[-1] == dim else ""
+        raise ValueError(f"{name} takes (B, {dim}, H, W) maps, got shape {tuple(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} takes a floating-point map, got {x.dtype}: convert it, e.g. x.float()")
+
+
 class _PaddedStage(nn.Module):
     """Shared frame: check the input size, pad to whole windows, run ``forward_padded``, crop."""
 
-    def __init__(self, input_resolution: tuple[int, int], window_size: int) -> None:
+    def __init__(self, input_resolution: int | tuple[int, int], window_size: int, dim: int, depth: int) -> None:
         super().__init__()
-        H, W = input_resolution
+        _check_stage_args(type(self).__name__, window_size, depth)
+        H, W = to_2tuple(input_resolution)
         self.input_resolution = (H, W)
-        self.window_size = window_size
+        self.window_size, self.dim = window_size, dim
         self.padded_resolution = (ceil_to_multiple(H, window_size), ceil_to_multiple(W, window_size))
 
     def forward_padded(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -71,6 +93,7 @@ class _PaddedStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
         Hp, Wp = self.padded_resolution
+        _check_map(self, x, self.dim)
         torch._assert(x.shape[2] == H and x.shape[3] == W, f"{type(self).__name__} was built for {H}x{W} maps")
         x = self.forward_padded(pad_to_windows(x, Hp - H, Wp - W))
         return x[:, :, :H, :W].contiguous() if (Hp, Wp) != (H, W) else x
@@ -95,19 +118,25 @@ class WindowStage(HATStage):
 # ---- Swin ---------------------------------------------------------------------------------------------
 
 
-def shift_attention_mask(height: int, width: int, window_size: int, shift: int) -> Tensor:
+def shift_attention_mask(height: int, width: int, window_size: int, shift: int | tuple[int, int]) -> Tensor:
     """Swin's additive mask for a map rolled by ``-shift``: ``(nW, ws*ws, ws*ws)`` of 0 and -100.
 
     After the roll, a window at the bottom/right border holds tokens from up to four image regions that
     were not neighbours; they must not attend to each other.
+
+    ``shift`` is one roll for both axes or ``(rows, columns)``; an axis rolled by 0 has one region.
 
     >>> m = shift_attention_mask(8, 8, window_size=4, shift=2)
     >>> m.shape, m[0].abs().sum().item(), (m[-1] == -100).any().item()
     (torch.Size([4, 16, 16]), 0.0, True)
     """
     region = torch.zeros(1, 1, height, width)
-    cuts = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
-    for i, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
+
+    def cuts(s: int) -> tuple[slice, ...]:
+        return (slice(0, -window_size), slice(-window_size, -s), slice(-s, None)) if s else (slice(None),)
+
+    sh, sw = (shift, shift) if isinstance(shift, int) else shift
+    for i, (rows, cols) in enumerate((r, c) for r in cuts(sh) for c in cuts(sw)):
         region[:, :, rows, cols] = i
     ids = window_partition(region, window_size).squeeze(-1)  # (nW, ws*ws)
     return torch.zeros(ids.shape[0], ids.shape[1], ids.shape[1]).masked_fill(ids[:, None] != ids[:, :, None], -100.0)
@@ -145,7 +174,8 @@ class ShiftedWindowAttention(BiasedAttention):
 class SwinBlock(nn.Module):
     """A FasterViT window block whose window grid is rolled by ``shift`` tokens (Swin); NCHW in and out.
 
-    ``map_size`` is the (padded) map the block runs on. With ``shift=0`` it is a plain window block.
+    ``map_size`` is the (padded) map the block runs on; ``shift`` is one roll for both axes or ``(rows,
+    columns)``. With ``shift=0`` it is a plain window block.
     """
 
     def __init__(
@@ -154,7 +184,7 @@ class SwinBlock(nn.Module):
         num_heads: int,
         window_size: int,
         map_size: tuple[int, int],
-        shift: int,
+        shift: int | tuple[int, int],
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
@@ -165,7 +195,8 @@ class SwinBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.window_size, self.shift, self.map_size = window_size, shift, map_size
-        mask = shift_attention_mask(*map_size, window_size, shift) if shift else None
+        self._rolls = (shift, shift) if isinstance(shift, int) else tuple(shift)
+        mask = shift_attention_mask(*map_size, window_size, shift) if any(self._rolls) else None
         self.pos_embed = AbsolutePositionMLP(dim, window_size)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = ShiftedWindowAttention(
@@ -179,20 +210,21 @@ class SwinBlock(nn.Module):
         self.gamma4 = _layer_scale(dim, layer_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = self.shift
-        if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(2, 3))
+        sh, sw = self._rolls
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(2, 3))
         t = window_partition(x, self.window_size) + self.pos_embed()  # (B*nW, ws*ws, C)
         t = t + self.drop_path(_scale(self.attn(self.norm1(t)), self.gamma3))
         t = t + self.drop_path(_scale(self.mlp(self.norm2(t)), self.gamma4))
         x = window_reverse(t, self.window_size, *self.map_size)  # (B, C, Hp, Wp)
-        return torch.roll(x, shifts=(s, s), dims=(2, 3)) if s else x
+        return torch.roll(x, shifts=(sh, sw), dims=(2, 3)) if sh or sw else x
 
 
 class SwinStage(_PaddedStage):
     """Swin's shifted windows: block ``i`` rolls the grid by ``0`` (even ``i``) or ``window_size // 2`` (odd).
 
-    When the map is a single window there is nothing to shift and every block is unshifted, as in Swin.
+    An axis along which the map is a single window is not shifted (as in timm's Swin): a 4x16 map with 4-pixel
+    windows rolls its columns only, and a map that is one window is not shifted at all.
 
     >>> SwinStage(32, depth=2, num_heads=2, input_resolution=(8, 8), window_size=4)(torch.randn(1, 32, 8, 8)).shape
     torch.Size([1, 32, 8, 8])
@@ -208,8 +240,9 @@ class SwinStage(_PaddedStage):
         drop_path: float | Sequence[float] = 0.0,
         **block_kwargs,
     ) -> None:
-        super().__init__(input_resolution, window_size)
-        shift = window_size // 2 if min(self.padded_resolution) > window_size else 0
+        super().__init__(input_resolution, window_size, dim, depth)
+        rolls = tuple(window_size // 2 if n > window_size else 0 for n in self.padded_resolution)
+        shift = rolls[0] if rolls[0] == rolls[1] else rolls
         rates = _rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             SwinBlock(dim, num_heads, window_size, self.padded_resolution, shift if i % 2 else 0, drop_path=rates[i],
@@ -326,7 +359,7 @@ class TwinsStage(_PaddedStage):
         drop_path: float | Sequence[float] = 0.0,
         **block_kwargs,
     ) -> None:
-        super().__init__(input_resolution, window_size)
+        super().__init__(input_resolution, window_size, dim, depth)
         rates = _rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             GSABlock(dim, num_heads, sr_ratio, drop_path=rates[i], **block_kwargs)
@@ -373,14 +406,18 @@ class EdgeViTStage(nn.Module):
         super().__init__()
         if layer_scale is not None:
             raise ValueError("EdgeViT blocks have no layer scale: build EdgeViTStage with layer_scale=None")
-        self.input_resolution = tuple(input_resolution)
+        _check_stage_args("EdgeViTStage", window_size, depth)  # window_size: the delegates' stride
+        self.input_resolution, self.dim = to_2tuple(input_resolution), dim
         rates = _rates(drop_path, depth)
+        # HATBlock's default, as for the other mixers (LGLBlock's own default is no bias: the arm differed)
+        block_kwargs.setdefault("qkv_bias", True)
         self.blocks = nn.ModuleList(
             LGLBlock(dim, num_heads, drop_path=rates[i], sr_ratio=window_size, **block_kwargs) for i in range(depth)
         )
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
+        _check_map(self, x, self.dim)
         torch._assert(x.shape[2] == H and x.shape[3] == W, f"EdgeViTStage was built for {H}x{W} maps")
         for blk in self.blocks:
             x = blk(x)
@@ -451,6 +488,7 @@ class HATAblationStage(HATStage):
                     blk.hat_attn.pos_emb_funct = _Zero(1, 1, 1, 1)
             if not ct_attention and blk.hat_attn is not None:
                 blk.hat_attn = _NoMixing()
+                blk.hat_norm1, blk.gamma1 = nn.Identity(), None  # fed only that attention: removed with it
 
 
 MIXERS: dict[str, type[nn.Module]] = {

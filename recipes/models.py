@@ -19,6 +19,7 @@ import timm
 import torch
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import fastervit
 import hatplug.models  # noqa: F401  (registers EdgeViT with timm)
@@ -48,12 +49,26 @@ class MixerLevel(nn.Module):
         self.downsample = downsample
         self.grad_checkpointing = False  # FasterViT.set_grad_checkpointing sets it on every level
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self._grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        """Passed on to a mixer that checkpoints its own blocks (the HAT and window stages); any other mixer is
+        checkpointed whole (it was not checkpointed at all)."""
+        self._grad_checkpointing = bool(enable)
+        if hasattr(self.mixer, "set_grad_checkpointing"):
+            self.mixer.set_grad_checkpointing(enable)
+
     def forward_blocks(self, x: Tensor) -> Tensor:
         """The level without its downsample (FasterViT's ``forward_intermediates`` taps here)."""
+        if self._grad_checkpointing and self.training and not hasattr(self.mixer, "set_grad_checkpointing"):
+            return checkpoint(self.mixer, x, use_reentrant=False)
         return self.mixer(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.mixer(x)
+        x = self.forward_blocks(x)
         return x if self.downsample is None else self.downsample(x)
 
 

@@ -68,6 +68,30 @@ def test_swin_mask_blocks_the_wrap_around():
     assert _influence(unmasked, (7, 7), (0, 0)) > 1e-3 * _influence(unmasked, (7, 7), (6, 6))
 
 
+@pytest.mark.parametrize("size", [(4, 16), (16, 4), (8, 12)])
+def test_swin_shifts_each_axis_that_has_more_than_one_window_as_timm_does(size):
+    """A 4x16 map with 4-pixel windows has four windows across: the shifted block rolls the columns (it did not
+    shift at all, since the shorter side is one window, which made the arm window-only there). Checked against
+    timm's SwinTransformerBlock with the same weights and the position terms zeroed on both sides."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    from hatplug.mixers import _Zero
+
+    stage = create_mixer("swin", **{**GEOMETRY, "input_resolution": size}).eval()
+    ours = stage.blocks[1]
+    assert ours._rolls == tuple(2 if n > 4 else 0 for n in size)
+    ours.pos_embed, ours.attn.pos_emb_funct = _Zero(1, 1, 1), _Zero(1, 2, 16, 16)
+    theirs = SwinTransformerBlock(32, size, num_heads=2, window_size=4, shift_size=2).eval()
+    for name in ("norm1", "norm2", "mlp"):
+        getattr(theirs, name).load_state_dict(getattr(ours, name).state_dict())
+    theirs.attn.qkv.load_state_dict(ours.attn.qkv.state_dict())
+    theirs.attn.proj.load_state_dict(ours.attn.proj.state_dict())
+    with torch.no_grad():
+        theirs.attn.relative_position_bias_table.zero_()
+        x = torch.randn(2, 32, *size)
+        torch.testing.assert_close(ours(x), theirs(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_shift_mask_regions():
     mask = shift_attention_mask(8, 8, window_size=4, shift=2)
     assert mask.shape == (4, 16, 16)
@@ -108,6 +132,73 @@ def test_hat_ablation_switches():
     assert _influence(full, (0, 0), (7, 7)) > 0
     # position biases gone: every block's relative bias is a broadcast zero
     assert all(not blk.attn.pos_emb_funct().any() for blk in no_bias.blocks)
+
+
+def test_without_ct_attention_every_parameter_left_is_trained():
+    """ct_attention=False removes the carrier-token attention and what fed only it (its norm and layer scale):
+    they stayed, never got a gradient and inflated that ablation row's parameter count."""
+    stage = HATAblationStage(**GEOMETRY, ct_attention=False, layer_scale=1e-2)
+    stage(torch.randn(2, 32, 8, 8)).square().sum().backward()
+    idle = [n for n, p in stage.named_parameters() if p.grad is None or not p.grad.any()]
+    assert idle == [] and not any("hat_norm1" in n or "gamma1" in n for n, _ in stage.named_parameters())
+
+
+def test_edgevit_takes_the_shared_block_defaults_and_checks_its_stride():
+    """The other mixers' q/k/v projections have a bias (HATBlock's default); the EdgeViT arm had none."""
+    stage = create_mixer("edgevit", **{**GEOMETRY, "window_size": 2})
+    biases = [m.bias for n, m in stage.named_modules() if n.endswith("qkv")]
+    assert biases and all(b is not None for b in biases)
+    assert create_mixer("window", **GEOMETRY).blocks[0].attn.qkv.bias is not None
+    no_bias = create_mixer("edgevit", **{**GEOMETRY, "window_size": 2, "qkv_bias": False})
+    assert all(m.bias is None for n, m in no_bias.named_modules() if n.endswith("qkv"))
+    with pytest.raises(ValueError, match="window_size must be an integer >= 1, got 0"):
+        create_mixer("edgevit", **{**GEOMETRY, "window_size": 0})
+
+
+@pytest.mark.parametrize("name", ["swin", "hat"])
+def test_gradient_checkpointing_reaches_the_swapped_stage(name):
+    """FasterViT.set_grad_checkpointing set a flag on the mixer level that nothing read: stage 3 ran without it."""
+    model = fastervit_mixer(name, **TINY_FASTERVIT, img_size=64, num_classes=2)
+    level = next(m for m in model.modules() if type(m).__name__ == "MixerLevel")
+    calls, forward = [], level.mixer.forward
+
+    def counted(x):  # (a forward hook does not fire when checkpointing recomputes)
+        calls.append(1)
+        return forward(x)
+
+    level.mixer.forward = counted
+    model.set_grad_checkpointing(True)
+    model.train()(torch.randn(2, 3, 64, 64)).sum().backward()
+    if name == "hat":  # a HAT stage checkpoints its own blocks
+        assert level.mixer.grad_checkpointing and calls == [1]
+    else:  # any other mixer is checkpointed whole: its forward runs again in the backward pass
+        assert calls == [1, 1]
+    model.set_grad_checkpointing(False)
+    calls.clear()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert calls == [1] and not getattr(level.mixer, "grad_checkpointing", False)
+
+
+@pytest.mark.parametrize("name", ["swin", "twins", "edgevit"])
+def test_stages_name_bad_maps_and_arguments(name):
+    """The Swin, Twins and EdgeViT stages answered a wrong channel count with a broadcast or conv error, a 3-D
+    input with an IndexError, ran on integer maps, and divided by a zero window; the window and HAT stages
+    already named each."""
+    kwargs = {**GEOMETRY, "window_size": 2} if name == "edgevit" else GEOMETRY
+    stage = create_mixer(name, **kwargs)
+    for x, error, message in [
+        (torch.randn(1, 16, 8, 8), ValueError, r"takes \(B, 32, H, W\) maps, got shape \(1, 16, 8, 8\)"),
+        (torch.randn(32, 8, 8), ValueError, r"got shape \(32, 8, 8\)"),
+        (torch.randn(1, 8, 8, 32), ValueError, r"channels-last .* x\.permute\(0, 3, 1, 2\)"),
+        (torch.ones(1, 32, 8, 8, dtype=torch.long), TypeError, "floating-point map, got torch.int64"),
+    ]:
+        with pytest.raises(error, match=message):
+            stage(x)
+    for bad in ({"window_size": 0}, {"depth": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer >= 1"):
+            create_mixer(name, **{**kwargs, **bad})
+    square = create_mixer(name, **{**kwargs, "input_resolution": 8})  # one int, as HATStage takes
+    assert square(torch.randn(1, 32, 8, 8)).shape == (1, 32, 8, 8)
 
 
 def test_create_mixer_rejects_unknown_names():
