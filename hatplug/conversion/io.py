@@ -50,6 +50,13 @@ def save(model: nn.Module, path: str | Path) -> Path:
     model = _unwrapped(model)
     info = getattr(model, "hatplug_conversion", None)
     if info is None:
+        inner = next((name for name, m in model.named_modules() if name and hasattr(m, "hatplug_conversion")), None)
+        if inner is not None:  # a converted model inside another module (nn.Sequential, a wrapper of one's own)
+            raise HatplugError(
+                f"{type(model).__name__} was not converted itself; its submodule {inner!r} was: save that one, "
+                f"hatplug.save(model.get_submodule({inner!r}), path), and rebuild the outer module around "
+                "hatplug.load's result"
+            )
         raise HatplugError(
             f"{type(model).__name__} was not converted: hatplug.save stores converted models; use "
             "torch.save(model.state_dict(), path) for others"

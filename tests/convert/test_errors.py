@@ -156,6 +156,15 @@ def test_load_checks_the_base_model(tmp_path):
         hatplug.load(tmp_path / "plain.pt", make_model(FAMILIES["swin"], 64))
 
 
+def test_save_names_a_converted_submodule(tmp_path):
+    """A converted model inside an nn.Sequential: the message said only "Sequential was not converted" and
+    pointed at torch.save, which loses the conversion options."""
+    outer = nn.Sequential(hatplug.convert(make_model(FAMILIES["swin"], 64)))
+    with pytest.raises(HatplugError, match=r"its submodule '0' was: save that one, .*get_submodule\('0'\)"):
+        hatplug.save(outer, tmp_path / "x.safetensors")
+    assert hatplug.save(outer.get_submodule("0"), tmp_path / "x.safetensors").is_file()
+
+
 def test_a_saved_conversion_loads_only_into_a_model_converted_alike(tmp_path):
     """No tensor shape shows ct_size: a hatplug.save file of a ct_size=2 conversion loaded strictly into a ct_size=1
     one (another function), and into an unconverted model the error said only "strict=False". The file's recorded
