@@ -935,7 +935,14 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | os.PathLike, title: str
 def sweep_figure(points: Sequence[SweepPoint], title: str = ""):
     """The matplotlib ``Figure`` that :func:`plot_sweep` saves (latency panel first, cost panel second)."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+    from matplotlib.ticker import (
+        FixedFormatter,
+        FixedLocator,
+        LogLocator,
+        NullFormatter,
+        NullLocator,
+        ScalarFormatter,
+    )
 
     fits = growth_exponents(points)
     measured = [p for p in points if not p.skipped]
@@ -964,8 +971,11 @@ def sweep_figure(points: Sequence[SweepPoint], title: str = ""):
     ax_t.yaxis.set_major_formatter(ScalarFormatter())
     latencies = [p.ms_per_image for p in measured]
     spans_a_decade = bool(latencies) and max(latencies) >= 10 * min(latencies)
-    # within one decade there may be no power of ten on the axis at all: label the minor ticks then
+    # within one decade there may be no power of ten on the axis at all: label the minor ticks then; over one to
+    # three decades powers of ten alone leave one or two numbers (1.3-36 ms: only "10"): label 1, 2, 5 x 10^n
     ax_t.yaxis.set_minor_formatter(NullFormatter() if spans_a_decade else ScalarFormatter())
+    if spans_a_decade and max(latencies) < 1000 * min(latencies):
+        ax_t.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax_c.set_ylim(bottom=0)
     for ax, ylabel in (
         (ax_t, "latency per image (ms)"),

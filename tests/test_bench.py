@@ -455,6 +455,15 @@ def test_sweep_plot_labels_latency_within_a_decade_and_names_each_reference():
     assert latency.get_legend() is not None
     fig = bench.sweep_figure(points({"a": [224, 320], "b": [320, 448]}))
     assert fig.axes[1].get_ylabel() == "time per pixel, relative to each model's smallest measured size"
+    # latencies of 1.3 to 36 ms: powers of ten alone labelled only "10"
+    pts = [SweepPoint("a", s, 1, ms_per_image_runs=[ms]) for s, ms in ((224, 1.3), (448, 6.0), (896, 36.0))]
+    bench._fill_relative_cost(pts)
+    fig = bench.sweep_figure(pts)
+    FigureCanvasAgg(fig).draw()
+    latency = fig.axes[0]
+    low, high = latency.get_ylim()
+    shown = {t.get_text() for t in latency.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high}
+    assert len(shown) >= 4, shown
 
 
 def test_output_folders_are_made_when_written_not_when_checked(tmp_path, capsys):
