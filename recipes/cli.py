@@ -93,6 +93,14 @@ class RecipeCLI(LightningCLI):
             else (config.get("model.num_classes"), "in the config", "remove model.num_classes from the config")
         )  # fmt: skip
 
+    def before_fit(self) -> None:
+        """``--trainer.fast_dev_run`` is a smoke run that writes nothing; Lightning 2.6's ``ModelCheckpoint`` still
+        writes ``last.ckpt`` at the end of training with ``save_last`` (into ``<root>/checkpoints/``, as there is
+        no logger), which a later ``--ckpt_path last`` would then resume from. ``save_last`` is turned off for it."""
+        if self.trainer.fast_dev_run:
+            for callback in self.trainer.checkpoint_callbacks:
+                callback.save_last = False
+
     def instantiate_classes(self) -> None:
         """LightningCLI's, then a check: the link overwrites a ``model.num_classes`` given in a config file with
         the data module's, which would silently train another classifier than the one asked for."""

@@ -41,6 +41,7 @@ def test_fast_dev_run_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fast_dev_run" in result.stderr + result.stdout
     assert not (tmp_path / "tiny" / "version_0" / "metrics.csv").exists()  # fast_dev_run logs nothing
+    assert list(tmp_path.rglob("*.ckpt")) == []  # and saves nothing (Lightning wrote last.ckpt at train end)
 
 
 @pytest.mark.slow
