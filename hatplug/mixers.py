@@ -488,7 +488,9 @@ class HATAblationStage(HATStage):
                     blk.hat_attn.pos_emb_funct = _Zero(1, 1, 1, 1)
             if not ct_attention and blk.hat_attn is not None:
                 blk.hat_attn = _NoMixing()
-                blk.hat_norm1, blk.gamma1 = nn.Identity(), None  # fed only that attention: removed with it
+                blk.hat_norm1 = nn.Identity()  # fed only that attention: removed with it
+                if not blk.propagate:  # the layer scale also scales propagated tokens in a propagating block
+                    blk.gamma1 = None
 
 
 MIXERS: dict[str, type[nn.Module]] = {

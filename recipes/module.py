@@ -101,6 +101,17 @@ def weights_from_checkpoint() -> Iterator[None]:
         _WEIGHTS_FROM_CHECKPOINT = previous
 
 
+class _Float32Mean(MeanMetric):
+    """A ``MeanMetric`` whose sums stay float32 when the module is cast (``precision="bf16-true"`` moves the whole
+    LightningModule to bfloat16, states included, and a bfloat16 sample count stalls at 8192)."""
+
+    def _apply(self, fn, *args, **kwargs):
+        this = super()._apply(fn, *args, **kwargs)
+        if not this._dtype_convert and this.mean_value.dtype != torch.float32:
+            this.set_dtype(torch.float32)
+        return this
+
+
 class ImageClassifier(pl.LightningModule):
     """Image classification with any timm / FasterViT / recipe model.
 
@@ -206,7 +217,7 @@ class ImageClassifier(pl.LightningModule):
         # the evaluation loss as a metric, a mean over samples also when processes hold different numbers (a
         # distributed evaluation counts each sample once, see recipes.data.base.eval_loader): Lightning's
         # sync_dist mean divides the summed batch sizes by the process count in integers (15 / 2 -> 7)
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_loss, self.test_loss = _Float32Mean(), _Float32Mean()
 
     @_restricted_classmethod  # like Lightning's: calling it on an instance is an error, not a silent no-op
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
@@ -243,7 +254,7 @@ class ImageClassifier(pl.LightningModule):
         top1(logits, target)
         progress = stage == "val"
         loss = getattr(self, f"{stage}_loss")
-        loss(F.cross_entropy(logits, target), weight=target.shape[0])
+        loss(F.cross_entropy(logits, target).float(), weight=target.shape[0])
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=progress)
         self.log(f"{stage}/top1", top1, on_epoch=True, prog_bar=progress)
         if top5 is not None:

@@ -90,6 +90,12 @@ def test_inference_fusion_works_as_a_call_and_as_a_context_manager():
         inference_fusion("off")
     assert inference_fusion_enabled()
 
+    @inference_fusion(False)  # a decorator too (as the contextmanager was): the setting applies per call
+    def plain_forward():
+        return inference_fusion_enabled()
+
+    assert inference_fusion_enabled() and plain_forward() is False and inference_fusion_enabled()
+
 
 def test_eval_convs_take_cached_weights_in_the_maps_layout():
     """On channels-last maps (the CPU eval path) the folded and the downsample conv weights are kept in that layout,

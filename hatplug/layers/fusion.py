@@ -28,6 +28,7 @@ place, and the fused-kernel attention of converted blocks (:class:`~hatplug.laye
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -88,6 +89,20 @@ class inference_fusion:  # noqa: N801 - lower case like torch.set_grad_enabled, 
         global _ENABLED
         self.enabled = bool(enabled)
         self.previous, _ENABLED = _ENABLED, self.enabled
+
+    def __call__(self, fn: Callable) -> Callable:
+        """As a decorator: ``fn`` runs with the setting, which applies per call (the construction's global change
+        is undone, as ``torch.set_grad_enabled`` does)."""
+        global _ENABLED
+        _ENABLED = self.previous
+        enabled = self.enabled
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with inference_fusion(enabled):
+                return fn(*args, **kwargs)
+
+        return wrapper
 
     def __enter__(self) -> None:
         return None

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from PIL import ImageOps
@@ -444,10 +445,15 @@ def eval_loader(datamodule: pl.LightningDataModule, dataset: Sized, pin_memory: 
 
 def _eval_sampler(trainer: pl.Trainer | None, dataset: Sized) -> UnrepeatedDistributedSampler | None:
     """Every ``world_size``-th sample for this process where Lightning would put in its padding
-    ``DistributedSampler`` (a distributed run with ``use_distributed_sampler``), else ``None`` (in order)."""
+    ``DistributedSampler`` under a DDP strategy (with ``use_distributed_sampler``), else ``None`` (in order, or
+    Lightning's sampler: FSDP and DeepSpeed need the same number of batches on every process)."""
     world = getattr(trainer, "world_size", 1) if trainer is not None else 1
     connector = getattr(trainer, "_accelerator_connector", None)
     if world <= 1 or not getattr(connector, "use_distributed_sampler", True):
+        return None
+    if not isinstance(getattr(trainer, "strategy", None), DDPStrategy):
+        # FSDP / DeepSpeed stage 3 gather parameters in every forward: processes with different numbers of
+        # batches would wait for each other forever. Lightning's padding sampler, repeats and all.
         return None
     if len(dataset) < world:
         # a process without a sample would run no step, and the others would wait for it at the first sync

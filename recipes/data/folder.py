@@ -137,9 +137,15 @@ def _load_image(path: str) -> Image.Image:
             image.load()
     except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated / corrupt / not an image
         raise OSError(f"cannot read the image {path} ({error}); replace or delete that file") from error
-    if image.mode.startswith("I;16"):
+    sixteen_bit = image.mode in ("I;16", "I;16B", "I;16L", "I;16N") or (image.mode == "I" and image.format == "PPM")
+    if sixteen_bit:  # Pillow opens a 16-bit PGM as "I", scaled to 0..65535 whatever its maxval
         wide = np.asarray(image).astype(np.uint32)  # the byte order is Pillow's to read
         image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    elif image.mode.startswith("I;16"):  # signed 16-bit: no black level to map to 0
+        raise OSError(
+            f"cannot read the image {path}: its pixels are signed 16-bit integers (Pillow mode {image.mode!r}); "
+            "save it with unsigned 8 or 16 bits per channel"
+        )
     elif image.mode in ("I", "F"):
         raise OSError(
             f"cannot read the image {path}: its pixels are 32-bit {'integers' if image.mode == 'I' else 'floats'} "

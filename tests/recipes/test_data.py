@@ -193,6 +193,10 @@ def test_image_folder_reads_16_bit_images_and_skips_hidden_files(tmp_path):
     rgb = np.asarray(_load_image(str(tmp_path / "ramp16.png")))
     expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert rgb.shape == (64, 64, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    # a 16-bit PGM (Pillow opens it as mode "I", scaled to 0..65535 from its maxval of 4095)
+    (tmp_path / "ramp.pgm").write_bytes(b"P5\n3 1\n4095\n" + np.array([0, 2048, 4095], dtype=">u2").tobytes())
+    grey = np.asarray(_load_image(str(tmp_path / "ramp.pgm")))[0, :, 0]
+    assert grey.tolist() == [0, round(2048 / 4095 * 255), 255]
     Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(OSError, match=r"float\.tif: its pixels are 32-bit floats"):
         _load_image(str(tmp_path / "float.tif"))
@@ -374,21 +378,25 @@ def test_distributed_evaluation_counts_each_sample_once():
     process a sample is refused (that process would run no step and the others would wait for it)."""
     from types import SimpleNamespace
 
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
     from torch.utils.data import TensorDataset
 
     from recipes.data.base import eval_loader
 
-    def indices(n: int, rank: int, world: int = 2, use_sampler: bool = True) -> list[int]:
+    def indices(n: int, rank: int, world: int = 2, use_sampler: bool = True, strategy=None) -> list[int]:
         module = _Loaders()
         module.num_workers = 0
         connector = SimpleNamespace(use_distributed_sampler=use_sampler)
-        module.trainer = SimpleNamespace(world_size=world, global_rank=rank, _accelerator_connector=connector)
+        module.trainer = SimpleNamespace(world_size=world, global_rank=rank, _accelerator_connector=connector,
+                                         strategy=strategy or DDPStrategy())  # fmt: skip
         return [i for (batch,) in eval_loader(module, TensorDataset(torch.arange(n))) for i in batch.tolist()]
 
     ranks = [indices(7, rank) for rank in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == list(range(7)) and [len(r) for r in ranks] == [4, 3]
     assert [len(indices(8, rank, world=3)) for rank in range(3)] == [3, 3, 2]
     assert indices(7, 1, use_sampler=False) == list(range(7))
+    # FSDP gathers parameters in every forward: uneven batch counts would hang, so Lightning's sampler stays
+    assert indices(7, 1, strategy=FSDPStrategy()) == list(range(7))
     with pytest.raises(ValueError, match="1 samples, fewer than the 2 processes"):
         indices(1, 0)
 

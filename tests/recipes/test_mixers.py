@@ -141,6 +141,13 @@ def test_without_ct_attention_every_parameter_left_is_trained():
     stage(torch.randn(2, 32, 8, 8)).square().sum().backward()
     idle = [n for n, p in stage.named_parameters() if p.grad is None or not p.grad.any()]
     assert idle == [] and not any("hat_norm1" in n or "gamma1" in n for n, _ in stage.named_parameters())
+    # a propagating last block keeps its layer scale, which scales the propagated tokens (only the attention goes)
+    torch.manual_seed(0)
+    full = HATAblationStage(**GEOMETRY, do_propagation=True, layer_scale=1e-2)
+    torch.manual_seed(0)
+    no_ct = HATAblationStage(**GEOMETRY, do_propagation=True, layer_scale=1e-2, ct_attention=False)
+    assert no_ct.blocks[-1].gamma1 is not None and no_ct.blocks[0].gamma1 is None
+    assert torch.equal(no_ct.blocks[-1].gamma1, full.blocks[-1].gamma1)
 
 
 def test_edgevit_takes_the_shared_block_defaults_and_checks_its_stride():
