@@ -22,7 +22,17 @@ from torch.utils.checkpoint import checkpoint
 from hatplug.checkpoint import drop_derived
 from hatplug.errors import refuse_scripting
 from hatplug.layers import HATStage
-from hatplug.layers.fusion import BATCHNORMS, FoldedTensors, fold_batchnorm, fusion_active, gelu_, runs_as, stream_dtype
+from hatplug.layers._cache import hook_dicts
+from hatplug.layers.fusion import (
+    BATCHNORMS,
+    FoldedTensors,
+    fold_batchnorm,
+    fusion_active,
+    gelu_,
+    is_channels_last,
+    runs_as,
+    stream_dtype,
+)
 from hatplug.layers.hat import _is_int as _is_integer
 from hatplug.layers.pos_embed import _tracing
 from hatplug.models.heads import check_head
@@ -216,7 +226,7 @@ def _folded_conv_bn(
     sources = [
         t for conv, bn in pairs for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     ]
-    channels_last = like is not None and _is_channels_last(like)
+    channels_last = like is not None and is_channels_last(like)
 
     def fold() -> tuple[Tensor, ...]:
         scales = [None] * (len(pairs) - 1) + [scale]
@@ -226,12 +236,6 @@ def _folded_conv_bn(
         )
 
     return cache.get((*sources, scale), fold, extra=(*(bn.eps for _, bn in pairs), channels_last))
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    """Whether a 4-D map is channels-last strided (and not also contiguous, as a 1x1 map is): the layout oneDNN
-    then runs a conv in."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class ConvBlock(nn.Module):
@@ -296,7 +300,7 @@ class Downsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         conv = self.reduction[0] if len(self.reduction) == 1 else None
-        if runs_as(conv, nn.Conv2d) and fusion_active(self, x) and _is_channels_last(x):
+        if runs_as(conv, nn.Conv2d) and fusion_active(self, x) and is_channels_last(x):
             # oneDNN would copy the NCHW weight into channels-last on every call; keep that copy instead
             (weight,) = self._weight.get(
                 (conv.weight,), lambda: (conv.weight.contiguous(memory_format=torch.channels_last),)
@@ -379,9 +383,6 @@ def _same_layout(x: Tensor, contiguous: bool) -> Tensor:
     return x.contiguous() if contiguous and not x.is_contiguous() else x
 
 
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
 def _changed_since_built(module: nn.Module, built: nn.Module, prefix: str) -> str:
     """What in ``module`` differs from ``built`` (the same module as its constructor makes it) other than tensor
     values: a submodule replaced by another class (a LoRA or quantized layer, a subclass with its own ``forward``),
@@ -394,9 +395,8 @@ def _changed_since_built(module: nn.Module, built: nn.Module, prefix: str) -> st
             return f"{path} ({type(sub).__name__}) was added"
         if type(like) is not type(sub):
             return f"{path} is a {type(sub).__qualname__} where the level is built with a {type(like).__qualname__}"
-        hooks = [kind.strip("_") for kind in _HOOKS if len(getattr(sub, kind)) > len(getattr(like, kind))]
-        if hooks:
-            return f"{path} has {' and '.join(hooks)}"
+        if len(hook_dicts(sub)) > len(hook_dicts(like)):
+            return f"{path} has hooks"
     if fresh:
         return f"{prefix}.{next(iter(fresh))} was removed"
     return ""

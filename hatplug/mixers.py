@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .layers import AbsolutePositionMLP, BiasedAttention, HATBlock, HATStage
 from .layers.hat import _drop_path_rates as _rates
-from .layers.hat import _layer_scale, _scale
+from .layers.hat import _layer_scale, _scale, check_stage_input
 from .layers.pos_embed import _tracing
 from .layers.windows import ceil_to_multiple, pad_to_windows, window_partition, window_reverse
 from .models.edgevit import LGLBlock
@@ -64,18 +64,6 @@ def _check_stage_args(name: str, window_size: object, depth: object) -> None:
             raise ValueError(f"{name}: {arg} must be an integer >= 1, got {value!r}")
 
 
-def _check_map(stage: nn.Module, x: Tensor, dim: int) -> None:
-    """A named error for a map a stage cannot take (skipped while tracing): not ``(B, dim, H, W)`` floats."""
-    if _tracing():
-        return
-    name = type(stage).__name__
-    if x.dim() != 4 or x.shape[1] != dim:
-        hint = "; channels-last (B, H, W, C)? pass x.permute(0, 3, 1, 2)" if x.dim() == 4 and x.shape[-1] == dim else ""
-        raise ValueError(f"{name} takes (B, {dim}, H, W) maps, got shape {tuple(x.shape)}{hint}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} takes a floating-point map, got {x.dtype}: convert it, e.g. x.float()")
-
-
 class _PaddedStage(nn.Module):
     """Shared frame: check the input size, pad to whole windows, run ``forward_padded``, crop."""
 
@@ -93,7 +81,8 @@ class _PaddedStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
         Hp, Wp = self.padded_resolution
-        _check_map(self, x, self.dim)
+        if not _tracing():
+            check_stage_input(self, x, self.dim, self.input_resolution)
         torch._assert(x.shape[2] == H and x.shape[3] == W, f"{type(self).__name__} was built for {H}x{W} maps")
         x = self.forward_padded(pad_to_windows(x, Hp - H, Wp - W))
         return x[:, :, :H, :W].contiguous() if (Hp, Wp) != (H, W) else x
@@ -417,7 +406,8 @@ class EdgeViTStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
-        _check_map(self, x, self.dim)
+        if not _tracing():
+            check_stage_input(self, x, self.dim, self.input_resolution)
         torch._assert(x.shape[2] == H and x.shape[3] == W, f"EdgeViTStage was built for {H}x{W} maps")
         for blk in self.blocks:
             x = blk(x)

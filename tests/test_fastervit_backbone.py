@@ -367,7 +367,7 @@ def test_set_input_size_refuses_to_lose_replaced_layers_and_hooks():
         model.set_input_size([128, 160])
     mlp.fc2 = plain
     handle = model.levels[3].blocks[0].register_forward_hook(lambda *args: None)
-    with pytest.raises(ValueError, match=r"levels\.3\.blocks\.0 has forward_hooks"):
+    with pytest.raises(ValueError, match=r"levels\.3\.blocks\.0 has hooks"):
         model.set_input_size([128, 160])
     model.levels[3].blocks[0].attn.extra = torch.nn.Identity()
     handle.remove()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..adapters import BlockAdapter, CarrierBlock, ConversionSettings, find_adapter, registered_adapters
 from ..errors import ConversionError, UnsupportedModelError, refuse_scripting
+from ..layers._cache import HOOK_DICTS, hook_dicts
 from ..layers.pos_embed import CachedBias
 from .tracer import HatplugTracer
 
@@ -139,7 +140,7 @@ class CarrierStage(torch.fx.GraphModule):
     def __deepcopy__(self, memo: dict) -> CarrierStage:
         copied = super().__deepcopy__(memo)
         copied.__class__.__name__ = type(self).__name__  # fx names a copy "GraphModule"; each has its own class
-        return _with_hooks(copied, {name: copy.deepcopy(getattr(self, name), memo) for name in _HOOK_DICTS})
+        return _with_hooks(copied, {name: copy.deepcopy(getattr(self, name), memo) for name in HOOK_DICTS})
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -163,7 +164,7 @@ def _rebuild_stage(body: dict, import_block: str) -> CarrierStage:
 
 def _with_hooks(stage: CarrierStage, source: dict) -> CarrierStage:
     """``stage`` with the non-empty hook dicts of ``source`` (a stage's ``__dict__`` or copies of it)."""
-    for name in _HOOK_DICTS:
+    for name in HOOK_DICTS:
         if source.get(name):
             setattr(stage, name, source[name])
     return stage
@@ -177,30 +178,14 @@ def _adopt_mode(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
-
-
-def _hook_dicts(module: nn.Module) -> list[dict]:
-    """``module``'s non-empty hook dicts."""
-    return [d for d in (getattr(module, name, None) for name in _HOOK_DICTS) if d]
-
-
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(_hook_dicts(module))
+    return bool(hook_dicts(module))
 
 
 def _move_hooks(old: nn.Module, new: nn.Module) -> None:
     """``new`` replaces ``old`` with the same inputs and outputs: it takes over ``old``'s hooks (the same
     dicts, so that the handles the user holds still remove them)."""
-    for name in _HOOK_DICTS:
+    for name in HOOK_DICTS:
         if getattr(old, name, None):
             setattr(new, name, getattr(old, name))
 
@@ -307,12 +292,12 @@ def _rewrite_stage(
 
 def _check_hooks_kept(model: nn.Module, named_before: list[tuple[str, nn.Module]]) -> None:
     """Refuse a conversion that dropped a module holding hooks the converted model no longer runs."""
-    live = {id(d) for m in model.modules() for d in _hook_dicts(m)}  # hooks moved to a replacement stay live
+    live = {id(d) for m in model.modules() for d in hook_dicts(m)}  # hooks moved to a replacement stay live
     alive = {id(m) for m in model.modules()}
     lost = [
         path or "(the model)"
         for path, m in named_before
-        if id(m) not in alive and any(id(d) not in live for d in _hook_dicts(m))
+        if id(m) not in alive and any(id(d) not in live for d in hook_dicts(m))
     ]
     if lost:
         raise ConversionError(

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["FoldedTensors", "must_run_below"]
+__all__ = ["HOOK_DICTS", "FoldedTensors", "hook_dicts", "must_run_below"]
 
 _optimizer_steps = 0
 
@@ -44,6 +44,23 @@ def same_sources(refs: Sequence[weakref.ref | None], tensors: Sequence[Tensor | 
         if (ref is None) != (t is None) or (ref is not None and ref() is not t):
             return False
     return True
+
+
+HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+"""The attributes of ``nn.Module`` that hold per-module hooks."""
+
+
+def hook_dicts(module: torch.nn.Module) -> list[dict]:
+    """``module``'s non-empty hook dicts (see :data:`HOOK_DICTS`)."""
+    return [d for d in (getattr(module, name, None) for name in HOOK_DICTS) if d]
 
 
 def must_run_below(module: torch.nn.Module, folding: bool = False) -> bool:

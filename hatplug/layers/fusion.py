@@ -241,6 +241,12 @@ def passes_through(*modules: nn.Module) -> bool:
     return True
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether a 4-D map is channels-last strided and not also contiguous (as a 1x1 map is): the layout
+    oneDNN then runs a conv in, and the one whose dense NHWC view :func:`gelu_` uses."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 _GELU_ = getattr(torch._C._nn, "gelu_", None)
 
 
@@ -249,7 +255,7 @@ def gelu_(x: Tensor, approximate: str = "none") -> Tensor:
     size); exactly ``F.gelu``'s values. A channels-last map goes through its dense NHWC view: torch 2.15
     runs GELU on channels-last strides through a slower non-vectorised loop (1.5x the time) whose values
     differ from the NCHW ones in the last bit, while the dense view gives exactly the NCHW values."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return gelu_(x.permute(0, 2, 3, 1), approximate).permute(0, 3, 1, 2)
     if _GELU_ is None or not x.is_contiguous():
         return F.gelu(x, approximate=approximate)

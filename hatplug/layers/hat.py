@@ -488,6 +488,28 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         return self._split_carrier_tokens(x, ct)
 
 
+def check_stage_input(stage: nn.Module, x: Tensor, dim: int, resolution: tuple[int, int]) -> None:
+    """A named error for a map a stage (``HATStage``, the ablation mixers) would fail on deep inside: an unbatched
+    map, an empty batch, channels-last data or other channels, integers."""
+    name = type(stage).__name__
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name} takes (B, C, H, W) maps, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+            + ("; for one map add the batch dimension: stage(x[None])" if x.dim() == 3 else "")
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"got an empty batch (0 maps): {name} needs at least one")
+    if x.shape[1] != dim:
+        H, W = resolution
+        nhwc = x.shape[-1] == dim
+        raise ValueError(
+            f"this {name} takes {dim}-channel maps (B, {dim}, {H}, {W}), got shape {tuple(x.shape)}"
+            + ("; that looks channels-last (B, H, W, C): pass x.permute(0, 3, 1, 2)" if nhwc else "")
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} takes floating-point maps, got {x.dtype}: convert them first, e.g. x.float()")
+
+
 class HATStage(nn.Module):
     """A stage of HAT blocks on an NCHW map: pad, make CTs, partition, run the blocks, reverse, crop.
 
@@ -588,23 +610,7 @@ class HATStage(nn.Module):
         return self.global_tokenizer is not None
 
     def _check_input(self, x: Tensor) -> None:
-        """A named error for what would fail deep inside (an unbatched map, channels-last data, other channels)."""
-        if x.dim() != 4:
-            raise ValueError(
-                f"HATStage takes (B, C, H, W) maps, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
-                + ("; for one map add the batch dimension: stage(x[None])" if x.dim() == 3 else "")
-            )
-        if x.shape[0] == 0:
-            raise ValueError("got an empty batch (0 maps): HATStage needs at least one")
-        if x.shape[1] != self.dim:
-            H, W = self.input_resolution
-            nhwc = x.shape[-1] == self.dim
-            raise ValueError(
-                f"this HATStage takes {self.dim}-channel maps (B, {self.dim}, {H}, {W}), got shape {tuple(x.shape)}"
-                + ("; that looks channels-last (B, H, W, C): pass x.permute(0, 3, 1, 2)" if nhwc else "")
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"HATStage takes floating-point maps, got {x.dtype}: convert them first, e.g. x.float()")
+        check_stage_input(self, x, self.dim, self.input_resolution)
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution

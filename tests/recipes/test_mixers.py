@@ -194,10 +194,10 @@ def test_stages_name_bad_maps_and_arguments(name):
     kwargs = {**GEOMETRY, "window_size": 2} if name == "edgevit" else GEOMETRY
     stage = create_mixer(name, **kwargs)
     for x, error, message in [
-        (torch.randn(1, 16, 8, 8), ValueError, r"takes \(B, 32, H, W\) maps, got shape \(1, 16, 8, 8\)"),
-        (torch.randn(32, 8, 8), ValueError, r"got shape \(32, 8, 8\)"),
+        (torch.randn(1, 16, 8, 8), ValueError, r"takes 32-channel maps \(B, 32, 8, 8\), got shape \(1, 16, 8, 8\)"),
+        (torch.randn(32, 8, 8), ValueError, r"3-D tensor of shape \(32, 8, 8\)"),
         (torch.randn(1, 8, 8, 32), ValueError, r"channels-last .* x\.permute\(0, 3, 1, 2\)"),
-        (torch.ones(1, 32, 8, 8, dtype=torch.long), TypeError, "floating-point map, got torch.int64"),
+        (torch.ones(1, 32, 8, 8, dtype=torch.long), TypeError, "floating-point maps, got torch.int64"),
     ]:
         with pytest.raises(error, match=message):
             stage(x)
