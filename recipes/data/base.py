@@ -44,11 +44,18 @@ class DatasetNotFoundError(FileNotFoundError):
     """
 
 
+def check_int(name: str, value: object, least: int, why: str = "") -> None:
+    """``ValueError`` naming the argument, its valid range and the value given, unless ``value`` is an integer
+    of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be an integer >= {least}{reason}, got {value!r}")
+
+
 def check_seed(seed: object) -> None:
-    """``ValueError`` naming ``data.seed`` unless it is an integer >= 0 (NumPy's seeding refuses negative ones,
-    which otherwise failed only at the first training batch, with nothing naming the option)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"data.seed must be an integer >= 0 (it seeds the shuffle and the augmentation), got {seed!r}")
+    """``data.seed`` must be an integer >= 0 (NumPy's seeding refuses negative ones, which otherwise failed only at
+    the first training batch, with nothing naming the option)."""
+    check_int("data.seed", seed, 0, "it seeds the shuffle and the augmentation")
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import RecipeDataModule, check_seed
+from .base import RecipeDataModule, check_int, check_seed
 
 __all__ = ["SHAPES", "SameShapeDataset", "SyntheticDataModule"]
 
@@ -71,14 +71,6 @@ _PALETTE = np.array(  # one colour per shape, for colour_by_shape
 
 _MIN_CELL = 5  # a shape of radius up to 0.38 cell plus half a pixel of margin on both sides fits in 4.17 pixels
 """Pixels a grid cell needs at least, for a shape drawn in it to be told from the others."""
-
-
-def _check_int(name: str, value: object, least: int, why: str = "") -> None:
-    """``ValueError`` naming the argument, its valid range and the value given, unless ``value`` is an integer
-    of at least ``least``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        reason = f" ({why})" if why else ""
-        raise ValueError(f"{name} must be an integer >= {least}{reason}, got {value!r}")
 
 
 class SameShapeDataset(Dataset):
@@ -134,11 +126,11 @@ class SameShapeDataset(Dataset):
         seed: int = 0,
         split: str = "train",
     ) -> None:
-        _check_int("num_samples", num_samples, 0)
-        _check_int("grid", grid, 1)
-        _check_int("num_objects", num_objects, 2)
-        _check_int("min_cell_distance", min_cell_distance, 1)
-        _check_int(
+        check_int("num_samples", num_samples, 0)
+        check_int("grid", grid, 1)
+        check_int("num_objects", num_objects, 2)
+        check_int("min_cell_distance", min_cell_distance, 1)
+        check_int(
             "image_size", image_size, _MIN_CELL * grid, f"cells of at least {_MIN_CELL} pixels on a {grid}x{grid} grid"
         )
         if not max(2, num_objects) <= num_shapes <= len(SHAPES):
@@ -147,7 +139,7 @@ class SameShapeDataset(Dataset):
             raise ValueError(
                 f"num_objects must be at most {grid * grid} (the cells of a {grid}x{grid} grid), got {num_objects}"
             )
-        _check_int("distractors", distractors, 0)
+        check_int("distractors", distractors, 0)
         if distractors > grid * grid - num_objects:
             raise ValueError(
                 f"distractors must be in 0..{grid * grid - num_objects} (the cells of a {grid}x{grid} grid that "
@@ -293,10 +285,10 @@ class SyntheticDataModule(RecipeDataModule):
         super().__init__()
         if task not in self.TASKS:
             raise ValueError(f"unknown synthetic task {task!r}; choose one of {sorted(self.TASKS)}")
-        _check_int("train_samples", train_samples, 1)
-        _check_int("val_samples", val_samples, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
+        check_int("train_samples", train_samples, 1)
+        check_int("val_samples", val_samples, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
         self.task, self.image_size = task, image_size
         self.train_samples, self.val_samples = train_samples, val_samples
         check_seed(seed)
