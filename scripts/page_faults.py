@@ -1,77 +1,53 @@
-"""Minor page faults per eval forward (batch 16, 224 px, fp32, one thread), each model in fresh processes.
+"""Minor page faults and time of single eval forwards (batch 16, 224 px, one thread) of FasterViT-0, Swin-T and
+ConvNeXt-T, with glibc's default malloc settings or (``--raise-thresholds``) with its trim and mmap thresholds
+raised through ``mallopt``, a process-wide setting a library must not make: this only measures what it would give.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/page_faults.py [--processes 3] [MODEL ...]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/page_faults.py
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/page_faults.py --raise-thresholds
 
-A minor fault is the kernel mapping a fresh page on first touch: memory that glibc took from the system for an
-allocation (``mmap`` above its threshold, or heap growth after it trimmed the heap top). Each process builds the
-model (random weights), runs two warm-up forwards and prints the faults of each of the next five forwards
-(``getrusage``), so the spread between processes shows (the heap's layout differs from process to process).
-Last, what a fault costs here: the median time to fill a fresh 53 MB buffer (13.3k new pages) against the same
-fill of a reused one.
+Prints, per model, the median over ``--forwards`` timed forwards (after two warm-up ones) of the faults and ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
-import subprocess
-import sys
+import statistics
 import time
 
-DEFAULT_MODELS = ("faster_vit_0_224", "swin_tiny_patch4_window7_224", "convnext_tiny")
+import timm
+import torch
 
+import fastervit
 
-def _child(name: str) -> None:
-    import timm
-    import torch
-
-    import fastervit  # noqa: F401  (registers the FasterViT names with timm)
-
-    torch.set_num_threads(1)
-    model = timm.create_model(name).eval()
-    x = torch.randn(16, 3, 224, 224)
-    faults = []
-    with torch.inference_mode():
-        model(x), model(x)
-        for _ in range(5):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            model(x)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(" ".join(str(f) for f in faults))
+MODELS = ("faster_vit_0_224", "swin_tiny_patch4_window7_224", "convnext_tiny")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=DEFAULT_MODELS)
-    parser.add_argument("--processes", type=int, default=3, help="fresh processes per model")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--raise-thresholds", action="store_true")
+    parser.add_argument("--forwards", type=int, default=5)
     args = parser.parse_args()
-    if args.child:
-        return _child(args.child)
-    print("| model | process | minor faults per forward (5 forwards) |\n|:---|---:|:---|")
-    for name in args.models:
-        for p in range(args.processes):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", name], capture_output=True, text=True, check=True
-            ).stdout.strip()
-            print(f"| {name} | {p + 1} | {out} |")
-    _fault_cost()
-
-
-def _fault_cost(numel: int = 13_300 * 1024, repeats: int = 11) -> None:
-    import torch
-
+    if args.raise_thresholds:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 31)
     torch.set_num_threads(1)
-    reused, fresh_times, reused_times = torch.empty(numel), [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.empty(numel).fill_(0.0)  # above glibc's mmap threshold: fresh pages every time
-        fresh_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reused.fill_(0.0)
-        reused_times.append(time.perf_counter() - start)
-    fresh, kept = sorted(fresh_times)[repeats // 2] * 1e3, sorted(reused_times)[repeats // 2] * 1e3
-    print(f"\nfill of a fresh {numel * 4 / 1e6:.0f} MB buffer: {fresh:.2f} ms, of a reused one: {kept:.2f} ms")
+    x = torch.randn(16, 3, 224, 224)
+    for name in MODELS:
+        model = (fastervit.create_model(name) if name.startswith("faster") else timm.create_model(name)).eval()
+        faults, ms = [], []
+        with torch.inference_mode():
+            for _ in range(2):
+                model(x)
+            for _ in range(args.forwards):
+                before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+                model(x)
+                ms.append(1000 * (time.perf_counter() - start))
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(f"{name}: {statistics.median(faults):.0f} faults, {statistics.median(ms):.0f} ms per forward")
 
 
 if __name__ == "__main__":
