@@ -6,10 +6,11 @@ How a model is converted:
    by stage (:meth:`~hatplug.adapters.BlockAdapter.stage_path`) and stages are numbered in model order.
 2. A block whose map is a single window at the model's configured input size is skipped: carrier tokens
    summarise windows for other windows, so there is nothing for them to carry.
-3. Stages of ``carrier_stream="stage"`` adapters are traced with :class:`HatplugTracer` (blocks as
-   leaves) and the graph is rewritten: a ``carrier_tokenizer`` node makes the carrier tokens from the first
-   converted block's input, every converted block takes and returns ``(x, ct)``, and the last one
-   propagates them into the map. The rewritten stage, a :class:`CarrierStage` (a ``GraphModule``) with the
+3. Stages of ``carrier_stream="stage"`` adapters are traced with :class:`HatplugTracer` (through the
+   modules that hold the blocks only: the blocks and every other module stay leaves) and the graph is
+   rewritten: a ``carrier_tokenizer`` node makes the carrier tokens from the first converted block's
+   input, every converted block takes and returns ``(x, ct)``, and the last one propagates them into the
+   map. The rewritten stage, a :class:`CarrierStage` (a ``GraphModule``) with the
    stage's children and plain attributes, goes back into its parent, so the model keeps its class and
    methods. Its ``grad_checkpointing`` reaches the HAT blocks; resizing it (timm's ``set_input_size``)
    raises, since its blocks were built for their windows: resize the original and convert again.
@@ -231,7 +232,18 @@ def _rewrite_stage(
     if not stage_path:
         raise ConversionError(f"{where} is the model itself, which cannot be rewritten without losing its class")
     relative = {path[len(stage_path) + 1 :]: block for path, block in blocks}
-    tracer = HatplugTracer(adapter.source_types)
+    # the graph must see the blocks, so it traces through the modules between the stage and them (Swin's
+    # ``blocks``, EdgeViT's LGL blocks): these are no longer called as modules. Every other module of the
+    # stage (a downsample, a norm, EdgeViT's local aggregation) stays one call, and keeps running its hooks
+    between = {".".join(name.split(".")[:i]) for name in relative for i in range(1, name.count(".") + 1)}
+    hooked = sorted(f"{stage_path}.{name}" for name in between if _has_hooks(stage.get_submodule(name)))
+    if hooked:
+        raise ConversionError(
+            f"hooks registered on {hooked} would be lost: carrier tokens are threaded through these modules to "
+            f"the blocks they hold, so the converted {where} no longer calls them as modules. Remove the hooks "
+            "(handle.remove()), convert, and hook the stage or its blocks instead"
+        )
+    tracer = HatplugTracer(adapter.source_types, trace_into=between)
     try:
         graph = tracer.trace(stage)
     except Exception as exc:
@@ -437,9 +449,12 @@ def convert(
         ``reset_classifier``, ``forward_intermediates``...), its original weights (the report lists any a
         twin does not use) and each block's train / eval mode; the new parameters are trainable. Hooks on
         a rewritten stage or on a block whose twin keeps its signature move to the replacement; hooks on a
-        module replaced by one with other inputs are refused. For timm's optimizer factory,
-        ``group_matcher`` puts each stage's carrier tokenizer with the stage's first block and
-        ``no_weight_decay`` adds the new position MLPs (as FasterViT does); ``set_input_size`` is refused
+        module replaced by one with other inputs are refused. Inside a rewritten stage, the modules between
+        the stage and its blocks (Swin's ``blocks`` container, EdgeViT's LGL blocks) carry the carrier tokens
+        and are no longer called as modules: hooks on them are refused, and hooks added to them later never
+        run (hook the stage or the blocks); every other module there still runs, hooks included. For timm's
+        optimizer factory, ``group_matcher`` puts each stage's carrier tokenizer with the stage's first block
+        and ``no_weight_decay`` adds the new position MLPs (as FasterViT does); ``set_input_size`` is refused
         before anything changes. All three are replaced on every module holding converted blocks (a
         wrapped timm backbone too). :func:`hatplug.report` says what changed.
 

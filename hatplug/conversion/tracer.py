@@ -19,14 +19,23 @@ class HatplugTracer(torch.fx.Tracer):
 
     Args:
         leaf_types: more module classes to keep as single ``call_module`` nodes (the blocks being replaced).
+        trace_into: if given, the only submodules (qualified names relative to the traced root) whose forward
+            is traced through; every other submodule stays a ``call_module`` node, so that it still runs as a
+            module (its hooks with it). ``None``: fx's default (``torch.nn`` modules are leaves, others are
+            traced through).
     """
 
-    def __init__(self, leaf_types: Iterable[type[nn.Module]] = ()) -> None:
+    def __init__(self, leaf_types: Iterable[type[nn.Module]] = (), *, trace_into: Iterable[str] | None = None) -> None:
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
         self.leaf_types = (*get_notrace_modules(), DropPath, *leaf_types)
+        self.trace_into = None if trace_into is None else frozenset(trace_into)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, self.leaf_types):
+            return True
+        if self.trace_into is not None:
+            return module_qualified_name not in self.trace_into
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def symbolic_trace(module: nn.Module, leaf_types: Iterable[type[nn.Module]] = ()) -> torch.fx.GraphModule:

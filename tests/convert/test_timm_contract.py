@@ -3,6 +3,7 @@ extraction, layer-wise lr decay and the report of what a conversion dropped."""
 
 import copy
 import io
+import re
 
 import pytest
 import timm
@@ -78,6 +79,55 @@ def test_stage_hooks_move_and_block_hooks_are_refused():
         hatplug.convert(model, inplace=True)  # refused before the model changed
     assert type(model.layers[0].blocks[0]).__name__ == "SwinTransformerBlock"
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def _count(calls: list, name: str):
+    return lambda module, args, output: calls.append(name)
+
+
+@pytest.mark.parametrize("name", ["swin", "edgevit"])
+def test_hooks_inside_a_rewritten_stage_still_run_or_are_refused(name):
+    """A stage rewrite traces only through the modules between the stage and its blocks; every other module of
+    the stage (Swin's downsample, EdgeViT's local aggregation) is still called as a module, so its hooks run,
+    registered before or after the conversion. They used to be inlined into the graph: hooks stopped firing,
+    and one that changed the output ran once on the tracer's proxies and stayed in the graph for good.
+    Hooks on the modules carrier tokens are threaded through are refused, as they could never run."""
+    family = FAMILIES[name]
+    leaf, between = {
+        "swin": ("layers.1.downsample", "layers.0.blocks"),
+        "edgevit": ("blocks2.0.LocalAgg", "blocks2.0"),
+    }[name]
+    model = make_model(family, family.sizes[0])
+    x = torch.randn(1, 3, family.sizes[0], family.sizes[0])
+    calls = []
+    handle = model.get_submodule(leaf).register_forward_hook(_count(calls, "before"))
+    hat = hatplug.convert(model)
+    handle.remove()  # the hook stays on the converted copy, as on any deepcopy
+    assert calls == []  # not run while tracing
+    hat.get_submodule(leaf).register_forward_hook(_count(calls, "after"))
+    with torch.no_grad():
+        hat(x)
+    assert calls == ["before", "after"]
+
+    # an output-changing hook acts while it is registered, and not after its removal
+    with torch.no_grad():
+        plain = hat(x)
+        handle = hat.get_submodule(leaf).register_forward_hook(lambda module, args, output: output * 2)
+        assert not torch.allclose(hat(x), plain)
+        handle.remove()
+        assert torch.equal(hat(x), plain)
+    with torch.no_grad():
+        model.get_submodule(leaf).register_forward_hook(lambda module, args, output: output * 2)
+        doubled = model(x)
+        assert torch.allclose(hatplug.convert(model)(x), doubled, atol=1e-5)  # identity init: the same function
+
+    model = make_model(family, family.sizes[0])
+    model.get_submodule(between).register_forward_hook(_count(calls, "lost"))
+    with pytest.raises(ConversionError, match=rf"hooks registered on \['{re.escape(between)}'\] would be lost"):
+        hatplug.convert(model)
+    with pytest.raises(ConversionError, match="would be lost"):
+        hatplug.convert(model, inplace=True)
+    assert set(model.state_dict()) == set(make_model(family, family.sizes[0]).state_dict())  # left unchanged
     handle.remove()
 
 
