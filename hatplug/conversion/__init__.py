@@ -6,12 +6,13 @@ The package is ``hatplug.conversion``; the functions are also ``hatplug.convert`
 
 from .io import load, read_config, save
 from .report import BlockRecord, ConversionReport, report
-from .rewrite import INIT_MODES, CarrierStage, convert
+from .rewrite import INIT_MODES, CarrierSequence, CarrierStage, convert
 from .tracer import HatplugTracer, symbolic_trace
 
 __all__ = [
     "INIT_MODES",
     "BlockRecord",
+    "CarrierSequence",
     "CarrierStage",
     "ConversionReport",
     "HatplugTracer",

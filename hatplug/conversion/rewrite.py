@@ -34,7 +34,7 @@ from ..layers._cache import HOOK_DICTS, hook_dicts
 from ..layers.pos_embed import CachedBias
 from .tracer import HatplugTracer
 
-__all__ = ["CarrierStage", "convert", "INIT_MODES"]
+__all__ = ["CarrierSequence", "CarrierStage", "convert", "INIT_MODES"]
 
 INIT_MODES = ("identity", "random")
 _PRESERVED = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
@@ -131,11 +131,15 @@ class CarrierStage(torch.fx.GraphModule):
     # convert moved onto it
     def __reduce__(self) -> tuple:
         _, (body, import_block) = super().__reduce__()
-        return _rebuild_stage, ({**body, "_graphmodule_cls_name": type(self).__name__}, import_block)
+        base = next(c for c in type(self).__mro__ if c in (CarrierSequence, CarrierStage))
+        return _rebuild_stage, ({**body, "_graphmodule_cls_name": type(self).__name__}, import_block, base)
 
     def __copy__(self) -> CarrierStage:
-        copied = CarrierStage(self, self.graph, class_name=type(self).__name__)
+        base = next(c for c in type(self).__mro__ if c in (CarrierSequence, CarrierStage))
+        copied = base(self, self.graph, class_name=type(self).__name__)
+        _adopt_children(self, copied)
         copied.meta = getattr(self, "meta", {})
+        _restore_preserved(copied)
         return _with_hooks(copied, self.__dict__)
 
     def __deepcopy__(self, memo: dict) -> CarrierStage:
@@ -155,12 +159,55 @@ class CarrierStage(torch.fx.GraphModule):
                 module.grad_checkpointing = bool(enable)
 
 
-def _rebuild_stage(body: dict, import_block: str) -> CarrierStage:
+class CarrierSequence(CarrierStage):
+    """A rewritten stage that was an ``nn.Sequential`` / ``nn.ModuleList`` itself (EdgeViT's ``blocks1``..):
+    ``stage[i]``, ``len(stage)`` and iteration still give its entries (the ``carrier_tokenizer`` the rewrite
+    adds is not one of them); a slice is an ``nn.ModuleList`` of them, which holds but cannot run them (their
+    HAT blocks take carrier tokens)."""
+
+    def _entries(self) -> list[nn.Module]:
+        return [self._modules[name] for name in self._hatplug_entries]
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        entries = self._entries()
+        if isinstance(index, slice):
+            return nn.ModuleList(entries[index])
+        return entries[operator.index(index)]
+
+    def __len__(self) -> int:
+        return len(self._hatplug_entries)
+
+    def __iter__(self):
+        return iter(self._entries())
+
+
+def _rebuild_stage(body: dict, import_block: str, base: type[CarrierStage] = CarrierStage) -> CarrierStage:
     """Unpickle a :class:`CarrierStage` as ``torch.fx`` unpickles a ``GraphModule`` (its code re-traced)."""
     from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
-    return _with_hooks(_deserialize_graph_module(forward, body, graph_module_cls=CarrierStage), body)
+    stage = _deserialize_graph_module(forward, body, graph_module_cls=base)
+    stage.meta = body.get("meta", stage.meta)  # torch.fx keeps a fresh one: copies of the stage need this one
+    return _with_hooks(_restore_preserved(stage), body)
+
+
+def _restore_preserved(stage: CarrierStage) -> CarrierStage:
+    """Set the plain attributes the stage keeps in its ``meta`` (see :func:`_copy_plain_attributes`) on it."""
+    for key, value in stage.meta.get(_PRESERVED, {}).items():
+        setattr(stage, key, value)
+    return stage
+
+
+def _adopt_children(source: nn.Module, target: CarrierStage) -> None:
+    """Give ``target`` the children, parameters and buffers of ``source`` itself. ``GraphModule`` copies only what
+    its graph uses, into plain Modules; the originals keep containers' types (``stage.blocks[0]``) and the
+    state dict its keys."""
+    for name, child in source.named_children():
+        setattr(target, name, child)
+    for name, param in source.named_parameters(recurse=False):
+        setattr(target, name, param)
+    for name, buf in source.named_buffers(recurse=False):
+        target.register_buffer(name, buf, persistent=name not in source._non_persistent_buffers_set)
 
 
 def _with_hooks(stage: CarrierStage, source: dict) -> CarrierStage:
@@ -287,16 +334,13 @@ def _rewrite_stage(
     graph.erase_node(ct)  # the stream ends with the stage
     graph.lint()
 
-    rewritten = CarrierStage(stage, graph, class_name=type(stage).__name__)
-    # GraphModule copies only what the graph uses, into plain Modules; give it the stage's own children
-    # instead, so that containers keep their type (stage.blocks[0]) and the state dict its keys
-    for name, child in stage.named_children():
-        setattr(rewritten, name, child)
-    for name, param in stage.named_parameters(recurse=False):
-        setattr(rewritten, name, param)
-    for name, buf in stage.named_buffers(recurse=False):
-        rewritten.register_buffer(name, buf, persistent=name not in stage._non_persistent_buffers_set)
+    sequence = isinstance(stage, (nn.Sequential, nn.ModuleList))
+    rewritten = (CarrierSequence if sequence else CarrierStage)(stage, graph, class_name=type(stage).__name__)
+    _adopt_children(stage, rewritten)
     _copy_plain_attributes(stage, rewritten)
+    if sequence:  # its entries, without the carrier tokenizer
+        entries = [name for name in stage._modules if name != "carrier_tokenizer"]
+        rewritten.meta[_PRESERVED]["_hatplug_entries"] = rewritten._hatplug_entries = entries
     rewritten.training = stage.training
     _move_hooks(stage, rewritten)  # same inputs and outputs: timm's FeatureHookNet hooks its stages
     _set_submodule(model, stage_path, rewritten)

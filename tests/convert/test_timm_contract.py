@@ -10,6 +10,7 @@ import timm
 import torch
 from timm.models import create_feature_extractor
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
 
 import hatplug
 from hatplug.errors import ConversionError
@@ -211,6 +212,57 @@ def _pickled(model):
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["swin", "swinv2", "edgevit"])
+def test_copies_of_a_rewritten_stage_keep_its_children_and_attributes(name):
+    """copy.copy of a rewritten stage rebuilt it as torch.fx does, with its containers as plain Modules
+    (``stage.blocks[0]`` failed) and without its plain attributes; a copy of a stage loaded from a whole-model
+    file lost those attributes too (``input_resolution``, the refused ``set_input_size``)."""
+    from hatplug.conversion.rewrite import _PRESERVED, CarrierStage
+
+    family = FAMILIES[name]
+    hat = hatplug.convert(make_model(family, family.sizes[0]))
+    loaded = _pickled(hat)
+    stages = [n for n, m in hat.named_modules() if isinstance(m, CarrierStage)]
+    assert stages
+    for path in stages:
+        stage = hat.get_submodule(path)
+        children = {n: type(c) for n, c in stage.named_children()}
+        attributes = stage.meta[_PRESERVED]
+        assert attributes and set(children) - {"carrier_tokenizer"}
+        twins = [copy.copy(stage), copy.deepcopy(stage)]
+        twins += [loaded.get_submodule(path), copy.copy(loaded.get_submodule(path))]
+        twins += [copy.deepcopy(loaded.get_submodule(path)), copy.deepcopy(loaded).get_submodule(path)]
+        for twin in twins:
+            assert {n: type(c) for n, c in twin.named_children()} == children
+            assert {key: getattr(twin, key, "missing") for key in attributes} == attributes
+            assert list(twin.state_dict()) == list(stage.state_dict())
+
+
+def test_a_rewritten_sequential_stage_still_indexes_like_one():
+    """EdgeViT's stages are the nn.Sequential of their blocks; rewritten, ``blocks2[0]``, ``len`` and iteration
+    failed ("'Sequential' object is not subscriptable"). They give the same entries again, without the carrier
+    tokenizer the rewrite adds; a slice is a ModuleList of them."""
+    from hatplug.conversion.rewrite import CarrierSequence
+
+    model = make_model(FAMILIES["edgevit"], 128)
+    hat = hatplug.convert(model)
+    loaded = _pickled(hat)
+    stages = [n for n, m in hat.named_modules() if isinstance(m, CarrierSequence)]
+    assert stages == ["blocks1", "blocks2", "blocks3"]
+    for path in stages:
+        before, after = model.get_submodule(path), hat.get_submodule(path)
+        names = [n for n, _ in before.named_children()]
+        assert len(after) == len(before) == len(names) > 0
+        assert list(after) == [after.get_submodule(n) for n in names]
+        assert [type(b) for b in after] == [type(b) for b in before]
+        assert after[-1] is after.get_submodule(names[-1]) and after[0] is after.get_submodule(names[0])
+        assert isinstance(after[:1], nn.ModuleList) and list(after[:1]) == [after[0]]
+        for twin in (copy.copy(after), copy.deepcopy(after), loaded.get_submodule(path)):
+            assert [type(b) for b in twin] == [type(b) for b in before] and len(twin) == len(before)
+    with pytest.raises(IndexError):
+        hat.blocks1[len(model.blocks1)]
 
 
 def test_a_model_saved_whole_comes_back_converted(family):
