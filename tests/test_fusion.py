@@ -86,8 +86,9 @@ def test_inference_fusion_works_as_a_call_and_as_a_context_manager():
     with pytest.raises(RuntimeError, match="boom"), inference_fusion(False):
         raise RuntimeError("boom")
     assert inference_fusion_enabled()
-    with pytest.raises(TypeError, match="True or False"):
-        inference_fusion("off")
+    for value in ("off", 0, 2, None):  # 0 and 2 were taken as False and True
+        with pytest.raises(TypeError, match="True or False"):
+            inference_fusion(value)
     assert inference_fusion_enabled()
 
     @inference_fusion(False)  # a decorator too (as the contextmanager was): the setting applies per call

@@ -84,7 +84,7 @@ class inference_fusion:  # noqa: N801 - lower case like torch.set_grad_enabled, 
     """
 
     def __init__(self, enabled: bool) -> None:
-        if not isinstance(enabled, (bool, int)):
+        if not isinstance(enabled, bool):
             raise TypeError(f"inference_fusion takes True or False, got {type(enabled).__name__} {enabled!r}")
         global _ENABLED
         self.enabled = bool(enabled)
