@@ -589,7 +589,10 @@ def create_model(
             carrier-token modules that the new geometry adds keep their initialisation, those it removes
             are dropped, a classifier of another size is replaced). ``model.load_report`` says which.
             Without weights to load, ``strict`` and ``adapt_geometry`` do nothing (timm records them with the
-            model's arguments, so a model rebuilt from ``timm.models.get_model_args`` gets them back).
+            model's arguments, so a model rebuilt from ``timm.models.get_model_args`` gets them back). Note that
+            ``timm.create_model(..., checkpoint_path=...)`` loads the file itself, strictly, after building the
+            model, so these two do not reach it; through timm, ``pretrained=True,
+            pretrained_cfg_overlay=dict(file=path)`` loads a file with FasterViT's loader.
         **kwargs: official model arguments (``resolution``, ``window_size``, ``ct_size``, ``dim``,
             ``depths``, ``hat``, ``num_classes``, ``drop_path_rate``, ...), and timm's ``features_only``
             with ``out_indices`` (default: every level): the model then returns the listed levels'

@@ -695,6 +695,31 @@ class FasterViT(nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a strict load that fails says how to load a checkpoint of another
+        geometry or head (the tensors that do not fit are the carrier-token ones or the classifier then)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            if not strict or not exc.args or not str(exc.args[0]).startswith("Error(s) in loading state_dict"):
+                raise
+            hint = (
+                "\n\tFasterViT: for weights trained at another resolution, window size or ct_size, or with another "
+                "number of classes, use fastervit.resize.load_adapted(model, path) (or fastervit.create_model(name, "
+                "checkpoint_path=path, adapt_geometry=True)): it keeps every tensor that fits and reports the rest; "
+                "hatplug.load_checkpoint(model, path, strict=False) loads what fits as it is."
+            )
+            asked = {k: v for k, v in getattr(self, "_model_args", {}).items() if k in ("adapt_geometry", "strict")}
+            if asked.get("adapt_geometry") is True or asked.get("strict") is False:
+                hint += (
+                    f" This model was created with {', '.join(f'{k}={v}' for k, v in asked.items())}, which apply "
+                    "to the checkpoint_path of fastervit.create_model: timm.create_model(..., checkpoint_path=...) "
+                    "loads that file itself, strictly, after building the model (timm.create_model(..., "
+                    "pretrained=True, pretrained_cfg_overlay=dict(file=path)) goes through FasterViT's loader)."
+                )
+            exc.args = (exc.args[0] + hint, *exc.args[1:])
+            raise
+
     @torch.jit.ignore
     def set_input_size(
         self, img_size: int | Sequence[int] | None = None, window_size: int | Sequence[int] | None = None

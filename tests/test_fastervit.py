@@ -703,6 +703,32 @@ def test_timm_loaders_take_official_files(tmp_path):
         other.load_state_dict(state)
 
 
+def test_a_strict_load_that_fails_says_how_to_load_another_geometry(tmp_path):
+    """timm.create_model(checkpoint_path=...) loads the file itself, strictly, after building the model, so
+    FasterViT's adapt_geometry / strict never reach it: the failure used to be PyTorch's bare key list. It now
+    names the loaders that adapt, and the options that did not apply."""
+    torch.save(fastervit.create_model("faster_vit_0_224", **SMALL).state_dict(), tmp_path / "w224.pth")
+    path = str(tmp_path / "w224.pth")
+    geometry = dict(resolution=[100, 150], **SMALL)
+    model = fastervit.create_model("faster_vit_0_any_res", checkpoint_path=path, adapt_geometry=True, **geometry)
+    assert model.load_report.dropped  # the route that adapts
+    for extra in ({}, {"adapt_geometry": True}, {"strict": False}):
+        with pytest.raises(RuntimeError, match=r"Unexpected key\(s\)(.|\n)*fastervit\.resize\.load_adapted") as info:
+            timm.create_model("faster_vit_0_any_res", checkpoint_path=path, **geometry, **extra)
+        if extra:
+            key, value = next(iter(extra.items()))
+            assert f"created with {key}={value}" in str(info.value) and "pretrained_cfg_overlay" in str(info.value)
+        else:
+            assert "created with" not in str(info.value)
+    assert (
+        timm.create_model(
+            "faster_vit_0_any_res", pretrained=True, pretrained_cfg_overlay=dict(file=path), **geometry
+        ).load_report.dropped
+        == model.load_report.dropped
+    )  # the timm route the message points to
+    model.load_state_dict(model.state_dict())  # a load that fits is untouched
+
+
 def test_layer_decay_groups_follow_the_levels():
     """Downsamples and carrier-token makers get the rate of their level, not the head's."""
     from timm.optim._param_groups import param_groups_layer_decay
