@@ -93,8 +93,9 @@ default_cfgs = generate_default_cfgs({name: cfg for name, (_, cfg) in _VARIANTS.
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Map an official (or timm-saved) FasterViT state dict onto this implementation's keys.
 
-    The official layout is ours, so this only strips wrappers: a leading ``encoder.`` (the official
-    detection/segmentation backbones), ``_orig_mod.`` (``torch.compile``) and, when every key has it, ``model.``
+    The official layout is ours, so this only strips wrappers: leading ``encoder.`` (the official
+    detection/segmentation backbones), ``_orig_mod.`` (``torch.compile``) and ``module.`` (DDP), in any order
+    and nesting, and, when every key has it, ``model.``
     (the state dict of a ``features_only`` backbone, whose FasterViT is its ``model``).
 
     Example:
@@ -106,9 +107,12 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     """
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "encoder."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+        stripped = True
+        while stripped:  # in any order and nesting: torch.compile(DDP(model)) saves "_orig_mod.module."
+            stripped = False
+            for prefix in ("_orig_mod.", "module.", "encoder."):
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
         out[key] = value
     if out and all(key.startswith("model.") for key in out):  # FasterViT itself has no submodule "model"
         out = {key[len("model.") :]: value for key, value in out.items()}

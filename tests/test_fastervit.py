@@ -703,6 +703,16 @@ def test_timm_loaders_take_official_files(tmp_path):
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "encoder."])
+def test_checkpoints_of_wrapped_models_load(prefix, tmp_path):
+    """Keys saved from DDP, torch.compile and their nestings load; torch.compile(DDP(model)), the order PyTorch
+    recommends, saves "_orig_mod.module." keys, whose "module." was left after "_orig_mod." was stripped."""
+    source = randomize_(fastervit.create_model("faster_vit_0_224", **SMALL))
+    torch.save({"state_dict": {prefix + k: v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
+    model = fastervit.create_model("faster_vit_0_224", checkpoint_path=tmp_path / "w.pth", **SMALL)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items())
+
+
 def test_a_strict_load_that_fails_says_how_to_load_another_geometry(tmp_path):
     """timm.create_model(checkpoint_path=...) loads the file itself, strictly, after building the model, so
     FasterViT's adapt_geometry / strict never reach it: the failure used to be PyTorch's bare key list. It now
