@@ -643,8 +643,11 @@ class FasterViT(nn.Module):
             >>> [tuple(m.shape[1:]) for m in maps]
             [(64, 24, 32), (128, 12, 16), (256, 6, 8), (512, 3, 4)]
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"FasterViT features are NCHW maps; output_fmt={output_fmt!r} is not supported")
+        if getattr(output_fmt, "value", output_fmt) != "NCHW":  # a str or timm's Format enum
+            raise ValueError(
+                f"FasterViT features are NCHW maps; output_fmt={getattr(output_fmt, 'value', output_fmt)!r} is not "
+                "supported (for channels-last maps permute them, m.permute(0, 2, 3, 1))"
+            )
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         levels = self.levels[: max_index + 1] if stop_early else self.levels
         last_index = len(self.levels) - 1

@@ -552,6 +552,16 @@ def test_timm_feature_options_are_taken_or_refused_by_name():
         _any_res(features_only=True, feature_cfg=dict(feature_cls="fx"))
     with pytest.raises(ValueError, match="output_stride=16: FasterViT has no dilated variant"):
         _any_res(features_only=True, output_stride=16)
+    from timm.layers import Format
+
+    for fmt in ("NHWC", Format.NHWC):  # accepted at creation, then every forward failed
+        with pytest.raises(ValueError, match=r"output_fmt='NHWC' is not supported: FasterViT's feature maps are NCHW"):
+            _any_res(features_only=True, feature_cfg=dict(output_fmt=fmt))
+    for fmt in ("NCHW", Format.NCHW):
+        with torch.no_grad():
+            assert [m.shape for m in _any_res(features_only=True, feature_cfg=dict(output_fmt=fmt)).eval()(x)]
+    with pytest.raises(ValueError, match=r"output_fmt='NHWC' is not supported \(for channels-last"):
+        full.forward_intermediates(x, output_fmt=Format.NHWC)
 
 
 def test_feature_indices_and_sizes_are_checked():
@@ -651,7 +661,7 @@ def test_a_backbone_has_timm_training_helpers_under_its_own_parameter_names():
     assert backbone.model.grad_checkpointing
     names = {n for n, _ in backbone.named_parameters()}
     no_decay = backbone.no_weight_decay()
-    assert no_decay and no_decay <= names and {n[len("model."):] for n in no_decay} == full.no_weight_decay()
+    assert no_decay and no_decay <= names and {n[len("model.") :] for n in no_decay} == full.no_weight_decay()
     optimizer = create_optimizer_v2(backbone, opt="adamw", weight_decay=0.05)
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     cpb = [p for n, p in backbone.named_parameters() if "cpb_mlp" in n and p.ndim > 1]
