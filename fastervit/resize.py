@@ -110,8 +110,8 @@ class AdaptReport(LoadReport):
 
     def __str__(self) -> str:
         lines = [
-            f"reused as is {len(self.loaded)} tensors; resized none (no learned tensor depends on the geometry); "
-            f"ignored {len(self.derived)} derived buffers (recomputed for the new geometry)",
+            f"reused as is {len(self.loaded)} state-dict keys; resized none (no learned tensor depends on the "
+            f"geometry); ignored {len(self.derived)} derived buffers (recomputed for the new geometry)",
             f"newly initialised {len(self.new)}: {summarise_keys(self.new) or '-'}",
             f"dropped {len(self.dropped)}: {summarise_keys(self.dropped) or '-'}",
             *self.ema_note(),
@@ -212,7 +212,7 @@ def load_adapted(
         >>> source = fastervit.create_model("faster_vit_0_224")
         >>> target = fastervit.create_model("faster_vit_0_any_res", resolution=[320, 480])
         >>> print(load_adapted(target, source.state_dict()))  # doctest: +NORMALIZE_WHITESPACE
-        reused as is 390 tensors; resized none (no learned tensor depends on the geometry); ignored 0 derived
+        reused as is 390 state-dict keys; resized none (no learned tensor depends on the geometry); ignored 0 derived
         buffers (recomputed for the new geometry)
         newly initialised 0: -
         dropped 18: levels.2.blocks.*.hat_pos_embed (18)

@@ -207,13 +207,15 @@ def read_weights(checkpoint: str | Path | Mapping, use_ema: bool = False) -> tup
 
 @dataclass
 class LoadReport:
-    """What a state-dict load did. ``ok`` is True when every learned tensor matched.
+    """What a state-dict load did. ``ok`` is True when every learned tensor matched. The lists hold state-dict
+    keys: a tensor a model registers under two names (FasterViT's carrier-token conv also has its official
+    alias) is counted under each.
 
     >>> report = LoadReport(loaded=["weight"], missing=["bias"])
     >>> report.ok
     False
     >>> print(report)
-    loaded 1 tensors, dropped 0 derived or unused
+    loaded 1 state-dict keys, dropped 0 derived or unused
     1 missing: bias
     """
 
@@ -256,7 +258,7 @@ class LoadReport:
         )
 
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors, dropped {len(self.derived)} derived or unused"]
+        lines = [f"loaded {len(self.loaded)} state-dict keys, dropped {len(self.derived)} derived or unused"]
         if self.replaced:
             kept = ", ".join(self.replaced)
             lines.append(f"not loaded (this model's module has another size, or there is none): {kept}")
@@ -437,7 +439,7 @@ def load_checkpoint(
 
     >>> net = nn.Linear(2, 2)
     >>> print(load_checkpoint(net, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}))
-    loaded 2 tensors, dropped 0 derived or unused
+    loaded 2 state-dict keys, dropped 0 derived or unused
     """
     check_load_target("load_checkpoint", model, checkpoint)
     if isinstance(checkpoint, (str, Path)):
