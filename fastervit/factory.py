@@ -8,7 +8,7 @@ import operator
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -229,6 +229,15 @@ def _create(
             "strict=False applies to checkpoint_path=...; for the published weights (pretrained=True) pass "
             "pretrained_strict=False (timm's name) to load what fits"
         )
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if device is not None and torch.device(device).type == "meta" and (pretrained or checkpoint_path is not None):
+        raise ValueError(
+            "device='meta' builds a model without storage, so no weights can be loaded into it: build it on a real "
+            "device, or load after model.to_empty(device=...) and timm's reinit_non_persistent_buffers(model) "
+            "(timm.models._manipulate), which recomputes the geometry tables"
+        )
     if pretrained and checkpoint_path is not None:
         raise ValueError(
             "got pretrained=True and checkpoint_path: pass one (checkpoint_path loads your file instead of the "
@@ -251,10 +260,13 @@ def _create(
     merged = _pretrained_cfg(name, kwargs)
     source = _pretrained_source(name, merged, cache_dir) if pretrained else None
 
-    def build(**model_kwargs) -> FasterViT:
+    def build(device=None, dtype=None, **model_kwargs) -> FasterViT:
         # weights go in here, before build_model_with_cfg wraps a features_only model (which prunes the
         # norm and the head)
-        model = FasterViT(**model_kwargs)
+        with torch.device(device) if device is not None else nullcontext():
+            model = FasterViT(**model_kwargs)
+        if dtype is not None:
+            model.to(dtype)
         if pretrained:
             model.load_report = _load_pretrained(model, source, merged, adapt_pretrained, pretrained_strict)
         if checkpoint_path is not None:
@@ -603,7 +615,10 @@ def create_model(
             ``timm.create_model(..., checkpoint_path=...)`` loads the file itself, strictly, after building the
             model, so these two do not reach it; through timm, ``pretrained=True,
             pretrained_cfg_overlay=dict(file=path)`` loads a file with FasterViT's loader.
-        **kwargs: official model arguments (``resolution``, ``window_size``, ``ct_size``, ``dim``,
+        **kwargs: timm's ``device`` (the model is built there; on ``"meta"`` without storage: then
+            ``model.to_empty(device=...)`` and timm's ``reinit_non_persistent_buffers(model)`` make it usable) and
+            ``dtype`` (a float dtype the model is cast to once initialised); official model arguments
+            (``resolution``, ``window_size``, ``ct_size``, ``dim``,
             ``depths``, ``hat``, ``num_classes``, ``drop_path_rate``, ...), and timm's ``features_only``
             with ``out_indices`` (default: every level): the model then returns the listed levels'
             maps before their downsample, NCHW at strides 4, 8, 16, 32 with ``dim * 2**i`` channels, and

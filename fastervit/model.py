@@ -405,8 +405,9 @@ def _changed_since_built(module: nn.Module, built: nn.Module, prefix: str) -> st
 def _take_over_weights(old: nn.Module, new: nn.Module) -> None:
     """Make ``new`` (same structure, other geometry) use ``old``'s parameters and persistent buffers.
 
-    The tensors themselves move over, not copies. ``new`` keeps its own non-persistent buffers (coordinate
-    tables, indices, token orders: they describe the geometry), moved to ``old``'s device and float dtype.
+    The tensors themselves move over, not copies. ``new`` (built on the meta device: no memory, no weight init)
+    computes its own non-persistent buffers (coordinate tables, indices, token orders: they describe the
+    geometry) on ``old``'s device, in its float dtype.
     """
     device = next(old.parameters()).device
     for name, module in new.named_modules():
@@ -420,9 +421,12 @@ def _take_over_weights(old: nn.Module, new: nn.Module) -> None:
             if key in module._non_persistent_buffers_set:
                 former = source._buffers.get(key)
                 dtype = former.dtype if former is not None and buf.is_floating_point() else buf.dtype
-                module._buffers[key] = buf.to(device=device, dtype=dtype)
+                module._buffers[key] = torch.empty(buf.shape, device=device, dtype=dtype)  # filled below
             else:
                 module._buffers[key] = source._buffers[key]
+    for module in new.modules():
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
     new.grad_checkpointing = old.grad_checkpointing
 
 
@@ -792,7 +796,8 @@ class FasterViT(nn.Module):
                     "constructor arguments and carries over only their tensors; change the input size before "
                     "replacing layers or adding hooks, or do those again afterwards"
                 )
-            new = self._hat_level(i, img_size, window_size)
+            with torch.device("meta"):  # its tensors are replaced by the old ones, its tables recomputed
+                new = self._hat_level(i, img_size, window_size)
             old_keys, new_keys = set(old.state_dict()), set(new.state_dict())
             if old_keys != new_keys:
                 return {}, (

@@ -739,6 +739,45 @@ def test_a_strict_load_that_fails_says_how_to_load_another_geometry(tmp_path):
     model.load_state_dict(model.state_dict())  # a load that fits is untouched
 
 
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("faster_vit_0_any_res", dict(resolution=[100, 150])),  # non-square window grid: token orders
+        ("faster_vit_3_224", dict(hat=[False, False, True, True])),  # propagation, carrier tokens in two levels
+    ],
+)
+def test_timm_device_and_dtype_options(name, kw, tmp_path):
+    """timm passes device= and dtype= to every model (FasterViT raised a TypeError). On the meta device the model
+    has no storage; to_empty and timm's reinit_non_persistent_buffers make it the same model again: every table
+    computed from the geometry is recomputed (checked against buffers filled with junk first)."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    kw = {**SMALL, **kw}
+    reference = randomize_(fastervit.create_model(name, **kw)).eval()
+    half = timm.create_model(name, dtype=torch.bfloat16, **kw)
+    assert {t.dtype for t in half.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    assert {b.dtype for b in half.buffers() if b.is_floating_point()} == {torch.bfloat16}
+    model = timm.create_model(name, device="meta", **kw)
+    assert all(t.is_meta for t in model.parameters())
+    model.to_empty(device="cpu")
+    for buf in model.buffers():
+        buf.fill_(3)
+    assert reinit_non_persistent_buffers(model)
+    model.load_state_dict(reference.state_dict())
+    for (key, want), (_, got) in zip(reference.named_buffers(), model.eval().named_buffers(), strict=True):
+        assert want.dtype == got.dtype and torch.equal(want, got), key
+    x = torch.randn(2, 3, *reference.img_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert fastervit.create_model(name, device="cpu", **kw).head.weight.device.type == "cpu"
+
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="device='meta' builds a model without storage"):
+        fastervit.create_model(name, device="meta", checkpoint_path=tmp_path / "w.pth", **kw)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        fastervit.create_model(name, dtype=torch.int8, **kw)
+
+
 def test_layer_decay_groups_follow_the_levels():
     """Downsamples and carrier-token makers get the rate of their level, not the head's."""
     from timm.optim._param_groups import param_groups_layer_decay

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["HOOK_DICTS", "FoldedTensors", "hook_dicts", "must_run_below"]
+__all__ = ["HOOK_DICTS", "FoldedTensors", "hook_dicts", "must_run_below", "refill_buffer"]
 
 _optimizer_steps = 0
 
@@ -44,6 +44,18 @@ def same_sources(refs: Sequence[weakref.ref | None], tensors: Sequence[Tensor | 
         if (ref is None) != (t is None) or (ref is not None and ref() is not t):
             return False
     return True
+
+
+def refill_buffer(module: torch.nn.Module, name: str, value: Tensor | None) -> None:
+    """Put ``value`` into ``module``'s buffer ``name`` on that buffer's device (and in its dtype, for a float
+    buffer): how ``init_non_persistent_buffers`` (timm's hook for buffers computed from the geometry, called by
+    ``timm.models.reinit_non_persistent_buffers`` after ``to_empty``) restores a table. No-op for a ``None``
+    buffer."""
+    current = module._buffers.get(name)
+    if current is None or value is None:
+        return
+    dtype = current.dtype if current.is_floating_point() and value.is_floating_point() else value.dtype
+    module._buffers[name] = value.to(device=current.device, dtype=dtype)
 
 
 HOOK_DICTS = (

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import refuse_scripting
+from ._cache import refill_buffer
 from .attention import BiasedAttention
 from .carrier import CarrierTokenizer, check_ct_size
 from .fusion import (
@@ -398,6 +399,15 @@ class HATBlock(CarrierTokenHalf, nn.Module):
                 self.register_buffer(
                     "ct_upsample_index", upsample_index(ct_grid.ct_size, window_size), persistent=False
                 )
+        self._ct_grid = ct_grid  # what init_non_persistent_buffers recomputes from (CPU tensors)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the carrier-token orders, e.g. after ``to_empty`` of a model built on the meta device
+        (timm's ``reinit_non_persistent_buffers`` calls this; the position modules restore their own tables)."""
+        if self._ct_grid is not None:
+            refill_buffer(self, "ct_block_perm", self._ct_grid.block_perm)
+            with torch.device("cpu"):
+                refill_buffer(self, "ct_upsample_index", upsample_index(self._ct_grid.ct_size, self.window_size))
 
     def train(self, mode: bool = True) -> HATBlock:
         self._folded.clear()

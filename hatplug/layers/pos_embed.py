@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import drop_derived
 from ..errors import refuse_scripting
-from ._cache import FoldedTensors, must_run_below
+from ._cache import FoldedTensors, must_run_below, refill_buffer
 
 __all__ = ["CachedBias", "ContinuousPositionBias", "AbsolutePositionMLP", "CarrierPositionMLP"]
 
@@ -123,6 +123,15 @@ def _at_full_precision(coords: Tensor, build) -> Tensor:
     return build(torch.float64).to(coords.device)
 
 
+def _cpu_copy(order: Tensor | None) -> Tensor | None:
+    """A token order as given (it is computed on the CPU, also under a meta device context), kept off the device."""
+    if order is None:
+        return None
+    if order.is_meta:
+        raise ValueError("token_order must hold its values (a CPU tensor), got a tensor on the meta device")
+    return order.to("cpu")
+
+
 def _relative_position_index(window_h: int, window_w: int) -> Tensor:
     """``(h*w, h*w)`` index into the flattened ``(2h-1, 2w-1)`` table, as in Swin."""
     coords = torch.stack(torch.meshgrid(torch.arange(window_h), torch.arange(window_w), indexing="ij")).flatten(
@@ -170,6 +179,15 @@ class ContinuousPositionBias(CachedBias):
         self.register_buffer("relative_coords_table", _log_relative_coords(*self.window_size), persistent=False)
         self.register_buffer("relative_position_index", _relative_position_index(*self.window_size), persistent=False)
         self.register_buffer("token_order", token_order, persistent=False)
+        self._token_order = _cpu_copy(token_order)  # what init_non_persistent_buffers restores
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the coordinate and index tables, e.g. after ``to_empty`` of a model built on the meta device
+        (timm's ``reinit_non_persistent_buffers`` calls this)."""
+        with torch.device("cpu"):
+            refill_buffer(self, "relative_coords_table", _log_relative_coords(*self.window_size))
+            refill_buffer(self, "relative_position_index", _relative_position_index(*self.window_size))
+        refill_buffer(self, "token_order", self._token_order)
 
     @property
     def seq_len(self) -> int:
@@ -222,6 +240,14 @@ class AbsolutePositionMLP(CachedBias):
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(), nn.Linear(512, dim, bias=False))
         self.register_buffer("coords", self._grid(torch.float32), persistent=False)
         self.register_buffer("token_order", token_order, persistent=False)
+        self._token_order = _cpu_copy(token_order)  # what init_non_persistent_buffers restores
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the grid coordinates, e.g. after ``to_empty`` of a model built on the meta device (timm's
+        ``reinit_non_persistent_buffers`` calls this)."""
+        with torch.device("cpu"):
+            refill_buffer(self, "coords", self._grid(torch.float32))
+        refill_buffer(self, "token_order", self._token_order)
 
     def _grid(self, dtype: torch.dtype) -> Tensor:
         ax = _centred_axis(self.side, dtype)
