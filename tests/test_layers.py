@@ -464,3 +464,77 @@ def test_stage_grad_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_bias_cache_follows_its_tables():
+    """The eval bias cache was keyed on the weights only: a stage run once before its tables were recomputed
+    (meta device -> to_empty -> load -> forward -> init_non_persistent_buffers) kept the junk bias, and so did
+    an in-place edit of a table."""
+    torch.manual_seed(0)
+    reference = HATStage(dim=16, depth=2, num_heads=2, input_resolution=(12, 16), window_size=4).eval()
+    with torch.device("meta"):
+        stage = HATStage(dim=16, depth=2, num_heads=2, input_resolution=(12, 16), window_size=4)
+    stage.to_empty(device="cpu").eval()
+    for buf in stage.buffers():
+        buf.fill_(1)
+    stage.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 16, 12, 16)
+    with torch.no_grad():
+        want = reference(x)
+        assert not torch.allclose(stage(x), want)  # junk tables
+        for module in stage.modules():
+            if hasattr(module, "init_non_persistent_buffers"):
+                module.init_non_persistent_buffers()
+        assert torch.equal(stage(x), want)
+        bias = ContinuousPositionBias(num_heads=2, window_size=(3, 3), num_prefix_tokens=1).eval()
+        before = bias().clone()
+        bias.relative_coords_table.mul_(2)
+        assert not torch.equal(bias(), before)
+        assert torch.equal(bias(), bias.compute())  # what a fresh computation gives
+
+
+def test_modules_build_under_a_float64_default_dtype():
+    """The coordinate tables were float32 whatever the default dtype, so a module built under
+    torch.set_default_dtype(torch.float64) (usual for gradient checks) failed on its first forward."""
+    torch.manual_seed(0)
+    plain = HATStage(dim=8, depth=1, num_heads=2, input_resolution=(8, 8), window_size=4).double()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        stage = HATStage(dim=8, depth=1, num_heads=2, input_resolution=(8, 8), window_size=4)
+    finally:
+        torch.set_default_dtype(previous)
+    assert {b.dtype for b in stage.buffers() if b.is_floating_point()} == {torch.float64}
+    stage.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 8, 8, 8, dtype=torch.float64)
+    for mode in (True, False):
+        stage.train(mode), plain.train(mode)
+        assert torch.equal(stage(x), plain(x))
+
+
+def test_window_functions_take_rectangular_windows():
+    x = torch.randn(2, 3, 8, 12)
+    for size in ((4, 2), (2, 6), 4):
+        windows = window_partition(x, size)
+        assert torch.equal(windows, window_partition_nhwc(x.permute(0, 2, 3, 1), size))
+        assert torch.equal(window_reverse(windows, size, 8, 12), x)
+
+
+def test_layer_arguments_get_named_errors():
+    cases = [
+        (lambda: carrier_pool_geometry(14, 7, 8), "ct_size=8 carrier tokens per window side need"),
+        (lambda: carrier_pool_geometry(14, 7, 0), "ct_size must be a positive int"),
+        (lambda: carrier_pool_geometry(0, 7, 2), "size must be a positive int"),
+        (lambda: HATBlock(8, 2, window_size=0), "window_size must be a positive int, got 0"),
+        (lambda: HATBlock(8, 2, window_size=(4, 4)), r"window_size must be a positive int, got \(4, 4\)"),
+        (lambda: HATBlock(8, 2, 4, drop_path=1.5), r"drop_path must be in \[0, 1\)"),
+        (lambda: HATBlock(8, 2, 4, mlp_ratio=0), "mlp_ratio must be a positive number"),
+        (lambda: HATStage(8, 1, 2, 8, 4, mlp_ratio=0.1), r"MLP hidden width of int\(0.8\) = 0"),  # was dim
+        (lambda: BiasedAttention(8, 2, (2, 2), qk_scale=0.0), "qk_scale must be a positive number, or None"),
+        (lambda: ContinuousPositionBias(2, (2, 2), token_order=torch.tensor([0, 1, 2])), "permutation of the 4"),
+        (lambda: AbsolutePositionMLP(8, 2, token_order=torch.tensor([0, 0, 1, 2])), "permutation of the 4"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
+    assert BiasedAttention(8, 2, (2, 2), qk_scale=0.25).scale == 0.25

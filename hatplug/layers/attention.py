@@ -8,6 +8,8 @@ either as the paper's joint softmax or gated so that it starts out as the origin
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -91,7 +93,11 @@ class BiasedAttention(nn.Module):
             raise ValueError(f"attn_drop is a dropout probability, between 0 and 1, got {attn_drop!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim**-0.5
+        if qk_scale is not None and (
+            isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real) or not qk_scale > 0
+        ):  # 0 used to fall back to the default silently (the official ``qk_scale or ...``)
+            raise ValueError(f"qk_scale must be a positive number, or None for head_dim ** -0.5; got {qk_scale!r}")
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)

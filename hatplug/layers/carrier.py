@@ -37,8 +37,12 @@ def carrier_pool_geometry(size: int, window_size: int, ct_size: int) -> tuple[in
     >>> carrier_pool_geometry(14, 7, 2)
     (4, 3, 5)
     """
+    for name, value in (("size", size), ("window_size", window_size), ("ct_size", ct_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"carrier_pool_geometry: {name} must be a positive int, got {value!r}")
     if size % window_size:
         raise ValueError(f"map size {size} is not a multiple of window_size {window_size}; pad it first")
+    check_ct_size(ct_size, (window_size, window_size))
     return _pool_geometry(size, window_size, ct_size)
 
 

@@ -74,6 +74,18 @@ def _is_channels_last(x: Tensor) -> bool:
         return False
 
 
+def _check_block_args(dim, num_heads, window_size, mlp_ratio) -> None:
+    """Named errors for the shape arguments of :class:`HATBlock` / :class:`HATStage` (raw tensor errors, or a
+    silently different MLP, otherwise)."""
+    for name, value in (("dim", dim), ("num_heads", num_heads), ("window_size", window_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be a positive number (the MLP's hidden width / dim), got {mlp_ratio!r}")
+    if int(dim * mlp_ratio) < 1:  # timm's Mlp would take a hidden width of 0 for "dim"
+        raise ValueError(f"mlp_ratio={mlp_ratio} gives dim={dim} an MLP hidden width of int({dim * mlp_ratio}) = 0")
+
+
 def _drop_path_rates(drop_path: float | Sequence[float], depth: int) -> list[float]:
     """One stochastic-depth rate per block: ``drop_path`` as given, or one rate repeated ``depth`` times; each in
     [0, 1) (a rate of 1 drops every sample), as FasterViT's ``drop_path_rate``."""
@@ -339,6 +351,8 @@ class HATBlock(CarrierTokenHalf, nn.Module):
         propagate: bool = False,
     ) -> None:
         super().__init__()
+        _check_block_args(dim, num_heads, window_size, mlp_ratio)
+        _drop_path_rates(drop_path, 1)
         if ct_grid is not None:
             check_ct_size(ct_grid.ct_size, (window_size, window_size))
         self.window_size = window_size
@@ -567,11 +581,9 @@ class HATStage(nn.Module):
         layer_scale: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads), ("window_size", window_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be a positive number (the MLP's hidden width / dim), got {mlp_ratio!r}")
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        _check_block_args(dim, num_heads, window_size, mlp_ratio)
         H, W = _resolution(input_resolution)
         self.dim = dim
         self.input_resolution = (H, W)

@@ -33,10 +33,11 @@ class CachedBias(nn.Module):
 
     Subclasses implement :meth:`compute`. In training, under tracing/compilation, and whenever
     autograd needs the result (grad enabled and a weight requires grad), it is computed afresh.
-    Otherwise the cached value is returned while the weights and the geometry are unchanged: the same weight
-    objects, storages, in-place version counters, devices and dtypes, the same autocast dtype (if autocast is
-    on) and geometry (the cache of the folded weights, :class:`~hatplug.layers.fusion.FoldedTensors`), so a
-    cached value is always the one a fresh computation would give.
+    Otherwise the cached value is returned while the weights, buffers and the geometry are unchanged: the same
+    tensor objects, storages, in-place version counters, devices and dtypes, the same autocast dtype (if autocast
+    is on) and geometry (the cache of the folded weights, :class:`~hatplug.layers.fusion.FoldedTensors`), so a
+    cached value is always the one a fresh computation would give. That value is the cache itself: a caller
+    that edits it in place (to mask keys, say) must clone it first.
     """
 
     __prepare_scriptable__ = refuse_scripting  # torch.jit.script: a named error, not a parser trace
@@ -62,7 +63,8 @@ class CachedBias(nn.Module):
         # cache must not hand a float32 value to a float16 forward (or a bfloat16 one to a float16 forward)
         device = params[0].device.type if params else "cpu"
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        return self._cache.get(params, lambda: (self.compute(*geometry),), extra=(autocast, geometry))[0]
+        sources = params + [b for b in self._buffers.values() if b is not None]  # its tables count too
+        return self._cache.get(sources, lambda: (self.compute(*geometry),), extra=(autocast, geometry))[0]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """Official checkpoints store the derived tables too: where their shapes are this geometry's they are
@@ -123,13 +125,31 @@ def _at_full_precision(coords: Tensor, build) -> Tensor:
     return build(torch.float64).to(coords.device)
 
 
-def _cpu_copy(order: Tensor | None) -> Tensor | None:
-    """A token order as given (it is computed on the CPU, also under a meta device context), kept off the device."""
+def _build_dtype(like: Tensor | None = None) -> torch.dtype:
+    """The dtype coordinates are built in: float64 for a float64 module (``like``, a coordinate buffer, or the
+    default dtype when building one), else float32 as the official code builds them (then cast)."""
+    dtype = torch.get_default_dtype() if like is None else like.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _checked_order(order: Tensor | None, count: int) -> Tensor | None:
+    """``token_order`` checked to be a permutation of ``count`` tokens, kept on the CPU (it is computed there, also
+    under a meta device context) for ``init_non_persistent_buffers``."""
     if order is None:
         return None
     if order.is_meta:
         raise ValueError("token_order must hold its values (a CPU tensor), got a tensor on the meta device")
-    return order.to("cpu")
+    order = order.to("cpu")
+    if (
+        order.dim() != 1
+        or order.dtype.is_floating_point
+        or not torch.equal(order.sort().values, torch.arange(count, device="cpu"))
+    ):
+        raise ValueError(
+            f"token_order must be a permutation of the {count} tokens (each index 0..{count - 1} once), got "
+            f"{order.tolist() if order.numel() <= 16 else tuple(order.shape)}"
+        )
+    return order
 
 
 def _relative_position_index(window_h: int, window_w: int) -> Tensor:
@@ -176,16 +196,18 @@ class ContinuousPositionBias(CachedBias):
         self.cpb_mlp = nn.Sequential(
             nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
         )
-        self.register_buffer("relative_coords_table", _log_relative_coords(*self.window_size), persistent=False)
+        coords = _log_relative_coords(*self.window_size, dtype=_build_dtype())
+        self.register_buffer("relative_coords_table", coords.to(torch.get_default_dtype()), persistent=False)
         self.register_buffer("relative_position_index", _relative_position_index(*self.window_size), persistent=False)
+        self._token_order = _checked_order(token_order, self.seq_len)  # what init_non_persistent_buffers restores
         self.register_buffer("token_order", token_order, persistent=False)
-        self._token_order = _cpu_copy(token_order)  # what init_non_persistent_buffers restores
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute the coordinate and index tables, e.g. after ``to_empty`` of a model built on the meta device
         (timm's ``reinit_non_persistent_buffers`` calls this)."""
         with torch.device("cpu"):
-            refill_buffer(self, "relative_coords_table", _log_relative_coords(*self.window_size))
+            dtype = _build_dtype(self.relative_coords_table)
+            refill_buffer(self, "relative_coords_table", _log_relative_coords(*self.window_size, dtype=dtype))
             refill_buffer(self, "relative_position_index", _relative_position_index(*self.window_size))
         refill_buffer(self, "token_order", self._token_order)
 
@@ -238,15 +260,15 @@ class AbsolutePositionMLP(CachedBias):
         super().__init__()
         self.side = side
         self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(), nn.Linear(512, dim, bias=False))
-        self.register_buffer("coords", self._grid(torch.float32), persistent=False)
+        self.register_buffer("coords", self._grid(_build_dtype()).to(torch.get_default_dtype()), persistent=False)
+        self._token_order = _checked_order(token_order, side * side)  # what init_non_persistent_buffers restores
         self.register_buffer("token_order", token_order, persistent=False)
-        self._token_order = _cpu_copy(token_order)  # what init_non_persistent_buffers restores
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute the grid coordinates, e.g. after ``to_empty`` of a model built on the meta device (timm's
         ``reinit_non_persistent_buffers`` calls this)."""
         with torch.device("cpu"):
-            refill_buffer(self, "coords", self._grid(torch.float32))
+            refill_buffer(self, "coords", self._grid(_build_dtype(self.coords)))
         refill_buffer(self, "token_order", self._token_order)
 
     def _grid(self, dtype: torch.dtype) -> Tensor:

@@ -51,15 +51,15 @@ def pad_to_windows(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h))
 
 
-def window_partition(x: Tensor, window_size: int) -> Tensor:
+def window_partition(x: Tensor, window_size: int | tuple[int, int]) -> Tensor:
     """Split an NCHW map into windows of tokens.
 
     Args:
-        x: ``(B, C, H, W)`` with H and W multiples of ``window_size``.
-        window_size: side of the square window.
+        x: ``(B, C, H, W)`` with H and W multiples of the window sides.
+        window_size: side of the square window, or ``(wh, ww)``.
 
     Returns:
-        ``(B * H/ws * W/ws, ws * ws, C)``; windows in row-major order, tokens row-major inside.
+        ``(B * H/wh * W/ww, wh * ww, C)``; windows in row-major order, tokens row-major inside.
 
     >>> window_partition(torch.zeros(2, 8, 14, 21), 7).shape
     torch.Size([12, 49, 8])
@@ -67,8 +67,9 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     if not _tracing():  # a traced or compiled graph records the reshape, not this check
         _check_windows(x, window_size)
     B, C, H, W = x.shape
-    x = x.view(B, C, H // window_size, window_size, W // window_size, window_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, C)
+    wh, ww = to_2tuple(window_size)
+    x = x.view(B, C, H // wh, wh, W // ww, ww)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, wh * ww, C)
 
 
 def _check_windows(x: Tensor, window_size: int | tuple[int, int], nhwc: bool = False) -> None:
@@ -94,8 +95,8 @@ def _check_windows(x: Tensor, window_size: int | tuple[int, int], nhwc: bool = F
         )
 
 
-def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
-    """Inverse of :func:`window_partition`: ``(B * nW, ws * ws, C)`` -> ``(B, C, H, W)``.
+def window_reverse(windows: Tensor, window_size: int | tuple[int, int], H: int, W: int) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, wh * ww, C)`` -> ``(B, C, H, W)``.
 
     >>> x = torch.randn(2, 8, 14, 21)
     >>> torch.equal(window_reverse(window_partition(x, 7), 7, 14, 21), x)
@@ -104,7 +105,8 @@ def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
     if not _tracing():  # a traced or compiled graph records the reshape, not this check
         _check_fold(windows, window_size, H, W)
     C = windows.shape[-1]
-    x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
+    wh, ww = to_2tuple(window_size)
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
 
 
