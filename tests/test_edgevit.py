@@ -5,6 +5,7 @@ saic-fi/edgevit at commit df3d070addc3dc761173429426eab5edeb0d6343 (``src/edgevi
 ``num_classes=1000``. Numerical equality with that code (max abs logit diff < 1e-6 at 224x224 after
 copying its state_dict) was checked outside the test suite, since the reference is not vendored.
 """
+
 import hashlib
 import json
 from pathlib import Path
@@ -224,8 +225,7 @@ def test_pretrained_from_local_file(tmp_path):
     # DeiT-style checkpoint layout, as written by the reference training script.
     torch.save({"model": src.state_dict(), "epoch": 299}, path)
     torch.manual_seed(123)
-    loaded = timm.create_model(
-        "edgevit_xxs", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    loaded = timm.create_model("edgevit_xxs", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), src(x), rtol=0, atol=0)
@@ -234,8 +234,9 @@ def test_pretrained_from_local_file(tmp_path):
 def _stage_outputs_by_hooks(model: EdgeViT, x: torch.Tensor) -> list:
     """Each stage's output, recorded with forward hooks on ``blocks1..4`` (independent of forward_intermediates)."""
     recorded = []
-    handles = [getattr(model, f"blocks{i}").register_forward_hook(lambda m, a, out: recorded.append(out))
-               for i in range(1, 5)]
+    handles = [
+        getattr(model, f"blocks{i}").register_forward_hook(lambda m, a, out: recorded.append(out)) for i in range(1, 5)
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -339,3 +340,37 @@ def test_empty_and_unbatched_inputs():
         assert hatplug.convert(model)(torch.zeros(0, 3, 64, 64)).shape == (0, 5)
     with pytest.raises(Exception, match=r"for one image pass x\[None\]"):
         model(torch.zeros(3, 64, 64))
+
+
+def test_inputs_below_32_pixels_and_bad_arguments_get_named_errors():
+    """Below 32 px a stage's map is smaller than its patch (PyTorch's kernel-size error named neither); a head_dim
+    wider than a stage gave ZeroDivisionError, a short mlp_ratios IndexError; feature_cls list / dict built,
+    then failed in a grouped conv (timm's flattening wrappers run modules in registration order)."""
+    model = _model("edgevit_xxs")
+    for size in ((16, 16), (31, 64), (64, 31)):
+        with pytest.raises(Exception, match="EdgeViT takes images of at least 32x32 pixels"):
+            model(torch.zeros(1, 3, *size))
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+    with pytest.raises(ValueError, match=r"head_dim=48 is wider than stage widths \[32\]"):
+        EdgeViT(embed_dims=(32, 64, 128, 256), head_dim=48)
+    with pytest.raises(ValueError, match=r"mlp_ratios needs one number, or one per stage \(4\)"):
+        EdgeViT(mlp_ratios=(4, 4))
+    for how in (dict(feature_cls="list"), dict(feature_cfg=dict(feature_cls="dict"))):
+        with pytest.raises(ValueError, match="does not work for EdgeViT: timm's flattening wrappers"):
+            timm.create_model("edgevit_xxs", features_only=True, **how)
+
+
+def test_global_pool_is_case_insensitive_as_in_timm():
+    """ "AVG" passed the (lower-casing) check but the forward compared with "avg": no pooling at all, so the map went
+    to the head (a shape error) or came back unpooled with num_classes=0."""
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        pooled = timm.create_model("edgevit_xxs", num_classes=0).eval()(x)
+        assert pooled.shape == (1, 288)
+        for name in ("AVG", "Avg"):
+            torch.manual_seed(0)
+            model = timm.create_model("edgevit_xxs", num_classes=0, global_pool=name).eval()
+            assert model(x).shape == (1, 288)
+            model.reset_classifier(5, global_pool=name)
+            assert model(x).shape == (1, 5)

@@ -78,6 +78,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         torch._assert(x.dim() == 4, "EdgeViT takes a batch of images (B, C, H, W): for one image pass x[None]")
+        # each stage halves the map (the first quarters it): below 32 px a stage's map is smaller than its patch
+        small = "EdgeViT takes images of at least 32x32 pixels (the stages reduce them by 4, 2, 2 and 2)"
+        torch._assert(x.shape[-2] >= self.patch_size[0], small)
+        torch._assert(x.shape[-1] >= self.patch_size[1], small)
         x = self.proj(x)  # (B, C, H/p, W/p)
         # LayerNorm normalises the last dim, so channels go last for the norm and come back afterwards;
         # contiguous() keeps the rest of the network in the default NCHW memory format.
@@ -408,12 +412,21 @@ class EdgeViT(nn.Module):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         num_classes = check_head(global_pool, num_classes, pool_types=("avg",))
+        global_pool = global_pool.lower()  # as timm: "AVG" pools too
         num_stages = len(depths)
         if num_stages != 4 or len(embed_dims) != 4 or len(sr_ratios) != 4:
             raise ValueError("EdgeViT has four stages: depths, embed_dims and sr_ratios need 4 entries each")
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         if isinstance(mlp_ratios, (int, float)):
             mlp_ratios = (mlp_ratios,) * num_stages
+        if len(mlp_ratios) != num_stages:
+            raise ValueError(f"mlp_ratios needs one number, or one per stage (4), got {tuple(mlp_ratios)}")
+        narrow = [d for d in embed_dims if d < head_dim]
+        if narrow:
+            raise ValueError(
+                f"head_dim={head_dim} is wider than stage widths {narrow} (embed_dims={tuple(embed_dims)}): every "
+                "stage needs at least one head of head_dim channels; lower head_dim"
+            )
 
         if img_size is not None:
             update_model_input_size(self, to_2tuple(img_size))
@@ -508,7 +521,7 @@ class EdgeViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         global_pool = self.global_pool if global_pool is None else global_pool
         self.num_classes = check_head(global_pool, num_classes, pool_types=("avg",))
-        self.global_pool = global_pool
+        self.global_pool = global_pool.lower()
         w = self.patch_embed1.proj.weight  # the stem is never pruned
         self.head = (
             nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
@@ -649,6 +662,13 @@ def _create_edgevit(variant: str, pretrained: bool = False, **kwargs) -> EdgeViT
     # "getter"), so every parameter it keeps gets a gradient (DDP's default needs that) and nothing after the
     # last feature runs. feature_cls="hook" still works: forward hooks on the whole, unmodified model (its
     # stages are not registered in execution order, so timm's module-flattening wrapper cannot be used).
+    feature_cls = kwargs.get("feature_cls", (kwargs.get("feature_cfg") or {}).get("feature_cls"))
+    if kwargs.get("features_only") and feature_cls in ("list", "dict"):
+        raise ValueError(
+            f"feature_cls={feature_cls!r} does not work for EdgeViT: timm's flattening wrappers run the modules in "
+            "registration order, and EdgeViT registers its four patch embeddings before its stages. Use the "
+            "default ('getter'), 'hook' or 'fx'"
+        )
     return build_model_with_cfg(
         EdgeViT,
         variant,
