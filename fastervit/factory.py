@@ -265,6 +265,8 @@ def _create(
         # norm and the head)
         with torch.device(device) if device is not None else nullcontext():
             model = FasterViT(**model_kwargs)
+        if device is not None and torch.device(device).type != "meta":
+            model.to(device)  # the carrier-token orders are computed on the CPU (on meta, to_empty places them)
         if dtype is not None:
             model.to(dtype)
         if pretrained:

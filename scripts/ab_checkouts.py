@@ -5,7 +5,10 @@ change to a hot path needs (same machine, same minutes, alternating order, one p
     OMP_NUM_THREADS=1 .venv/bin/python scripts/ab_checkouts.py /tmp/before . --runs 6
 
 Each run is a fresh process that imports ``fastervit`` from its checkout, builds ``--model`` (random weights),
-does two warm-up forwards and times ``--forwards`` eval forwards at ``--batch``; the runs alternate between
+does two warm-up forwards and times ``--forwards`` eval forwards at ``--batch``; with ``--what bias-cache`` it
+times instead a cached call of the model's position-bias modules (``CachedBias``, eval, no grad: 2000 rounds
+over all of them, per call), with ``--what set-input-size`` calls of ``set_input_size`` (to 256 px and back);
+``--forwards`` is the number of timings per run either way. The runs alternate between
 the checkouts (A B, B A, ...). Prints the median and best per checkout, the ratio of the medians and the median
 of the per-round ratios (B's median forward over A's in the same round), which a drift of the machine's speed
 over the minutes of the measurement moves less than the ratio of the overall medians.
@@ -41,6 +44,48 @@ with torch.no_grad():
 print(json.dumps(times))
 """
 
+RUN_BIAS_CACHE = r"""
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+import fastervit
+from hatplug.layers.pos_embed import CachedBias
+assert fastervit.__file__.startswith(sys.argv[1]), fastervit.__file__
+model = fastervit.create_model(sys.argv[2]).eval()
+biases = [m for m in model.modules() if isinstance(m, CachedBias)]
+times = []
+with torch.no_grad():
+    for m in biases:
+        m()
+    for _ in range(int(sys.argv[4])):
+        start = time.perf_counter()
+        for _ in range(2000):
+            for m in biases:
+                m()
+        times.append((time.perf_counter() - start) / 2000 / len(biases))
+print(json.dumps(times))
+"""
+
+RUN_SET_INPUT_SIZE = r"""
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+import fastervit
+assert fastervit.__file__.startswith(sys.argv[1]), fastervit.__file__
+model = fastervit.create_model(sys.argv[2])
+times = []
+for i in range(int(sys.argv[4])):
+    start = time.perf_counter()
+    model.set_input_size(256 if i % 2 == 0 else 224)
+    times.append(time.perf_counter() - start)
+print(json.dumps(times))
+"""
+
+SNIPPETS = {"forward": (RUN, "ms", 1e3), "bias-cache": (RUN_BIAS_CACHE, "us per call", 1e6),
+            "set-input-size": (RUN_SET_INPUT_SIZE, "ms", 1e3)}  # fmt: skip
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,7 +95,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--forwards", type=int, default=3, help="timed forwards per run")
     parser.add_argument("--runs", type=int, default=6, help="runs per checkout")
+    parser.add_argument("--what", choices=sorted(SNIPPETS), default="forward", help="what each run times")
     args = parser.parse_args()
+    snippet, unit, scale = SNIPPETS[args.what]
     roots = {str(args.a.resolve()): [], str(args.b.resolve()): []}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rounds = []
@@ -58,7 +105,7 @@ def main() -> None:
         order = list(roots) if run % 2 == 0 else list(reversed(roots))
         per_root = {}
         for root in order:
-            command = [sys.executable, "-c", RUN, root, args.model, str(args.batch), str(args.forwards)]
+            command = [sys.executable, "-c", snippet, root, args.model, str(args.batch), str(args.forwards)]
             out = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/", check=True)
             times = json.loads(out.stdout.strip().splitlines()[-1])
             roots[root] += times
@@ -68,8 +115,11 @@ def main() -> None:
     medians = []
     for root, times in roots.items():
         medians.append(statistics.median(times))
-        print(f"{root}: median {medians[-1] * 1e3:.0f} ms, best {min(times) * 1e3:.0f} ms ({len(times)} forwards)")
-    print(f"{args.model}, batch {args.batch}: second / first median = {medians[1] / medians[0]:.3f}")
+        print(
+            f"{root}: median {medians[-1] * scale:.1f} {unit}, best {min(times) * scale:.1f} {unit} "
+            f"({len(times)} timings)"
+        )
+    print(f"{args.model}, {args.what}, batch {args.batch}: second / first median = {medians[1] / medians[0]:.3f}")
     print(
         f"per-round second / first: median {statistics.median(rounds):.3f} "
         f"(rounds: {', '.join(f'{r:.3f}' for r in rounds)})"

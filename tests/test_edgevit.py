@@ -8,6 +8,7 @@ copying its state_dict) was checked outside the test suite, since the reference 
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -356,9 +357,18 @@ def test_inputs_below_32_pixels_and_bad_arguments_get_named_errors():
         EdgeViT(embed_dims=(32, 64, 128, 256), head_dim=48)
     with pytest.raises(ValueError, match=r"mlp_ratios needs one number, or one per stage \(4\)"):
         EdgeViT(mlp_ratios=(4, 4))
-    for how in (dict(feature_cls="list"), dict(feature_cfg=dict(feature_cls="dict"))):
+    from timm.models import FeatureDictNet
+
+    for how in (dict(feature_cls="list"), dict(feature_cfg=dict(feature_cls="dict")), dict(feature_cls="LIST"),
+                dict(feature_cls=FeatureDictNet)):  # fmt: skip
         with pytest.raises(ValueError, match="does not work for EdgeViT: timm's flattening wrappers"):
             timm.create_model("edgevit_xxs", features_only=True, **how)
+    with warnings.catch_warnings():  # the size checks are skipped in a trace, which would only warn about them
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, torch.randn(1, 3, 64, 64), check_trace=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
 
 
 def test_global_pool_is_case_insensitive_as_in_timm():

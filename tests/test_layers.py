@@ -528,6 +528,7 @@ def test_layer_arguments_get_named_errors():
         (lambda: HATBlock(8, 2, window_size=0), "window_size must be a positive int, got 0"),
         (lambda: HATBlock(8, 2, window_size=(4, 4)), r"window_size must be a positive int, got \(4, 4\)"),
         (lambda: HATBlock(8, 2, 4, drop_path=1.5), r"drop_path must be in \[0, 1\)"),
+        (lambda: HATBlock(8, 2, 4, drop_path=[0.1]), r"HATBlock takes one drop_path rate"),
         (lambda: HATBlock(8, 2, 4, mlp_ratio=0), "mlp_ratio must be a positive number"),
         (lambda: HATStage(8, 1, 2, 8, 4, mlp_ratio=0.1), r"MLP hidden width of int\(0.8\) = 0"),  # was dim
         (lambda: BiasedAttention(8, 2, (2, 2), qk_scale=0.0), "qk_scale must be a positive number, or None"),

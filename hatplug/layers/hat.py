@@ -352,6 +352,8 @@ class HATBlock(CarrierTokenHalf, nn.Module):
     ) -> None:
         super().__init__()
         _check_block_args(dim, num_heads, window_size, mlp_ratio)
+        if isinstance(drop_path, Sequence):
+            raise ValueError(f"HATBlock takes one drop_path rate (HATStage takes one per block), got {drop_path!r}")
         _drop_path_rates(drop_path, 1)
         if ct_grid is not None:
             check_ct_size(ct_grid.ct_size, (window_size, window_size))

@@ -35,6 +35,8 @@ import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import (
+    FeatureDictNet,
+    FeatureListNet,
     build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
@@ -78,10 +80,14 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         torch._assert(x.dim() == 4, "EdgeViT takes a batch of images (B, C, H, W): for one image pass x[None]")
-        # each stage halves the map (the first quarters it): below 32 px a stage's map is smaller than its patch
-        small = "EdgeViT takes images of at least 32x32 pixels (the stages reduce them by 4, 2, 2 and 2)"
-        torch._assert(x.shape[-2] >= self.patch_size[0], small)
-        torch._assert(x.shape[-1] >= self.patch_size[1], small)
+        if not torch.jit.is_tracing():  # a trace records the shapes it saw (the checks would only warn there)
+            # each stage halves the map (the first quarters it): below 32 px a map gets smaller than its patch
+            small = (
+                "a map smaller than the patch: EdgeViT takes images of at least 32x32 pixels (the stages reduce "
+                "them by 4, 2, 2 and 2)"
+            )
+            torch._assert(x.shape[-2] >= self.patch_size[0], small)
+            torch._assert(x.shape[-1] >= self.patch_size[1], small)
         x = self.proj(x)  # (B, C, H/p, W/p)
         # LayerNorm normalises the last dim, so channels go last for the norm and come back afterwards;
         # contiguous() keeps the rest of the network in the default NCHW memory format.
@@ -663,7 +669,9 @@ def _create_edgevit(variant: str, pretrained: bool = False, **kwargs) -> EdgeViT
     # last feature runs. feature_cls="hook" still works: forward hooks on the whole, unmodified model (its
     # stages are not registered in execution order, so timm's module-flattening wrapper cannot be used).
     feature_cls = kwargs.get("feature_cls", (kwargs.get("feature_cfg") or {}).get("feature_cls"))
-    if kwargs.get("features_only") and feature_cls in ("list", "dict"):
+    flattening = isinstance(feature_cls, str) and feature_cls.lower() in ("list", "dict")  # timm lower-cases it
+    flattening |= isinstance(feature_cls, type) and issubclass(feature_cls, (FeatureListNet, FeatureDictNet))
+    if kwargs.get("features_only") and flattening:
         raise ValueError(
             f"feature_cls={feature_cls!r} does not work for EdgeViT: timm's flattening wrappers run the modules in "
             "registration order, and EdgeViT registers its four patch embeddings before its stages. Use the "
