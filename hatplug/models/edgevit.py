@@ -518,6 +518,11 @@ class EdgeViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage in the backward pass instead of storing its activations (timm's contract).
+
+        Outputs and gradients are the same; as in timm's CNNs, the recomputation runs the BatchNorms of the
+        local aggregation in training mode again, so their running statistics take two updates per step.
+        """
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
