@@ -243,8 +243,14 @@ def passes_through(*modules: nn.Module) -> bool:
 
 def is_channels_last(x: Tensor) -> bool:
     """Whether a 4-D map is channels-last strided and not also contiguous (as a 1x1 map is): the layout
-    oneDNN then runs a conv in, and the one whose dense NHWC view :func:`gelu_` uses."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    oneDNN then runs a conv in, and the one whose dense NHWC view :func:`gelu_` uses. False under
+    ``torch.func.vmap``, whose batched tensors have no memory format to query (it raises)."""
+    if x.dim() != 4 or x.is_contiguous():
+        return False
+    try:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:
+        return False
 
 
 _GELU_ = getattr(torch._C._nn, "gelu_", None)

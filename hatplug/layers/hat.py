@@ -34,6 +34,7 @@ from .fusion import (
     FoldedTensors,
     fold_scale,
     fusion_active,
+    is_channels_last,
     mlp_hidden,
     passes_through,
     residual_linear,
@@ -61,17 +62,6 @@ __all__ = [
     "split_carrier_tokens",
     "upsample_carrier_tokens",
 ]
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    """A 4D map stored channels-last (and not also contiguous, which tiny maps can be); False while tracing and
-    under ``torch.func.vmap``, whose batched tensors have no memory format to query (it raises)."""
-    if _tracing() or x.is_contiguous():
-        return False
-    try:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    except RuntimeError:
-        return False
 
 
 def _check_block_args(dim, num_heads, window_size, mlp_ratio) -> None:
@@ -650,7 +640,7 @@ class HATStage(nn.Module):
         torch._assert(x.shape[2] == H, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         torch._assert(x.shape[3] == W, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         Hp, Wp = self.padded_resolution
-        channels_last = _is_channels_last(x)
+        channels_last = not _tracing() and is_channels_last(x)  # a traced graph keeps one layout
         x = pad_to_windows(x, Hp - H, Wp - W)
         ct = self.global_tokenizer(x) if self.global_tokenizer is not None else None
         x = window_partition(x, self.window_size)  # (B*nW, ws*ws, C)
