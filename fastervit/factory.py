@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hatplug.checkpoint import LoadReport, load_checkpoint
 from hatplug.errors import CheckpointMismatchError, PretrainedWeightsNotFoundError
 
-from .model import FasterViT, _is_integer, _to_2tuple
+from .model import FasterViT, _is_integer, _to_2tuple, check_output_fmt
 from .resize import AdaptReport, load_adapted
 
 _logger = logging.getLogger(__name__)
@@ -393,12 +393,7 @@ def _take_feature_cfg(kwargs: dict) -> dict:
             f"feature_cfg: {', '.join(unknown)} not options of FasterViT's feature wrapper (timm's FeatureGetterNet "
             f"over forward_intermediates), which takes {', '.join(_FEATURE_CFG_KEYS)}"
         )
-    fmt = cfg.get("output_fmt", "NCHW")
-    if getattr(fmt, "value", fmt) != "NCHW":  # a str or timm's Format enum
-        raise ValueError(
-            f"feature_cfg: output_fmt={getattr(fmt, 'value', fmt)!r} is not supported: FasterViT's feature maps are "
-            "NCHW (output_fmt='NCHW', the default); for channels-last maps permute them, m.permute(0, 2, 3, 1)"
-        )
+    check_output_fmt(cfg.get("output_fmt", "NCHW"), where="feature_cfg: ")
     if "out_indices" in cfg:
         if "out_indices" in kwargs and not _same_indices(kwargs["out_indices"], cfg["out_indices"]):
             raise ValueError(

@@ -383,6 +383,16 @@ def _same_layout(x: Tensor, contiguous: bool) -> Tensor:
     return x.contiguous() if contiguous and not x.is_contiguous() else x
 
 
+def check_output_fmt(output_fmt, where: str = "") -> None:
+    """FasterViT's feature maps are NCHW: any other ``output_fmt`` (a str or timm's ``Format``) is refused."""
+    fmt = getattr(output_fmt, "value", output_fmt)
+    if fmt != "NCHW":
+        raise ValueError(
+            f"{where}output_fmt={fmt!r} is not supported: FasterViT's feature maps are NCHW (output_fmt='NCHW', the "
+            "default); for channels-last maps permute them, m.permute(0, 2, 3, 1)"
+        )
+
+
 def _changed_since_built(module: nn.Module, built: nn.Module, prefix: str) -> str:
     """What in ``module`` differs from ``built`` (the same module as its constructor makes it) other than tensor
     values: a submodule replaced by another class (a LoRA or quantized layer, a subclass with its own ``forward``),
@@ -647,11 +657,7 @@ class FasterViT(nn.Module):
             >>> [tuple(m.shape[1:]) for m in maps]
             [(64, 24, 32), (128, 12, 16), (256, 6, 8), (512, 3, 4)]
         """
-        if getattr(output_fmt, "value", output_fmt) != "NCHW":  # a str or timm's Format enum
-            raise ValueError(
-                f"FasterViT features are NCHW maps; output_fmt={getattr(output_fmt, 'value', output_fmt)!r} is not "
-                "supported (for channels-last maps permute them, m.permute(0, 2, 3, 1))"
-            )
+        check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.levels), indices)
         levels = self.levels[: max_index + 1] if stop_early else self.levels
         last_index = len(self.levels) - 1

@@ -560,7 +560,7 @@ def test_timm_feature_options_are_taken_or_refused_by_name():
     for fmt in ("NCHW", Format.NCHW):
         with torch.no_grad():
             assert [m.shape for m in _any_res(features_only=True, feature_cfg=dict(output_fmt=fmt)).eval()(x)]
-    with pytest.raises(ValueError, match=r"output_fmt='NHWC' is not supported \(for channels-last"):
+    with pytest.raises(ValueError, match=r"^output_fmt='NHWC' is not supported: FasterViT's feature maps are NCHW"):
         full.forward_intermediates(x, output_fmt=Format.NHWC)
 
 
