@@ -367,17 +367,18 @@ def _check_conversion_config(model: nn.Module, path: Path, strict: bool) -> None
     would load (or be refused) without a word on the cause. Refused with ``strict``; logged without."""
     if path.suffix != ".safetensors" or not path.is_file():
         return
-    from .conversion.io import FORMAT, _unwrapped, read_config
+    from .conversion.io import FORMAT, _unwrapped, config_from_metadata
 
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("format") != FORMAT:
-                return
+            metadata = f.metadata() or {}
     except Exception:  # not readable as safetensors: read_checkpoint says why
         return
-    saved = read_config(path)
+    if metadata.get("format") != FORMAT:
+        return
+    saved = config_from_metadata(path, metadata)
     saved_model = saved.pop("model")
     info = getattr(_unwrapped(model), "hatplug_conversion", None)
     if info is None:

@@ -132,6 +132,11 @@ def read_config(path: str | Path) -> dict:
         ) from exc
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} was not written by hatplug.save (no '{FORMAT}' metadata)")
+    return config_from_metadata(path, metadata)
+
+
+def config_from_metadata(path: str | Path, metadata: dict) -> dict:
+    """:func:`read_config`'s result from the metadata of a file written by :func:`save` (already read)."""
     try:
         config = json.loads(metadata["config"])
         model = metadata["model"]
