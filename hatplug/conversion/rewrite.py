@@ -250,9 +250,10 @@ def _refuse_resize(*args, **kwargs) -> None:
     )
 
 
-def _copy_plain_attributes(source: nn.Module, target: CarrierStage) -> None:
+def _copy_plain_attributes(source: nn.Module, target: CarrierStage, **extra) -> None:
     """Give the rewritten stage the stage's plain attributes (``input_resolution``, ``grad_checkpointing``...)
-    that the parent's code may read, kept through ``copy.deepcopy`` (a GraphModule rebuilds itself on copy)."""
+    that the parent's code may read, and ``extra`` ones of its own, kept through ``copy.deepcopy`` (a GraphModule
+    rebuilds itself on copy)."""
     preserved = {
         key: value
         for key, value in vars(source).items()
@@ -260,9 +261,8 @@ def _copy_plain_attributes(source: nn.Module, target: CarrierStage) -> None:
     }
     if hasattr(source, "set_input_size"):
         preserved["set_input_size"] = _refuse_resize
-    target.meta[_PRESERVED] = preserved
-    for key, value in preserved.items():
-        setattr(target, key, value)
+    target.meta[_PRESERVED] = {**preserved, **extra}
+    _restore_preserved(target)
 
 
 def _rewrite_stage(
@@ -337,10 +337,9 @@ def _rewrite_stage(
     sequence = isinstance(stage, (nn.Sequential, nn.ModuleList))
     rewritten = (CarrierSequence if sequence else CarrierStage)(stage, graph, class_name=type(stage).__name__)
     _adopt_children(stage, rewritten)
-    _copy_plain_attributes(stage, rewritten)
-    if sequence:  # its entries, without the carrier tokenizer
-        entries = [name for name in stage._modules if name != "carrier_tokenizer"]
-        rewritten.meta[_PRESERVED]["_hatplug_entries"] = rewritten._hatplug_entries = entries
+    # a sequence stage keeps its entries' names (without the carrier tokenizer) for indexing
+    entries = [name for name in stage._modules if name != "carrier_tokenizer"]
+    _copy_plain_attributes(stage, rewritten, **({"_hatplug_entries": entries} if sequence else {}))
     rewritten.training = stage.training
     _move_hooks(stage, rewritten)  # same inputs and outputs: timm's FeatureHookNet hooks its stages
     _set_submodule(model, stage_path, rewritten)
