@@ -34,13 +34,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple
+from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from .layers import AbsolutePositionMLP, BiasedAttention, HATBlock, HATStage
 from .layers.hat import _drop_path_rates as _rates
-from .layers.hat import _layer_scale, _scale, check_stage_input
-from .layers.pos_embed import _tracing
+from .layers.hat import _layer_scale, _resolution, _scale, check_positive_ints, check_stage_input
 from .layers.windows import ceil_to_multiple, pad_to_windows, window_partition, window_reverse
 from .models.edgevit import LGLBlock
 
@@ -58,21 +57,15 @@ __all__ = [
 ]
 
 
-def _check_stage_args(name: str, window_size: object, depth: object) -> None:
-    for arg, value in (("window_size", window_size), ("depth", depth)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: {arg} must be an integer >= 1, got {value!r}")
-
-
 class _PaddedStage(nn.Module):
     """Shared frame: check the input size, pad to whole windows, run ``forward_padded``, crop."""
 
     def __init__(self, input_resolution: int | tuple[int, int], window_size: int, dim: int, depth: int) -> None:
         super().__init__()
-        _check_stage_args(type(self).__name__, window_size, depth)
-        H, W = to_2tuple(input_resolution)
+        check_positive_ints(window_size=window_size, depth=depth)
+        H, W = _resolution(input_resolution)
         self.input_resolution = (H, W)
-        self.window_size, self.dim = window_size, dim
+        self.window_size, self.dim = int(window_size), dim  # a NumPy int too
         self.padded_resolution = (ceil_to_multiple(H, window_size), ceil_to_multiple(W, window_size))
 
     def forward_padded(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -81,8 +74,7 @@ class _PaddedStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
         Hp, Wp = self.padded_resolution
-        if not _tracing():
-            check_stage_input(self, x, self.dim, self.input_resolution)
+        check_stage_input(self, x, self.dim, self.input_resolution)
         torch._assert(x.shape[2] == H and x.shape[3] == W, f"{type(self).__name__} was built for {H}x{W} maps")
         x = self.forward_padded(pad_to_windows(x, Hp - H, Wp - W))
         return x[:, :, :H, :W].contiguous() if (Hp, Wp) != (H, W) else x
@@ -230,6 +222,7 @@ class SwinStage(_PaddedStage):
         **block_kwargs,
     ) -> None:
         super().__init__(input_resolution, window_size, dim, depth)
+        window_size = self.window_size
         rolls = tuple(window_size // 2 if n > window_size else 0 for n in self.padded_resolution)
         shift = rolls[0] if rolls[0] == rolls[1] else rolls
         rates = _rates(drop_path, depth)
@@ -349,6 +342,7 @@ class TwinsStage(_PaddedStage):
         **block_kwargs,
     ) -> None:
         super().__init__(input_resolution, window_size, dim, depth)
+        window_size = self.window_size
         rates = _rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             GSABlock(dim, num_heads, sr_ratio, drop_path=rates[i], **block_kwargs)
@@ -395,19 +389,19 @@ class EdgeViTStage(nn.Module):
         super().__init__()
         if layer_scale is not None:
             raise ValueError("EdgeViT blocks have no layer scale: build EdgeViTStage with layer_scale=None")
-        _check_stage_args("EdgeViTStage", window_size, depth)  # window_size: the delegates' stride
-        self.input_resolution, self.dim = to_2tuple(input_resolution), dim
+        check_positive_ints(window_size=window_size, depth=depth)  # window_size: the delegates' stride
+        self.input_resolution, self.dim = _resolution(input_resolution), dim
         rates = _rates(drop_path, depth)
         # HATBlock's default, as for the other mixers (LGLBlock's own default is no bias: the arm differed)
         block_kwargs.setdefault("qkv_bias", True)
         self.blocks = nn.ModuleList(
-            LGLBlock(dim, num_heads, drop_path=rates[i], sr_ratio=window_size, **block_kwargs) for i in range(depth)
+            LGLBlock(dim, num_heads, drop_path=rates[i], sr_ratio=int(window_size), **block_kwargs)
+            for i in range(depth)
         )
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
-        if not _tracing():
-            check_stage_input(self, x, self.dim, self.input_resolution)
+        check_stage_input(self, x, self.dim, self.input_resolution)
         torch._assert(x.shape[2] == H and x.shape[3] == W, f"EdgeViTStage was built for {H}x{W} maps")
         for blk in self.blocks:
             x = blk(x)

@@ -64,12 +64,17 @@ __all__ = [
 ]
 
 
+def check_positive_ints(**values) -> None:
+    """A named error for any of ``values`` that is not a positive int (NumPy ints count; bools do not)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _check_block_args(dim, num_heads, window_size, mlp_ratio) -> None:
     """Named errors for the shape arguments of :class:`HATBlock` / :class:`HATStage` (raw tensor errors, or a
     silently different MLP, otherwise)."""
-    for name, value in (("dim", dim), ("num_heads", num_heads), ("window_size", window_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_ints(dim=dim, num_heads=num_heads, window_size=window_size)
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
         raise ValueError(f"mlp_ratio must be a positive number (the MLP's hidden width / dim), got {mlp_ratio!r}")
     if int(dim * mlp_ratio) < 1:  # timm's Mlp would take a hidden width of 0 for "dim"
@@ -506,7 +511,10 @@ class HATBlock(CarrierTokenHalf, nn.Module):
 
 def check_stage_input(stage: nn.Module, x: Tensor, dim: int, resolution: tuple[int, int]) -> None:
     """A named error for a map a stage (``HATStage``, the ablation mixers) would fail on deep inside: an unbatched
-    map, an empty batch, channels-last data or other channels, integers."""
+    map, an empty batch, channels-last data or other channels, integers, another size than it was built for.
+    Skipped while tracing (the stage's ``torch._assert`` on the size stays in the graph)."""
+    if _tracing():
+        return
     name = type(stage).__name__
     if x.dim() != 4:
         raise ValueError(
@@ -524,6 +532,13 @@ def check_stage_input(stage: nn.Module, x: Tensor, dim: int, resolution: tuple[i
         )
     if not x.is_floating_point():
         raise TypeError(f"{name} takes floating-point maps, got {x.dtype}: convert them first, e.g. x.float()")
+    H, W = resolution
+    if x.shape[2] != H or x.shape[3] != W:  # the stage's asserts, naming the size received
+        h, w = x.shape[2:]
+        raise AssertionError(
+            f"{name} was built for {H}x{W} maps, got {h}x{w}: rebuild it with input_resolution=({h}, {w}) for this "
+            f"size, or resize the input to {H}x{W}"
+        )
 
 
 class HATStage(nn.Module):
@@ -573,8 +588,7 @@ class HATStage(nn.Module):
         layer_scale: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        check_positive_ints(depth=depth)
         _check_block_args(dim, num_heads, window_size, mlp_ratio)
         H, W = _resolution(input_resolution)
         self.dim = dim
@@ -623,19 +637,9 @@ class HATStage(nn.Module):
     def has_carrier_tokens(self) -> bool:
         return self.global_tokenizer is not None
 
-    def _check_input(self, x: Tensor) -> None:
-        check_stage_input(self, x, self.dim, self.input_resolution)
-
     def forward(self, x: Tensor) -> Tensor:
         H, W = self.input_resolution
-        if not _tracing():
-            self._check_input(x)
-            if x.shape[2] != H or x.shape[3] != W:  # the asserts below, naming the size received
-                h, w = x.shape[2:]
-                raise AssertionError(
-                    f"{type(self).__name__} was built for {H}x{W} maps, got {h}x{w}: rebuild it with "
-                    f"input_resolution=({h}, {w}) for this size, or resize the input to {H}x{W}"
-                )
+        check_stage_input(self, x, self.dim, self.input_resolution)
         # kept in traced and exported graphs, where the message cannot hold the size received
         torch._assert(x.shape[2] == H, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")
         torch._assert(x.shape[3] == W, f"HATStage was built for {H}x{W} maps: rebuild it for the new input size")

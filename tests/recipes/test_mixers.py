@@ -1,5 +1,6 @@
 """hatplug.mixers: every stage-3 replacement keeps the shape, passes gradients, and mixes tokens as it claims."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,7 +159,7 @@ def test_edgevit_takes_the_shared_block_defaults_and_checks_its_stride():
     assert create_mixer("window", **GEOMETRY).blocks[0].attn.qkv.bias is not None
     no_bias = create_mixer("edgevit", **{**GEOMETRY, "window_size": 2, "qkv_bias": False})
     assert all(m.bias is None for n, m in no_bias.named_modules() if n.endswith("qkv"))
-    with pytest.raises(ValueError, match="window_size must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="window_size must be a positive int, got 0"):
         create_mixer("edgevit", **{**GEOMETRY, "window_size": 0})
 
 
@@ -202,10 +203,18 @@ def test_stages_name_bad_maps_and_arguments(name):
         with pytest.raises(error, match=message):
             stage(x)
     for bad in ({"window_size": 0}, {"depth": 0}):
-        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer >= 1"):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int, got 0"):
             create_mixer(name, **{**kwargs, **bad})
-    square = create_mixer(name, **{**kwargs, "input_resolution": 8})  # one int, as HATStage takes
-    assert square(torch.randn(1, 32, 8, 8)).shape == (1, 32, 8, 8)
+    # the checks HATStage makes (they were copies with other rules): a zero side or a 3-tuple is refused, a NumPy
+    # int taken, and a map of another size is named
+    for bad in ((0, 8), (8, 8, 8)):
+        with pytest.raises(ValueError, match="input_resolution must be"):
+            create_mixer(name, **{**kwargs, "input_resolution": bad})
+    square = create_mixer(name, **{**kwargs, "input_resolution": np.int64(8), "window_size": np.int64(2)})
+    assert square(torch.randn(1, 32, 8, 8)).shape == (1, 32, 8, 8)  # one int, as HATStage takes
+    assert type(square.input_resolution[0]) is int
+    with pytest.raises(AssertionError, match=r"was built for 8x8 maps, got 12x12: rebuild it with input_resolution"):
+        stage(torch.randn(1, 32, 12, 12))
 
 
 def test_create_mixer_rejects_unknown_names():
