@@ -49,7 +49,6 @@ import argparse
 import copy
 import importlib
 import inspect
-import re
 import tempfile
 import time
 import warnings
@@ -57,6 +56,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jsonargparse
 import lightning.pytorch as pl
 import torch
 import yaml
@@ -295,20 +295,10 @@ def load_ablation(
     return spec, arms
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that also reads ``1e-3`` (no dot) as a float, as the recipes CLI (jsonargparse) does;
-    PyYAML's YAML 1.1 rules make it the string ``'1e-3'``."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def _load_yaml(path: Path) -> object:
-    return yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    """A YAML file read as the recipes CLI reads its configs (jsonargparse's loader: ``1e-3`` is a float, a date
+    stays a string), so that a spec means the same here and on the command line."""
+    return jsonargparse.get_loader("yaml")(path.read_text())
 
 
 def _arm_checkpoint_dirs(callbacks: list, run_dir: Path) -> list[tuple[str, str]]:
@@ -415,7 +405,8 @@ def _metrics(results: list[dict]) -> dict:
 def _build(
     arm: Arm, size: int | None = None, init_checkpoint: str | Path | None = None
 ) -> tuple[pl.LightningDataModule, ImageClassifier]:
-    """The arm's data module and model (at ``size`` x ``size`` if given) without its warm-start weights."""
+    """The arm's data module and model (at ``size`` x ``size`` if given), the model initialised from
+    ``init_checkpoint`` (None: its own init; the arm's configured ``init_checkpoint`` is replaced by this one)."""
     model_cfg = copy.deepcopy(arm.config["model"])
     data_cfg = arm.config["data"]
     data_args = dict(data_cfg.get("init_args", {}))
@@ -424,7 +415,7 @@ def _build(
         model_kwargs.pop("resolution", None)  # FasterViT's own name for img_size
         model_cfg["model_kwargs"] = {**model_kwargs, "img_size": size}
         data_args["image_size"] = size
-    model_cfg["init_checkpoint"] = init_checkpoint  # trained or warm-start weights are loaded by the caller
+    model_cfg["init_checkpoint"] = init_checkpoint  # the caller's choice: a warm start, trained weights or none
     module_name, _, cls_name = data_cfg["class_path"].rpartition(".")
     data_cls = getattr(importlib.import_module(module_name), cls_name)
     datamodule = data_cls(**data_args)

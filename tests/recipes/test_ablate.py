@@ -376,6 +376,10 @@ def test_ablation_yaml_reads_as_the_cli_does_and_warm_starts_are_checked_up_fron
     path.write_text(path.read_text().replace("lr: LR", "lr: 1e-3"))
     _, (a, b) = load_ablation(path, smoke=True, out=tmp_path / "out")
     assert a.config["model"]["lr"] == 0.001 and a.config["trainer"]["callbacks"] == [checkpoint]
+    from recipes.ablate import _load_yaml
+
+    (tmp_path / "values.yaml").write_text("lr: 1e-3\ntag: 2024-01-01\n")  # the CLI keeps a date a string too
+    assert _load_yaml(tmp_path / "values.yaml") == {"lr": 0.001, "tag": "2024-01-01"}
     assert b.config["trainer"]["callbacks"] == [] and b.config["model"]["convert"] is None
     check_arms([a, b])
     wider = {"model": {"model_kwargs": {"dim": 32}}}
