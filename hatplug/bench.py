@@ -30,7 +30,6 @@ The same functions run in Python:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import difflib
@@ -42,6 +41,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -829,7 +829,7 @@ def results_to_markdown(results: Sequence[BenchResult], peers: Sequence[str] = (
     shorts = [_short(n) for n in [baseline, *peers]]
     # short names only where no two models of the table share one (vit_small_patch16 / _patch32 both "vit_small")
     every_short = [_short(r.model) for r in results]
-    distinct = all(every_short.count(n) == 1 for n in shorts) and len(set(shorts)) == len(shorts)
+    distinct = all(every_short.count(n) == 1 for n in shorts)
     names = shorts if distinct else [baseline, *peers]
     header = ["model", "samples/s", "step (ms)", "batch", "img", "params (M)"] + [f"x {n}" for n in names]
     header += ["spread %"]
@@ -1141,24 +1141,25 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
 
 def _unwritable(path: Path) -> str:
-    """Why ``path`` cannot be written as a file ('' if it can). Creates nothing (a run refused later, e.g. for a
-    misspelt model, leaves no empty folders): missing folders are made when the file is written, so the nearest
-    existing one must be a writable folder."""
+    """Why ``path`` cannot be written as a file ('' if it can), found before minutes of measuring. Leaves nothing
+    behind (a run refused later, e.g. for a misspelt model, must not leave empty folders): missing folders are
+    made when the file is written, so the nearest existing one must be a folder where a file can be created,
+    which a temporary file tries (``os.access`` says yes to root anywhere, /proc included)."""
     if path.is_dir():
         return "is a folder; give a file name"
-    missing, folder = [], path.absolute().parent
+    parent = path.absolute().parent
+    folder = parent
     while not folder.exists():
-        missing.append(folder)
         folder = folder.parent
-    try:  # the real test (os.access says yes to root anywhere), undone at once
-        path.parent.mkdir(parents=True, exist_ok=True)
+    problem = "cannot create its folder" if folder != parent else f"its folder {parent} is not writable"
+    if not folder.is_dir():
+        return f"cannot create its folder ({folder} is a file)"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as exc:
-        return f"cannot create its folder ({exc})"
-    finally:
-        for made in missing:  # innermost first
-            with contextlib.suppress(OSError):
-                made.rmdir()
-    return "" if os.access(folder if missing else path.parent, os.W_OK) else f"its folder {path.parent} is not writable"
+        return f"{problem} ({exc})"
+    return ""
 
 
 def _settings_line(s: dict, sweep: bool) -> str:

@@ -345,7 +345,8 @@ def test_non_square_throughput_and_sweep(tmp_path, monkeypatch):
         (["--csv", "/proc/no_such_folder/x.csv"], "--csv /proc/no_such_folder/x.csv: cannot create its folder"),
         (["--markdown", "."], "--markdown .: is a folder; give a file name"),
         (["--csv", "r.out", "--markdown", "./r.out"], "--csv and --markdown name the same file"),
-        (["--csv", "README.md/x.csv"], "--csv README.md/x.csv: cannot create its folder ("),
+        (["--csv", f"{__file__}/x.csv"], f"--csv {__file__}/x.csv: cannot create its folder ({__file__} is a file)"),
+        (["--csv", "/proc/x.csv"], "--csv /proc/x.csv: its folder /proc is not writable ("),  # os.access says yes
     ],
 )
 def test_cli_refuses_arguments_it_would_ignore_or_cannot_use(argv, message, capsys):
