@@ -24,16 +24,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUN = r"""
+PREAMBLE = r"""
 import json, sys, time
 import torch
 sys.path.insert(0, sys.argv[1])  # this checkout's packages before the installed ones
 torch.set_num_threads(1)
 import fastervit
 assert fastervit.__file__.startswith(sys.argv[1]), fastervit.__file__
+times = []
+"""
+
+RUN = r"""
 model = fastervit.create_model(sys.argv[2]).eval()
 x = torch.randn(int(sys.argv[3]), 3, *model.img_size)
-times = []
 with torch.no_grad():
     model(x)
     model(x)
@@ -41,20 +44,12 @@ with torch.no_grad():
         start = time.perf_counter()
         model(x)
         times.append(time.perf_counter() - start)
-print(json.dumps(times))
 """
 
 RUN_BIAS_CACHE = r"""
-import json, sys, time
-import torch
-sys.path.insert(0, sys.argv[1])
-torch.set_num_threads(1)
-import fastervit
 from hatplug.layers.pos_embed import CachedBias
-assert fastervit.__file__.startswith(sys.argv[1]), fastervit.__file__
 model = fastervit.create_model(sys.argv[2]).eval()
 biases = [m for m in model.modules() if isinstance(m, CachedBias)]
-times = []
 with torch.no_grad():
     for m in biases:
         m()
@@ -64,23 +59,14 @@ with torch.no_grad():
             for m in biases:
                 m()
         times.append((time.perf_counter() - start) / 2000 / len(biases))
-print(json.dumps(times))
 """
 
 RUN_SET_INPUT_SIZE = r"""
-import json, sys, time
-import torch
-sys.path.insert(0, sys.argv[1])
-torch.set_num_threads(1)
-import fastervit
-assert fastervit.__file__.startswith(sys.argv[1]), fastervit.__file__
 model = fastervit.create_model(sys.argv[2])
-times = []
 for i in range(int(sys.argv[4])):
     start = time.perf_counter()
     model.set_input_size(256 if i % 2 == 0 else 224)
     times.append(time.perf_counter() - start)
-print(json.dumps(times))
 """
 
 SNIPPETS = {"forward": (RUN, "ms", 1e3), "bias-cache": (RUN_BIAS_CACHE, "us per call", 1e6),
@@ -105,7 +91,8 @@ def main() -> None:
         order = list(roots) if run % 2 == 0 else list(reversed(roots))
         per_root = {}
         for root in order:
-            command = [sys.executable, "-c", snippet, root, args.model, str(args.batch), str(args.forwards)]
+            code = PREAMBLE + snippet + "print(json.dumps(times))\n"
+            command = [sys.executable, "-c", code, root, args.model, str(args.batch), str(args.forwards)]
             out = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/", check=True)
             times = json.loads(out.stdout.strip().splitlines()[-1])
             roots[root] += times
@@ -119,7 +106,8 @@ def main() -> None:
             f"{root}: median {medians[-1] * scale:.1f} {unit}, best {min(times) * scale:.1f} {unit} "
             f"({len(times)} timings)"
         )
-    print(f"{args.model}, {args.what}, batch {args.batch}: second / first median = {medians[1] / medians[0]:.3f}")
+    batch = f", batch {args.batch}" if args.what == "forward" else ""  # the other modes take no batch
+    print(f"{args.model}, {args.what}{batch}: second / first median = {medians[1] / medians[0]:.3f}")
     print(
         f"per-round second / first: median {statistics.median(rounds):.3f} "
         f"(rounds: {', '.join(f'{r:.3f}' for r in rounds)})"
