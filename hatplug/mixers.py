@@ -38,6 +38,7 @@ from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from .layers import AbsolutePositionMLP, BiasedAttention, HATBlock, HATStage
+from .layers._cache import refill_buffer
 from .layers.hat import _drop_path_rates as _rates
 from .layers.hat import _layer_scale, _resolution, _scale, check_positive_ints, check_stage_input
 from .layers.windows import ceil_to_multiple, pad_to_windows, window_partition, window_reverse
@@ -189,6 +190,14 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.gamma3 = _layer_scale(dim, layer_scale)
         self.gamma4 = _layer_scale(dim, layer_scale)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the shift mask after ``to_empty`` of a model built on the meta device (timm's
+        ``reinit_non_persistent_buffers`` calls this)."""
+        if any(self._rolls):
+            with torch.device("cpu"):
+                mask = shift_attention_mask(*self.map_size, self.window_size, self.shift)
+            refill_buffer(self.attn, "shift_mask", mask)
 
     def forward(self, x: Tensor) -> Tensor:
         sh, sw = self._rolls
@@ -417,6 +426,11 @@ class _Zero(nn.Module):
     def __init__(self, *shape: int) -> None:
         super().__init__()
         self.register_buffer("zero", torch.zeros(shape), persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Zero again after ``to_empty`` of a model built on the meta device (timm's ``reinit_non_persistent_buffers``
+        calls this)."""
+        refill_buffer(self, "zero", torch.zeros(self.zero.shape))
 
     def forward(self) -> Tensor:
         return self.zero

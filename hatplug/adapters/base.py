@@ -27,6 +27,7 @@ from ..layers import (
     upsample_index,
     window_reverse_nhwc,
 )
+from ..layers._cache import refill_buffer
 
 __all__ = [
     "BlockAdapter",
@@ -190,6 +191,12 @@ class CarrierBlock(CarrierTokenHalf, nn.Module):
                 upsample_index(settings.ct_size, self.window_size).to(like.device),
                 persistent=False,
             )
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the tables computed from the geometry, e.g. after ``to_empty`` of a model converted on the
+        meta device (timm's ``reinit_non_persistent_buffers`` calls this, as on timm's own blocks)."""
+        with torch.device("cpu"):
+            refill_buffer(self, "ct_upsample_index", upsample_index(self.ct_size, self.window_size))
 
     def carrier_windows(self, ct: Tensor, windows_h: int, windows_w: int) -> Tensor:
         """CT attention + MLP over ``ct (B, nW * n, C)``, returned per window as ``(B * nW, n, C)``."""

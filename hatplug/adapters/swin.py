@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, get_relative_position_index
 from torch import Tensor, nn
 
 from ..layers import CarrierWindowAttention, window_partition_nhwc, window_reverse_nhwc
+from ..layers._cache import refill_buffer
 from ..layers.fusion import fusion_active, mlp_hidden, passes_through, residual_linear
 from .base import BlockAdapter, CarrierBlock, ConversionSettings, block_rates, padded_grid
 
@@ -53,9 +54,15 @@ class SwinCarrierAttention(CarrierWindowAttention):
     def __init__(self, attn: WindowAttention, gated: bool) -> None:
         super().__init__(attn.num_heads, attn.qkv, attn.proj, attn.attn_drop.p, attn.proj_drop, gated)
         self.scale = attn.scale
+        self.window_size = tuple(attn.window_size)
         self.window_area = attn.window_area
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the relative position index (after ``to_empty`` of a model converted on the meta device), as
+        timm's ``WindowAttention`` does; timm's ``reinit_non_persistent_buffers`` calls this."""
+        refill_buffer(self, "relative_position_index", get_relative_position_index(*self.window_size))
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B_, L = x.shape[0], x.shape[1]
@@ -105,6 +112,16 @@ class SwinHATBlock(CarrierBlock):
             block.norm1.weight,
             rates,
         )
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the shifted-window mask of the block's input size and the propagation index (after
+        ``to_empty`` of a model converted on the meta device), as timm's block does its own mask."""
+        super().init_non_persistent_buffers()
+        if self.attn_mask is not None:
+            Hp, Wp = padded_grid(*self.input_resolution, self.window_size)[:2]
+            with torch.device("cpu"):
+                mask = shifted_window_mask(Hp, Wp, self.window_size, self.shift_size, torch.zeros(()))
+            refill_buffer(self, "attn_mask", mask)
 
     def _mask(self, Hp: int, Wp: int, like: Tensor) -> Tensor | None:
         if not any(self.shift_size):

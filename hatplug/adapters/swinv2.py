@@ -16,6 +16,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2Block, WindowAttent
 from torch import Tensor, nn
 
 from ..layers import CarrierWindowAttention
+from ..layers._cache import refill_buffer
 from .base import BlockAdapter, ConversionSettings
 from .swin import SwinHATBlock
 
@@ -29,6 +30,7 @@ class SwinV2CarrierAttention(CarrierWindowAttention):
     def __init__(self, attn: WindowAttention, gated: bool) -> None:
         super().__init__(attn.num_heads, attn.qkv, attn.proj, attn.attn_drop.p, attn.proj_drop, gated)
         self.window_size = tuple(attn.window_size)
+        self.pretrained_window_size = tuple(attn.pretrained_window_size)
         self.qkv_bias_separate = attn.qkv_bias_separate
         self.logit_scale = attn.logit_scale
         self.cpb_mlp = attn.cpb_mlp
@@ -37,6 +39,16 @@ class SwinV2CarrierAttention(CarrierWindowAttention):
         self.register_buffer("k_bias", attn.k_bias, persistent=False)
         self.register_buffer("relative_coords_table", attn.relative_coords_table, persistent=False)
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute ``k_bias`` (zeros) and the position tables (after ``to_empty`` of a model converted on the
+        meta device) with timm's own code for them; timm's ``reinit_non_persistent_buffers`` calls this."""
+        with torch.device("cpu"):
+            table, index = WindowAttention._make_pair_wise_relative_positions(self, dtype=torch.float32)
+        refill_buffer(self, "relative_coords_table", table)
+        refill_buffer(self, "relative_position_index", index)
+        if self.k_bias is not None:
+            refill_buffer(self, "k_bias", torch.zeros(self.k_bias.shape))
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B_, L = x.shape[0], x.shape[1]

@@ -452,7 +452,8 @@ class EdgeViT(nn.Module):
             prev_dim = embed_dims[i]
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
+        # stochastic depth decay rule (on the CPU: a meta-device context must not reach these numbers)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.feature_info = []
         reduction = 1
         block_idx = 0

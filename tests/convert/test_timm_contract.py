@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from timm.models import create_feature_extractor
+from timm.models._manipulate import reinit_non_persistent_buffers
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
@@ -306,3 +307,25 @@ def test_a_model_saved_whole_comes_back_converted(family):
 def test_repeated_stage_index_is_refused():
     with pytest.raises(ValueError, match="more than once"):
         hatplug.convert(make_model(FAMILIES["swin"], 64), stages=[0, 0])
+
+
+def test_model_converted_on_the_meta_device_gets_its_tables_back(family):
+    """A model built and converted on the meta device, then ``to_empty`` + timm's reinit_non_persistent_buffers +
+    the weights, computes what the same model converted on the CPU does. The converted blocks hold copies of
+    timm's position indices, shift masks and k_bias and their own propagation index, which no hook recomputed:
+    they kept whatever the memory held (an IndexError, or silently wrong biases). EdgeViT did not build under a
+    meta-device context at all."""
+    size = family.sizes[0]
+    reference = hatplug.convert(make_model(family, size))
+    with torch.device("meta"):
+        hat = hatplug.convert(family.make(size))
+    hat.to_empty(device="cpu").eval()
+    for buf in hat.buffers():
+        buf.fill_(1)  # what the memory held
+    hat.load_state_dict(reference.state_dict())
+    reinit_non_persistent_buffers(hat)
+    for (key, buf), (_, want) in zip(hat.named_buffers(), reference.named_buffers(), strict=True):
+        assert torch.equal(buf, want), key
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(hat(x), reference(x))

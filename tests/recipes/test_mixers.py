@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from timm.models._manipulate import reinit_non_persistent_buffers
 
 from hatplug.layers import HATStage
 from hatplug.mixers import (
@@ -133,6 +134,28 @@ def test_hat_ablation_switches():
     assert _influence(full, (0, 0), (7, 7)) > 0
     # position biases gone: every block's relative bias is a broadcast zero
     assert all(not blk.attn.pos_emb_funct().any() for blk in no_bias.blocks)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_mixers_built_on_the_meta_device_recompute_their_tables(name):
+    """Built on the meta device, a stage gets its tables back from timm's reinit_non_persistent_buffers after
+    to_empty (the Swin shift mask and the zeros standing in for removed biases had no such hook, so they kept
+    whatever the memory held)."""
+    kw = {"position_bias": False} if name.startswith("hat") else {}
+    torch.manual_seed(0)
+    reference = create_mixer(name, **GEOMETRY, **kw).eval()
+    with torch.device("meta"):
+        stage = create_mixer(name, **GEOMETRY, **kw)
+    stage.to_empty(device="cpu").eval()
+    for buf in stage.buffers():
+        buf.fill_(1)  # what the memory held
+    stage.load_state_dict(reference.state_dict())
+    reinit_non_persistent_buffers(stage)
+    for (key, buf), (_, want) in zip(stage.named_buffers(), reference.named_buffers()):
+        assert torch.equal(buf, want), key
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(stage(x), reference(x))
 
 
 def test_without_ct_attention_every_parameter_left_is_trained():
