@@ -248,6 +248,9 @@ def _create(
         _PrunedKeys(out_indices, num_levels, bool(feature_cfg.get("norm"))) if kwargs.get("features_only") else None
     )
     kwargs = {**arch, **kwargs}
+    if kwargs.get("features_only") and kwargs.get("global_pool") == "":
+        # "no pooling", as timm's backbones take it: the wrapper prunes the head, so it needs no num_classes=0
+        del kwargs["global_pool"]
     default = kwargs.pop("resolution")
     kwargs["img_size"] = img_size if img_size is not None else resolution if resolution is not None else default
     # the any-resolution variants are published with the 224 weights: moving those is a geometry change

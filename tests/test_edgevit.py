@@ -279,6 +279,22 @@ def test_feature_getter_and_pruned_model_give_the_hooked_features():
             torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("feature_cls", ["getter", "hook"])
+def test_features_only_takes_global_pool_empty_as_timm_backbones_do(feature_cls):
+    """timm's backbones take global_pool="" with features_only; EdgeViT refused it for a classifier head that the
+    feature wrapper prunes (or, with hooks, never returns)."""
+    x = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(0)
+    plain = timm.create_model("edgevit_xxs", features_only=True, feature_cls=feature_cls).eval()
+    torch.manual_seed(0)
+    backbone = timm.create_model("edgevit_xxs", features_only=True, feature_cls=feature_cls, global_pool="").eval()
+    with torch.no_grad():
+        for ours, want in zip(backbone(x), plain(x), strict=True):
+            assert torch.equal(ours, want)
+    with pytest.raises(ValueError, match="num_classes=0"):  # a classifier still needs pooling or num_classes=0
+        timm.create_model("edgevit_xxs", global_pool="")
+
+
 def test_features_only_trains_every_parameter_it_keeps():
     """The default feature wrapper prunes after the last requested stage, so each kept parameter gets a gradient
     (DistributedDataParallel's default refuses unused ones; the hook wrapper ran the whole classifier, leaving 178
@@ -315,6 +331,13 @@ def test_prune_intermediate_layers_keeps_the_requested_stages():
     assert model.num_features == 72 and isinstance(model.norm, torch.nn.Identity)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), full[1], rtol=0, atol=0)
+        # the pruned model has two stages, as timm's pruned models count them: all maps are its two (the pruned
+        # stages came back as copies of stage 1's map), and stage 3 is out of range (it gave stage 1's map)
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True), full[:2], rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="out of range"):
+            model.forward_intermediates(x, indices=[3])
+    with pytest.raises(AssertionError, match="out of range"):
+        model.prune_intermediate_layers(indices=[2])
     model.reset_classifier(4)  # a new head on the pruned width
     with torch.no_grad():
         assert model(x).shape == (1, 4)

@@ -145,6 +145,23 @@ def test_timm_create_model_builds_the_same_backbone():
         fastervit.create_model(ANY_RES, features_only=True, feature_cls="hook", **SMALL)
 
 
+def test_features_only_takes_global_pool_empty_as_timm_backbones_do():
+    """timm's backbones take global_pool="" with features_only (no head is left to pool for); FasterViT refused it
+    for the classifier's num_classes, which the wrapper prunes anyway."""
+    x = torch.randn(1, 3, *SIZE)
+    torch.manual_seed(0)
+    plain = fastervit.create_model(ANY_RES, features_only=True, resolution=SIZE, window_size=WINDOWS, **SMALL).eval()
+    for create in (fastervit.create_model, timm.create_model):
+        torch.manual_seed(0)
+        kw = dict(img_size=SIZE) if create is timm.create_model else dict(resolution=SIZE)
+        backbone = create(ANY_RES, features_only=True, global_pool="", window_size=WINDOWS, **kw, **SMALL).eval()
+        with torch.no_grad():
+            for ours, want in zip(backbone(x), plain(x), strict=True):
+                assert torch.equal(ours, want)
+    with pytest.raises(ValueError, match="num_classes=0"):  # a classifier still needs pooling or num_classes=0
+        fastervit.create_model(ANY_RES, global_pool="", **SMALL)
+
+
 # ---- moving weights to another geometry ----------------------------------------------------------------------
 
 

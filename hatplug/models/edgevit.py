@@ -440,6 +440,7 @@ class EdgeViT(nn.Module):
         self.in_chans = in_chans  # timm reads it (get_model_input_config, resolve_input_data_config)
         self.global_pool = global_pool
         self.embed_dims = tuple(embed_dims)
+        self.num_stages = num_stages  # fewer once prune_intermediate_layers drops the last ones
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -579,8 +580,8 @@ class EdgeViT(nn.Module):
         Args:
             x: ``(B, in_chans, H, W)``, any size of at least 32 x 32.
             indices: stages to return: the last ``n`` if an int, these if a sequence (negative counts from
-                the end), all four if None. Stage ``i`` gives ``(B, embed_dims[i], ~H / 2**(i+2), ~W / 2**(i+2))``,
-                the same maps as ``features_only=True``.
+                the end), all if None (four, or those that :meth:`prune_intermediate_layers` kept). Stage ``i``
+                gives ``(B, embed_dims[i], ~H / 2**(i+2), ~W / 2**(i+2))``, the same maps as ``features_only=True``.
             norm: apply the final BatchNorm to the last stage's map (the other stages have no norm).
             stop_early: stop after the last requested stage.
             output_fmt: only ``"NCHW"``.
@@ -600,7 +601,7 @@ class EdgeViT(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"EdgeViT features are NCHW maps; output_fmt={output_fmt!r} is not supported")
-        num_stages = len(self.embed_dims)
+        num_stages = self.num_stages
         take_indices, max_index = feature_take_indices(num_stages, indices)
         last_run = max_index if stop_early else num_stages - 1
         intermediates = []
@@ -635,7 +636,7 @@ class EdgeViT(nn.Module):
             >>> type(model.blocks3).__name__, model.num_features
             ('Identity', 72)
         """
-        num_stages = len(self.embed_dims)
+        num_stages = self.num_stages
         take_indices, max_index = feature_take_indices(num_stages, indices)
         prune_end = max_index < num_stages - 1
         for i in range(max_index + 1, num_stages):
@@ -645,6 +646,7 @@ class EdgeViT(nn.Module):
             self.norm = nn.Identity()  # sized for the last stage's channels only
         if prune_end:
             self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+            self.num_stages = max_index + 1  # forward_intermediates counts (and checks indices) against these
         if prune_head or prune_end:
             self.reset_classifier(0)
         return take_indices
@@ -683,6 +685,9 @@ def _create_edgevit(variant: str, pretrained: bool = False, **kwargs) -> EdgeViT
             "registration order, and EdgeViT registers its four patch embeddings before its stages. Use the "
             "default ('getter'), 'hook' or 'fx'"
         )
+    if kwargs.get("features_only") and kwargs.get("global_pool") == "":
+        # "no pooling", as timm's backbones take it: the feature maps come before the head, whose pooling is kept
+        del kwargs["global_pool"]
     return build_model_with_cfg(
         EdgeViT,
         variant,
