@@ -239,12 +239,16 @@ def load_ablation(
     spec = _load_yaml(path)
     _check_spec(path, spec)
     out = Path(out) if out is not None else default_out(spec, profile)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is a file: pass a folder for --out (it is made if missing)")
     unknown = {k for k in spec if not k.startswith("x-")} - _SPEC_KEYS  # x-*: free keys, e.g. for YAML anchors
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(_SPEC_KEYS)} (or x-*)")
     if profile is not None and profile not in spec:
         defined = [p for p in PROFILES if p in spec]
         raise ValueError(f"{path} has no {profile!r} profile (it defines {defined}); add a {profile!r} key or pick one")
+    for key in ("benchmark", *(f"{p}_benchmark" for p in PROFILES)):
+        _check_benchmark(path, key, spec.get(key))
     base = _load_yaml(path.parent / spec["base"])
     common = deep_merge(base, spec.get("overrides"))
     if profile is not None:
@@ -542,6 +546,22 @@ def _select(
     return spec, every, resolved
 
 
+def _check_benchmark(path: Path, key: str, settings) -> None:
+    """A named error for a throughput setting that would be ignored (an unknown key: the default was measured
+    instead) or give a rate of 0 or nothing (``iters`` or ``batch_size`` below 1, a negative ``warmup``)."""
+    if settings is None:
+        return
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: {key} must be a mapping with keys {sorted(DEFAULT_BENCHMARK)}, got {settings!r}")
+    unknown = set(settings) - set(DEFAULT_BENCHMARK)
+    if unknown:
+        raise ValueError(f"{path}: {key} has unknown keys {sorted(unknown)}; expected {sorted(DEFAULT_BENCHMARK)}")
+    for name, value in settings.items():
+        least = 0 if name == "warmup" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{path}: {key}.{name} must be an integer >= {least}, got {value!r}")
+
+
 def run_ablation(
     path: str | Path,
     smoke: bool = False,
@@ -705,7 +725,9 @@ def main(argv: Sequence[str] | None = None) -> AblationResult:
         python -m recipes.ablate plug_and_play --profile cpu
         python -m recipes.ablate --help
     """
-    parser = argparse.ArgumentParser(prog="python -m recipes.ablate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.ablate", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )  # a misspelt option is an error, not a guess (--smok ran the smoke form)
     parser.add_argument(
         "ablation", help="an ablation YAML, e.g. recipes/ablations/attention_type.yaml, or a shipped one's name"
     )

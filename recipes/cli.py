@@ -65,6 +65,7 @@ class RecipeCLI(LightningCLI):
             return super().parse_arguments(parser, args)
         argv = sys.argv[1:] if args is None else list(args)
         remaining, value = _pop_option(argv, "--model.num_classes")
+        remaining, root = _pop_option(remaining, "--trainer.default_root_dir")
         if remaining == argv:
             return super().parse_arguments(parser, args)
         if value is not None and value.strip().lower() not in ("null", "none"):
@@ -77,6 +78,8 @@ class RecipeCLI(LightningCLI):
             self.config = parser.parse_args(remaining)
         else:
             super().parse_arguments(parser, remaining)
+        if root is not None:
+            _move_run(self.config, root)
 
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path <file>`` every weight comes from that checkpoint, so the model's warm-start file
@@ -114,6 +117,27 @@ class RecipeCLI(LightningCLI):
                 f"model.num_classes is {requested} {where}, but the data module has {found} classes (its "
                 f"num_classes is linked into the model): {fix}, or give data with {requested} classes"
             )
+
+
+def _move_run(config: Namespace, root: str) -> None:
+    """``--trainer.default_root_dir root`` on the command line: the run's folder moves, with the loggers that wrote
+    into the old one (the configs name it twice, as ``trainer.default_root_dir`` and as each logger's ``save_dir``,
+    and Lightning takes the checkpoints' folder and ``config.yaml``'s from the first logger, so setting only
+    ``default_root_dir`` moved nothing). A logger writing elsewhere keeps its folder; without a
+    ``default_root_dir`` in the config, those writing to the recipes' default ``runs`` move."""
+    subcommand = config.get("subcommand")
+    trainer = (config[subcommand] if subcommand else config).trainer
+    before = trainer.default_root_dir
+    trainer.default_root_dir = None if root.strip().lower() in ("", "null", "none") else root
+    if trainer.default_root_dir is None:
+        return
+    old = os.path.normpath(str(before if before is not None else DEFAULT_LOGGERS[0]["init_args"]["save_dir"]))
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        save_dir = None if init_args is None else init_args.get("save_dir")
+        if save_dir is not None and os.path.normpath(str(save_dir)) == old:
+            init_args.save_dir = trainer.default_root_dir
 
 
 def _pop_option(argv: list[str], option: str) -> tuple[list[str], str | None]:

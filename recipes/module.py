@@ -116,7 +116,9 @@ class ImageClassifier(pl.LightningModule):
     """Image classification with any timm / FasterViT / recipe model.
 
     Args:
-        model: a model name (see :func:`recipes.models.create_model`) or a ready ``nn.Module``.
+        model: a model name (see :func:`recipes.models.create_model`) or a ready ``nn.Module``. A checkpoint cannot
+            rebuild a module it was given: load one with ``ImageClassifier.load_from_checkpoint(path, model=<a
+            module of the same architecture>)``.
         model_kwargs: builder arguments when ``model`` is a name (``img_size``, ``window_size`` ...).
         num_classes: classifier outputs; the CLI links it from the data module.
         convert: if given, ``hatplug.convert(model, **convert)`` runs after building (and warm-starting).
@@ -136,7 +138,9 @@ class ImageClassifier(pl.LightningModule):
         warmup_lr: learning rate at step 0.
         min_lr: learning rate at the end of the cosine decay.
 
-    Gradient clipping and mixed precision are Trainer settings (``gradient_clip_val``, ``precision``).
+    Gradient clipping and mixed precision are Trainer settings (``gradient_clip_val``, ``precision``). With your own
+    ``Trainer``, add :class:`recipes.callbacks.RNGStateCheckpoint` to its callbacks (the CLI does) for a resume from
+    inside an epoch that repeats the uninterrupted run.
 
     >>> module = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)), num_classes=2, lr=3e-4)
     >>> images, target = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 1, 0])
@@ -174,8 +178,17 @@ class ImageClassifier(pl.LightningModule):
                 f"label_smoothing must be in [0, 1) (0: none; FasterViT trains with 0.1), got {label_smoothing!r}"
             )
         _check_optimizer(optimizer)
+        if model is None:  # what the checkpoint of a module built from an nn.Module records (below)
+            raise ValueError(
+                "model is None: pass a model name or an nn.Module. A checkpoint of an ImageClassifier built from a "
+                "ready nn.Module has no way to rebuild it: load it with ImageClassifier.load_from_checkpoint(path, "
+                "model=<a module of the same architecture>)"
+            )
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, nn.Module):
+            # saved as None, so that loading such a checkpoint without model=... says what to pass (it built the
+            # default model and failed on hundreds of missing keys)
+            self.hparams["model"] = None
             self.model = model
         else:
             kwargs = dict(model_kwargs or {})

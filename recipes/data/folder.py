@@ -27,8 +27,9 @@ class ImageFolderDataModule(MixupDataModule):
     (RandAugment ``rand-m9-mstd0.5-inc1``, Mixup 0.8, CutMix 1.0, random erasing 0.25, crop_pct 0.875).
 
     Args:
-        root: folder holding ``train/`` and ``val/``, one sub-folder per class in each (hidden folders, whose
-            name starts with ``.``, are skipped, with a log line).
+        root: folder holding ``train/`` and ``val/``, one sub-folder per class in each (``~`` is the home folder).
+            Hidden class folders (name starting with ``.``) are skipped with a log line, hidden files and folders
+            inside the class folders without one. A class may be missing from ``val/`` or have no image there.
         image_size: training crop and evaluation size.
         batch_size: per-device batch size.
         num_workers: loader processes.
@@ -64,7 +65,7 @@ class ImageFolderDataModule(MixupDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(mixup, cutmix, mixup_prob, mixup_switch_prob)
-        self.root, self.image_size = Path(root), image_size
+        self.root, self.image_size = Path(root).expanduser(), image_size  # "~/data" as ImageFolder takes it
         check_seed(seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.auto_augment, self.color_jitter, self.re_prob = auto_augment, color_jitter, re_prob
@@ -74,7 +75,12 @@ class ImageFolderDataModule(MixupDataModule):
 
     def _split_dir(self, split: str) -> Path:
         folder = self.root / split
-        if not folder.is_dir() or not _class_folders(folder)[0]:
+        if folder.is_dir() and not _class_folders(folder)[0]:
+            raise DatasetNotFoundError(
+                f"{folder} has no class folders: put the images of each class in a sub-folder named after the class "
+                f"({folder}/<class>/*.JPEG), in train/ and val/ alike; images directly in {split}/ have no label"
+            )
+        if not folder.is_dir():
             raise DatasetNotFoundError(
                 f"no image folder at {folder}: expected {self.root}/train/<class>/*.JPEG and "
                 f"{self.root}/val/<class>/*.JPEG (ImageNet-1k from https://image-net.org/download.php, with the "
@@ -120,7 +126,12 @@ class ImageFolderDataModule(MixupDataModule):
         self._train_classes()
         self.train_set = _image_folder(self._split_dir("train"), train_tf)
         self._classes("val")  # says which hidden folders of val/ are skipped
-        self.val_set = _labelled_like(_image_folder(self._split_dir("val"), val_tf), self.train_set)
+        # an empty val/<class>/ is taken as a val/ without that class folder is: nothing of that class to score
+        self.val_set = _labelled_like(_image_folder(self._split_dir("val"), val_tf, allow_empty=True), self.train_set)
+        if not self.val_set.samples:
+            raise DatasetNotFoundError(
+                f"{self._split_dir('val')} has class folders but no image in any of them ({', '.join(IMG_EXTENSIONS)})"
+            )
 
 
 def _load_image(path: str) -> Image.Image:
@@ -166,13 +177,17 @@ class _ClassFolders(ImageFolder):
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """torchvision's file list less hidden files: macOS writes an AppleDouble ``._<name>.jpg`` beside every
-        file it copies to a non-Mac disk, which has an image extension but is not an image."""
+        """torchvision's file list less hidden files and whatever lies in hidden folders inside the class folders:
+        macOS writes an AppleDouble ``._<name>.jpg`` beside every file it copies to a non-Mac disk (Mac network
+        shares a ``.AppleDouble/`` folder of them), which has an image extension but is not an image."""
         if is_valid_file is None:
             exts = tuple(extensions or IMG_EXTENSIONS)
+            prefix = os.path.join(os.path.expanduser(os.fspath(directory)), "")  # as torchvision joins the paths
 
             def is_valid_file(path: str) -> bool:
-                return not os.path.basename(path).startswith(".") and path.lower().endswith(exts)
+                # only the part below the split folder counts: the root may itself lie in a hidden folder
+                inside = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, prefix)
+                return path.lower().endswith(exts) and not any(part.startswith(".") for part in inside.split(os.sep))
 
         return ImageFolder.make_dataset(directory, class_to_idx, None, is_valid_file, allow_empty)
 
@@ -183,13 +198,13 @@ class _ClassFolders(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
-def _image_folder(folder: Path, transform) -> ImageFolder:
+def _image_folder(folder: Path, transform, allow_empty: bool = False) -> ImageFolder:
     try:
-        return _ClassFolders(folder, transform=transform, loader=_load_image)
+        return _ClassFolders(folder, transform=transform, loader=_load_image, allow_empty=allow_empty)
     except FileNotFoundError as error:  # a class folder without a single image file
         raise DatasetNotFoundError(
-            f"{folder}: {error}. Every class folder needs at least one image ({', '.join(IMG_EXTENSIONS)}); "
-            "add images or remove the empty folders (in train/ and val/ alike)."
+            f"{folder}: {str(error).rstrip('. ')}. Every training class folder needs at least one image "
+            f"({', '.join(IMG_EXTENSIONS)}); add images or remove the empty folders."
         ) from error
 
 

@@ -103,6 +103,18 @@ def test_spec_errors(tmp_path):
         load_ablation(write({"arms": [{"name": "a"}, {"name": "a"}]}))
     with pytest.raises(ValueError, match="no arms named"):
         run_ablation(write({"arms": [{"name": "a"}], "smoke": {}}), smoke=True, out=tmp_path / "out", arms=["z"])
+    # throughput settings: an unknown key was ignored (the default batch was measured), iters 0 gave rates of 0
+    for key, settings, message in [
+        ("smoke_benchmark", {"batchsize": 8}, r"smoke_benchmark has unknown keys \['batchsize'\]"),
+        ("benchmark", {"iters": 0}, r"benchmark\.iters must be an integer >= 1, got 0"),
+        ("benchmark", {"warmup": -1}, r"benchmark\.warmup must be an integer >= 0"),
+        ("cpu_benchmark", [64], r"cpu_benchmark must be a mapping"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_ablation(write({"arms": [{"name": "a"}], key: settings}))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"a_file is a file: pass a folder for --out"):
+        load_ablation(write({"arms": [{"name": "a"}]}), out=tmp_path / "a_file")
 
 
 @pytest.mark.parametrize(
@@ -159,6 +171,8 @@ def test_command_line_config_errors_are_one_line(tmp_path, capsys):
         [str(tmp_path / "nope.yaml")],
         [str(tmp_path / "broken.yaml")],
         [str(path), "--smoke", "--arms", "zzz"],
+        [str(path), "--smok"],  # a misspelt option, not the abbreviation of --smoke it was taken for
+        [str(path), "--smoke", "--out", str(path)],  # a file, not a folder (a FileExistsError traceback)
     ):
         with pytest.raises(SystemExit) as stop:
             main(argv)
@@ -166,6 +180,7 @@ def test_command_line_config_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: " in err and "has no 'cpu' profile" in err and "Traceback" not in err
     assert "no arms named ['zzz']; it has ['a']" in err
+    assert "unrecognized arguments: --smok" in err and "is a file: pass a folder for --out" in err
 
 
 def test_profile_merge_order(tmp_path):

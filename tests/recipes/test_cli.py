@@ -36,6 +36,27 @@ def test_run_writes_config_logs_and_checkpoints(tmp_path):
     assert _final(again) == _final(cli)
 
 
+def test_default_root_dir_on_the_command_line_moves_the_run(tmp_path):
+    """The configs name the run's folder twice (trainer.default_root_dir and each logger's save_dir), and the logs,
+    checkpoints and config.yaml follow the loggers: --trainer.default_root_dir alone moved nothing."""
+    moved = tmp_path / "moved"
+    _fit(tiny_config(tmp_path, trainer={"max_epochs": 1}), "--trainer.default_root_dir", str(moved))
+    assert not (tmp_path / "tiny").exists()
+    assert (moved / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert "val/top1" in (moved / "version_0" / "metrics.csv").read_text()
+    assert list((moved / "tb").rglob("events.out.tfevents.*"))
+    saved = yaml.safe_load((moved / "version_0" / "config.yaml").read_text())  # it runs again where it ran
+    assert saved["trainer"]["default_root_dir"] == str(moved)
+    assert [lg["init_args"]["save_dir"] for lg in saved["trainer"]["logger"]] == [str(moved)] * 2
+    # a logger that writes elsewhere keeps its folder
+    elsewhere = tiny_config(tmp_path, "two", trainer={"logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "two")}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "other")}},
+    ]})  # fmt: skip
+    cli = main(["--config", str(elsewhere), "--trainer.default_root_dir", str(moved)], run=False)
+    assert [lg.save_dir for lg in cli.trainer.loggers] == [str(moved), str(tmp_path / "other")]
+
+
 def test_fast_dev_run_from_the_command_line(tmp_path):
     result = run_recipes("fit", "--config", str(tiny_config(tmp_path)), "--trainer.fast_dev_run", "2")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -120,9 +120,17 @@ def test_datamodule_loaders():
     assert len(dm.train_dataloader()) == 5 and len(dm.val_dataloader()) == 2
 
 
-def test_missing_real_data_says_what_to_download(tmp_path):
+def test_missing_real_data_says_what_to_download(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match=r"image-net\.org.*data\.root"):
         _ = ImageFolderDataModule(tmp_path).num_classes
+    # images directly in train/: the folder is there, the class folders are missing (it said "no image folder")
+    _write_images(tmp_path, {"train": 2})
+    with pytest.raises(DatasetNotFoundError, match=r"train has no class folders: .*train/<class>/\*\.JPEG"):
+        _ = ImageFolderDataModule(tmp_path).num_classes
+    # "~" in a root given in a YAML file is the home folder, as torchvision's ImageFolder takes it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_images(tmp_path / "data" / "train", {"a": 1, "b": 1})
+    assert ImageFolderDataModule("~/data").num_classes == 2
     with pytest.raises(DatasetNotFoundError, match=r"cifar-100-python.*cs\.toronto\.edu.*tar -xzf"):
         CIFARDataModule(tmp_path, variant="cifar100").setup()
     with pytest.raises(ValueError, match="variant"):
@@ -208,6 +216,19 @@ def test_image_folder_reads_16_bit_images_and_skips_hidden_files(tmp_path):
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set)) == (4, 2)
     assert not any(Path(path).name.startswith(".") for path, _ in dm.train_set.samples + dm.val_set.samples)
+    # nor the images in hidden folders inside a class folder (Mac network shares write .AppleDouble/ folders of
+    # such files; they were taken as samples and training failed when it reached one), at any depth, while a
+    # root that itself lies in a hidden folder is read as before
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "b" / ".AppleDouble").mkdir()
+        (tmp_path / "data" / split / "b" / ".AppleDouble" / "0.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+        _write_images(tmp_path / "data" / split / "a" / "sub" / ".cache", {"x": 1})
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (4, 2)
+    (tmp_path / "data").rename(tmp_path / ".hidden_root")
+    dm = ImageFolderDataModule(tmp_path / ".hidden_root", image_size=8, batch_size=2, auto_augment=None, mixup=0)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (4, 2)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True])
@@ -227,9 +248,17 @@ def test_image_folder_errors_name_the_folder_file_and_fix(tmp_path):
     _write_images(tmp_path / "val", {"a": 1, "b": 1})
     (tmp_path / "train" / "c").mkdir()  # an empty class folder
     dm = ImageFolderDataModule(tmp_path, image_size=8, batch_size=2, auto_augment=None, mixup=0, cutmix=0)
-    with pytest.raises(DatasetNotFoundError, match=r"(?s)train.*Every class folder needs at least one image"):
+    with pytest.raises(DatasetNotFoundError, match=r"(?s)train.*c\. Every training class folder needs at least one"):
         dm.setup("fit")
     (tmp_path / "train" / "c").rmdir()
+    (tmp_path / "val" / "b" / "0.png").rename(tmp_path / "b0.png")  # an empty val/b/: as if val/ lacked b (was refused)
+    dm.setup("fit")
+    assert [t for _, t in dm.val_set.samples] == [0]
+    (tmp_path / "val" / "a" / "0.png").rename(tmp_path / "a0.png")  # no validation image at all
+    with pytest.raises(DatasetNotFoundError, match=r"val has class folders but no image in any of them"):
+        dm.setup("fit")
+    (tmp_path / "a0.png").rename(tmp_path / "val" / "a" / "0.png")
+    (tmp_path / "b0.png").rename(tmp_path / "val" / "b" / "0.png")
     (tmp_path / "train" / "b" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # a corrupt file
     dm.setup("fit")
     index = [Path(p).name for p, _ in dm.train_set.samples].index("0.png", 2)

@@ -148,6 +148,33 @@ def test_warm_start_from_a_checkpoint_with_another_head(tmp_path):
         ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=5, init_checkpoint=str(path))
 
 
+def test_a_checkpoint_of_a_module_built_from_an_nn_module_names_what_to_pass(tmp_path):
+    """A module given as an nn.Module is not in the saved hyper-parameters: loading its checkpoint without
+    model=... built the default FasterViT and failed on hundreds of missing keys."""
+    import lightning as L
+
+    from recipes.data import SyntheticDataModule
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))
+
+    module = ImageClassifier(net(), num_classes=2, warmup_epochs=0)
+    data = SyntheticDataModule(image_size=32, train_samples=4, val_samples=4, batch_size=4)
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / "module.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"load_from_checkpoint\(path, model=<a module of the same architecture>\)"):
+        ImageClassifier.load_from_checkpoint(path)
+    loaded = ImageClassifier.load_from_checkpoint(path, model=net())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), module(x))
+    assert ImageClassifier(net(), num_classes=2).hparams.lr == 1e-3  # the other settings are still recorded
+
+
 def test_warm_start_and_convert(tmp_path, monkeypatch):
     source = ImageClassifier("faster_vit_0_any_res", KWARGS, num_classes=2)
     path = tmp_path / "weights.pt"
