@@ -68,11 +68,25 @@ def register_adapter(adapter: BlockAdapter | type[BlockAdapter]) -> BlockAdapter
         'MyAdapter'
         >>> hatplug.adapters.unregister_adapter(MyAdapter)
     """
+    if isinstance(adapter, type) and not issubclass(adapter, BlockAdapter):
+        raise TypeError(f"register_adapter expects a hatplug.adapters.BlockAdapter, got the class {adapter.__name__}")
     instance = adapter() if isinstance(adapter, type) else adapter
     if not isinstance(instance, BlockAdapter):
         raise TypeError(f"register_adapter expects a hatplug.adapters.BlockAdapter, got {type(instance).__name__}")
+    name = type(instance).__name__
     if not instance.source_types or not instance.family:
-        raise TypeError(f"{type(instance).__name__} must set `family` and the block classes in `source_types`")
+        raise TypeError(f"{name} must set `family` and the block classes in `source_types`")
+    types = instance.source_types
+    if not isinstance(types, tuple) or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise TypeError(
+            f"{name}.source_types must be a tuple of nn.Module classes (the block types it converts), got "
+            f"{types!r}; for one class write source_types = (MyBlock,)"
+        )
+    cls = type(instance)
+    missing = ["window_size"] if cls.window_size is BlockAdapter.window_size else []
+    missing += ["build"] if cls.build is BlockAdapter.build and cls.build_at is BlockAdapter.build_at else []
+    if missing:
+        raise TypeError(f"{name} must implement {' and '.join(missing)} (see hatplug.BlockAdapter)")
     if instance.carrier_stream not in ("stage", "block"):
         raise TypeError(f"{type(instance).__name__}.carrier_stream must be 'stage' or 'block'")
     _ADAPTERS.append(instance)

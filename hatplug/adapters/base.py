@@ -247,7 +247,7 @@ class BlockAdapter:
 
     def window_size(self, block: nn.Module) -> tuple[int, int]:
         """``(wh, ww)`` of the block's windows."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement window_size(block)")
 
     def window_grid(self, model: nn.Module, path: str, block: nn.Module) -> tuple[int, int] | None:
         """Windows ``(nH, nW)`` the block sees at the model's configured input size (``None``: unknown, so
@@ -303,7 +303,7 @@ class BlockAdapter:
     def build(self, block: nn.Module, settings: ConversionSettings, propagate: bool) -> nn.Module:
         """The HAT twin of ``block``, taking over its modules; ``propagate`` is set for the last block of a
         stage when propagation is on."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement build(block, settings, propagate)")
 
     def build_at(
         self, model: nn.Module, path: str, block: nn.Module, settings: ConversionSettings, propagate: bool

@@ -108,8 +108,52 @@ def unsupported_message(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def _skip_reason(adapter: BlockAdapter, model: nn.Module, path: str, block: nn.Module, ct_size: int) -> str | None:
+def _window_of(adapter: BlockAdapter, path: str, block: nn.Module) -> tuple[int, int]:
+    """``adapter.window_size(block)``, with a named error for what is not a pair of positive ints."""
     window = adapter.window_size(block)
+    ok = isinstance(window, (tuple, list)) and len(window) == 2
+    if not ok or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in window):
+        raise ConversionError(
+            f"{type(adapter).__name__}.window_size(block) must return (height, width) of the block's windows, two "
+            f"positive ints, got {window!r} for '{path}' ({type(block).__name__})"
+        )
+    return tuple(window)
+
+
+def _build_twin(
+    adapter: BlockAdapter, model: nn.Module, path: str, block: nn.Module, settings: ConversionSettings, propagate: bool
+) -> nn.Module:
+    """``adapter.build_at(...)`` in the block's train / eval mode, with named errors for twins that would fail only
+    at the first forward, deep inside (the report listed their blocks as converted)."""
+    twin = adapter.build_at(model, path, block, settings, propagate=propagate)
+    name = type(adapter).__name__
+    if not isinstance(twin, nn.Module) or twin is block or isinstance(twin, nn.Identity):
+        raise ConversionError(
+            f"{name}.build returned {'the block itself' if twin is block else type(twin).__name__} for '{path}' "
+            f"({type(block).__name__}): it must return the block's HAT twin, a new module (such as a "
+            "hatplug.adapters.CarrierBlock) that takes over the block's layers"
+        )
+    if adapter.carrier_stream == "stage" and isinstance(twin, CarrierBlock):
+        window = _window_of(adapter, path, block)
+        if tuple(twin.window_size) != window:
+            raise ConversionError(
+                f"the twin {name} built for '{path}' has {tuple(twin.window_size)} windows, but {name}.window_size "
+                f"says {window}: they must agree (the stage's carrier tokens are laid out for the adapter's windows)"
+            )
+    return _adopt_mode(twin, block)
+
+
+def _wrapped_attribute(model: nn.Module) -> str | None:
+    """The attribute holding the model inside a data-parallel or ``torch.compile`` wrapper, or ``None``."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "module"
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return "_orig_mod"  # torch.compile's wrapper (not imported: that would import the compiler stack)
+    return None
+
+
+def _skip_reason(adapter: BlockAdapter, model: nn.Module, path: str, block: nn.Module, ct_size: int) -> str | None:
+    window = _window_of(adapter, path, block)
     grid = adapter.window_grid(model, path, block)
     if grid is not None and grid[0] * grid[1] == 1:
         where = adapter.resolution(model, path)
@@ -290,6 +334,13 @@ def _rewrite_stage(
             f"the blocks they hold, so the converted {where} no longer calls them as modules. Remove the hooks "
             "(handle.remove()), convert, and hook the stage or its blocks instead"
         )
+    if isinstance(stage, nn.ModuleList):  # no forward: the model's own forward loops over it
+        raise ConversionError(
+            f"{where} has no forward of its own: the model's forward loops over it, so there is no stage module to "
+            "thread carrier tokens through. Convert this family with an adapter whose carrier_stream is 'block' "
+            "(each block makes its own carrier tokens, as hatplug.adapters.TwinsAdapter does), or override the "
+            "adapter's stage_path to name the module whose forward runs the loop."
+        )
     tracer = HatplugTracer(adapter.source_types, trace_into=between)
     try:
         graph = tracer.trace(stage)
@@ -320,7 +371,7 @@ def _rewrite_stage(
         block = relative[node.target]
         last = propagate and i == len(calls) - 1
         path = f"{stage_path}.{node.target}"  # the block's path in the model, as per-block conversion gives it
-        twin = _adopt_mode(adapter.build_at(model, path, block, settings, propagate=last), block)
+        twin = _build_twin(adapter, model, path, block, settings, last)
         _set_submodule(stage, node.target, twin)
         prefix = node.name
         with graph.inserting_after(node):
@@ -535,6 +586,13 @@ def convert(
         raise ValueError(f"stages lists a stage more than once: {list(stages)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module (e.g. timm.create_model(...)), got {type(model).__name__}")
+    inner = _wrapped_attribute(model)
+    if inner is not None:
+        raise ConversionError(
+            f"convert() takes the model, not a {type(model).__name__} around it (a converted wrapper is saved and "
+            f"loaded under the wrapper's name and keys, which no model matches): convert model.{inner}, then wrap "
+            "the converted model"
+        )
     done = _converted_part(model)
     if done == "":
         raise ConversionError(f"{type(model).__name__} was converted already (see hatplug.report(model))")
@@ -597,7 +655,7 @@ def convert(
             mode = "stage stream"
         else:
             for path, block in todo:
-                twin = _adopt_mode(adapter.build_at(model, path, block, settings, propagate=propagate), block)
+                twin = _build_twin(adapter, model, path, block, settings, propagate)
                 _move_hooks(block, twin)  # the twin keeps the block's signature
                 _set_submodule(model, path, twin)
             mode = "per block"
@@ -618,9 +676,15 @@ def convert(
 
     if not converted:
         reasons = sorted({f"stage {b['stage']}: {b['reason']}" for b in skipped})
+        fixes = {
+            "single window": "a larger input size or smaller windows (a single window has no other to talk to)",
+            "smaller than ct_size": "a smaller ct_size",
+            "not selected": "other stages=",
+        }
+        wanted = [fix for key, fix in fixes.items() if any(key in b["reason"] for b in skipped)]
         raise ConversionError(
             f"no block of {type(model).__name__} was converted, every candidate was skipped: {'; '.join(reasons)}. "
-            "Change ct_size / stages so that at least one block qualifies."
+            f"Try {' or '.join(wanted) or 'another model'}."
         )
     _check_hooks_kept(model, named_before)
     _patch_holders(model, converted)

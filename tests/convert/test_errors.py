@@ -112,8 +112,11 @@ def test_converting_nothing_is_an_error_that_gives_the_reasons():
     model = make_model(FAMILIES["swin"], 64)
     with pytest.raises(ConversionError, match=r"no block of SwinTransformer was converted.*smaller than ct_size=5"):
         hatplug.convert(model, ct_size=5)  # every window is 4x4
-    with pytest.raises(ConversionError, match=r"stage 0 not selected \(stages=\[\]\)"):
+    with pytest.raises(ConversionError, match=r"stage 0 not selected \(stages=\[\]\).*Try other stages="):
         hatplug.convert(model, stages=[])
+    # the fix named is the one that helps (it said "change ct_size / stages" for single windows too)
+    with pytest.raises(ConversionError, match=r"single window.*Try a larger input size or smaller windows"):
+        hatplug.convert(make_model(FAMILIES["swin"], 16))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConversionError):
         hatplug.convert(model, ct_size=5, inplace=True)

@@ -5,6 +5,7 @@ CarrierWindowAttention (gated or joint attention over [CTs; window]); the adapte
 projects tokens and how its skeleton runs.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,3 +127,78 @@ def test_build_at_sees_the_model_and_the_blocks_path():
     finally:
         unregister_adapter(Recording)
     assert [(m is model, path, found) for m, path, found in seen] == [(True, "stage.0", True), (True, "stage.1", True)]
+
+
+def test_a_malformed_adapter_is_refused_when_registered():
+    """A class for source_types was registered and then broke every conversion (built-in families too), an
+    unrelated class was instantiated before the type check, and an adapter without window_size failed inside
+    convert with an empty NotImplementedError."""
+
+    class OneClass(MyAdapter):
+        source_types = MyWindowBlock  # not a tuple
+
+    class NoWindow(hatplug.BlockAdapter):
+        family, source_types = "x", (MyWindowBlock,)
+
+        def build(self, block, settings, propagate):
+            return MyHATBlock(block, settings, propagate)
+
+    before = hatplug.adapters.registered_adapters()
+    with pytest.raises(TypeError, match=r"OneClass\.source_types must be a tuple of nn\.Module classes.*\(MyBlock,\)"):
+        hatplug.register_adapter(OneClass)
+    with pytest.raises(TypeError, match=r"expects a hatplug\.adapters\.BlockAdapter, got the class Linear"):
+        hatplug.register_adapter(nn.Linear)
+    with pytest.raises(TypeError, match=r"NoWindow must implement window_size"):
+        hatplug.register_adapter(NoWindow)
+    assert hatplug.adapters.registered_adapters() == before
+
+
+@pytest.mark.parametrize(
+    "build, window, message",
+    [
+        (lambda block, s, p: block, None, r"build returned the block itself for 'stage\.0' \(MyWindowBlock\)"),
+        (lambda block, s, p: nn.Identity(), None, r"build returned Identity for 'stage\.0'"),
+        (None, (8, 8), r"has \(4, 4\) windows, but WrongAdapter\.window_size says \(8, 8\)"),
+        (None, 4, r"window_size\(block\) must return \(height, width\).*got 4 for 'stage\.0'"),
+    ],
+)
+def test_a_wrong_adapter_is_named_at_conversion(build, window, message):
+    """A twin that is not one, or windows that disagree with the adapter's, converted (the report listed the blocks
+    as converted) and failed at the first forward with raw shape or signature errors naming neither."""
+
+    class WrongAdapter(MyAdapter):
+        def window_size(self, block):
+            return super().window_size(block) if window is None else window
+
+        def build(self, block, settings, propagate):
+            return super().build(block, settings, propagate) if build is None else build(block, settings, propagate)
+
+    try:
+        hatplug.register_adapter(WrongAdapter())
+        with pytest.raises(hatplug.ConversionError, match=message):
+            hatplug.convert(MyNet())
+    finally:
+        unregister_adapter(WrongAdapter)
+
+
+def test_a_stage_the_model_loops_over_names_the_block_stream():
+    """Blocks in an nn.ModuleList that the model's forward loops over have no stage module to rewrite; the error
+    advised a tracer leaf, which cannot help."""
+
+    class LoopNet(MyNet):
+        def __init__(self):
+            super().__init__()
+            self.stage = nn.ModuleList([MyWindowBlock(), MyWindowBlock()])
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.stage:
+                x = block(x)
+            return self.head(x.mean((2, 3)))
+
+    try:
+        hatplug.register_adapter(MyAdapter())
+        with pytest.raises(hatplug.ConversionError, match=r"stage 'stage' \(ModuleList\) has no forward.*'block'"):
+            hatplug.convert(LoopNet())
+    finally:
+        unregister_adapter(MyAdapter)

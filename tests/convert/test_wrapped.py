@@ -76,6 +76,18 @@ def test_a_wrapper_of_a_converted_model_is_refused():
         hatplug.convert(nn.Sequential(hat.layers))  # a rewritten stage, taken out of its model
 
 
+def test_a_data_parallel_or_compiled_wrapper_is_refused_with_the_fix():
+    """convert(nn.DataParallel(model)) / convert(torch.compile(model)) converted, but saved the model under the
+    wrapper's name and keys, which no model could load again; converting the model first and wrapping it after
+    round-trips."""
+    model = make_model(FAMILIES["swin"], 64)
+    for wrapper, attribute in ((nn.DataParallel(model), "module"), (torch.compile(model), "_orig_mod")):
+        message = rf"not a {type(wrapper).__name__} around it.*convert model\.{attribute}"
+        with pytest.raises(ConversionError, match=message):
+            hatplug.convert(wrapper)
+    assert isinstance(nn.DataParallel(hatplug.convert(model)).module, type(model))
+
+
 def test_edgevit_is_judged_at_its_img_size_and_the_skip_reason_names_it():
     """EdgeViT runs at any size; img_size is its nominal size, which single windows are judged at."""
     skipped = hatplug.report(hatplug.convert(timm.create_model("edgevit_xxs").eval())).skipped
