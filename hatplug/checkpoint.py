@@ -381,7 +381,14 @@ def _check_conversion_config(model: nn.Module, path: Path, strict: bool) -> None
     saved = config_from_metadata(path, metadata)
     saved_model = saved.pop("model")
     info = getattr(_unwrapped(model), "hatplug_conversion", None)
-    if info is None:
+    here = type(_unwrapped(model)).__name__ if info is None else info["model"]
+    if saved_model != here:  # before the options: no option makes one family's file fit another
+        problem = (
+            f"{path} holds a {saved_model} converted by hatplug.convert({_options(saved)}), and this model is a "
+            f"{here}: load the file into a {saved_model}, e.g. hatplug.load(path, <a {saved_model} as it was "
+            "created before the conversion>)"
+        )
+    elif info is None:
         problem = (
             f"{path} holds a {saved_model} converted by hatplug.convert({_options(saved)}), and this "
             f"{type(model).__name__} is not converted: rebuild it with hatplug.load(path, base_model), which converts "

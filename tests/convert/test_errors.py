@@ -183,6 +183,12 @@ def test_a_saved_conversion_loads_only_into_a_model_converted_alike(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing loaded
     with pytest.raises(hatplug.CheckpointMismatchError, match=r"is not converted: rebuild it with hatplug\.load"):
         hatplug.load_checkpoint(make_model(FAMILIES["swin"], 64), path)
+    # another family's file names both classes, converted or not (it blamed the options, or said to rebuild with
+    # hatplug.load, which then refused the class)
+    twins = make_model(FAMILIES["twins"], 128)
+    for target in (hatplug.convert(twins, init="random"), twins):
+        with pytest.raises(hatplug.CheckpointMismatchError, match=r"holds a SwinTransformer .* this model is a Twins"):
+            hatplug.load_checkpoint(target, path)
     alike = hatplug.convert(base, ct_size=2)
     assert hatplug.load_checkpoint(alike, path).ok  # the same options: loads
     logger = logging.getLogger("hatplug.checkpoint")
