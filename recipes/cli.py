@@ -65,7 +65,12 @@ class RecipeCLI(LightningCLI):
             return super().parse_arguments(parser, args)
         argv = sys.argv[1:] if args is None else list(args)
         remaining, value = _pop_option(argv, "--model.num_classes")
-        remaining, root = _pop_option(remaining, "--trainer.default_root_dir")
+        root = None
+        if not any(a == "--print_config" or a.startswith("--print_config=") for a in argv):
+            # --print_config prints during the parse: there the option is left to jsonargparse (printed as given)
+            remaining, root = _pop_option(remaining, "--trainer.default_root_dir")
+            if root is not None and not root.strip():
+                parser.error("--trainer.default_root_dir needs a folder (or null for the working directory)")
         if remaining == argv:
             return super().parse_arguments(parser, args)
         if value is not None and value.strip().lower() not in ("null", "none"):

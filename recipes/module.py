@@ -178,17 +178,8 @@ class ImageClassifier(pl.LightningModule):
                 f"label_smoothing must be in [0, 1) (0: none; FasterViT trains with 0.1), got {label_smoothing!r}"
             )
         _check_optimizer(optimizer)
-        if model is None:  # what the checkpoint of a module built from an nn.Module records (below)
-            raise ValueError(
-                "model is None: pass a model name or an nn.Module. A checkpoint of an ImageClassifier built from a "
-                "ready nn.Module has no way to rebuild it: load it with ImageClassifier.load_from_checkpoint(path, "
-                "model=<a module of the same architecture>)"
-            )
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, nn.Module):
-            # saved as None, so that loading such a checkpoint without model=... says what to pass (it built the
-            # default model and failed on hundreds of missing keys)
-            self.hparams["model"] = None
             self.model = model
         else:
             kwargs = dict(model_kwargs or {})
@@ -236,6 +227,14 @@ class ImageClassifier(pl.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
         """Lightning's ``load_from_checkpoint``; the checkpoint holds every weight, so the warm-start file
         that its run started from (``init_checkpoint``) is not read and need not exist any more."""
+        if "model" not in kwargs and hparams_file is None and not _names_its_model(checkpoint_path):
+            # the module was given a ready nn.Module, which its hyper-parameters leave out: without model=... the
+            # default model was built and the load failed on hundreds of missing keys
+            raise ValueError(
+                f"{checkpoint_path} is a checkpoint of an ImageClassifier built from a ready nn.Module, which a "
+                "checkpoint cannot rebuild: load it with ImageClassifier.load_from_checkpoint(path, model=<a module of "
+                "the same architecture>)"
+            )
         with weights_from_checkpoint():
             return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
@@ -340,6 +339,20 @@ def _steps_per_epoch(trainer: pl.Trainer) -> float:
             "set warmup_epochs=0 or use a map-style data set"
         )
     return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
+def _names_its_model(checkpoint_path) -> bool:
+    """Whether the Lightning checkpoint at ``checkpoint_path`` records a model name (``True`` as well where it cannot
+    be read cheaply here: a remote path, or hyper-parameters that ``weights_only`` loading refuses, are left to
+    Lightning). Memory-mapped, so the weights are not read."""
+    if not isinstance(checkpoint_path, (str, os.PathLike)) or not os.path.isfile(checkpoint_path):
+        return True
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # not a zip checkpoint, or hyper-parameters of types weights_only refuses
+        return True
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    return not isinstance(hparams, dict) or "model" in hparams
 
 
 def _strip_prefix(state: dict[str, Tensor], model: nn.Module, prefix: str) -> dict[str, Tensor]:

@@ -55,6 +55,33 @@ def test_default_root_dir_on_the_command_line_moves_the_run(tmp_path):
     ]})  # fmt: skip
     cli = main(["--config", str(elsewhere), "--trainer.default_root_dir", str(moved)], run=False)
     assert [lg.save_dir for lg in cli.trainer.loggers] == [str(moved), str(tmp_path / "other")]
+    with pytest.raises(SystemExit):  # a bare option is an error, not null
+        main(["--config", str(elsewhere), "--trainer.default_root_dir"], run=False)
+    # --print_config still shows the option (taken off the command line, it was missing from the printout)
+    printed = run_recipes("fit", "--config", str(elsewhere), "--trainer.default_root_dir", str(moved), "--print_config")
+    assert printed.returncode == 0 and f"default_root_dir: {moved}" in printed.stdout, printed.stderr[-2000:]
+
+
+def test_a_model_given_by_class_path_resumes_and_tests_from_its_checkpoint(tmp_path):
+    """The CLI copies a checkpoint's hyper-parameters into the config: a model given as an nn.Module class_path must
+    stay out of them (recording it as None broke test / resume of such runs)."""
+    config = {
+        "seed_everything": 0,
+        "data": {"class_path": "recipes.data.SyntheticDataModule",
+                 "init_args": {"image_size": 32, "train_samples": 8, "val_samples": 4, "batch_size": 4}},
+        "model": {"model": {"class_path": "timm.models.vision_transformer.VisionTransformer",
+                            "init_args": {"img_size": 32, "patch_size": 16, "embed_dim": 8, "depth": 1, "num_heads": 1,
+                                          "num_classes": 2}},
+                  "warmup_epochs": 0},
+        "trainer": {"max_steps": 1, "accelerator": "cpu", "enable_progress_bar": False, "logger": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    path = tmp_path / "vit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
+    tested = main(["test", "--config", str(path), "--ckpt_path", str(checkpoint)])
+    assert 0.0 <= tested.trainer.callback_metrics["test/top1"].item() <= 1.0
 
 
 def test_fast_dev_run_from_the_command_line(tmp_path):
