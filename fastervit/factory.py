@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from hatplug.checkpoint import LoadReport, load_checkpoint
 from hatplug.errors import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from hatplug.models.heads import drop_pool_of_pruned_head
 
 from .model import FasterViT, _is_integer, _to_2tuple, check_output_fmt
 from .resize import AdaptReport, load_adapted
@@ -247,10 +248,7 @@ def _create(
     pruned = (
         _PrunedKeys(out_indices, num_levels, bool(feature_cfg.get("norm"))) if kwargs.get("features_only") else None
     )
-    kwargs = {**arch, **kwargs}
-    if kwargs.get("features_only") and kwargs.get("global_pool") == "":
-        # "no pooling", as timm's backbones take it: the wrapper prunes the head, so it needs no num_classes=0
-        del kwargs["global_pool"]
+    kwargs = drop_pool_of_pruned_head({**arch, **kwargs})
     default = kwargs.pop("resolution")
     kwargs["img_size"] = img_size if img_size is not None else resolution if resolution is not None else default
     # the any-resolution variants are published with the 224 weights: moving those is a geometry change

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
+from .adapters.swin import shifted_window_mask
 from .layers import AbsolutePositionMLP, BiasedAttention, HATBlock, HATStage
 from .layers._cache import refill_buffer
 from .layers.hat import _drop_path_rates as _rates
@@ -106,22 +107,15 @@ def shift_attention_mask(height: int, width: int, window_size: int, shift: int |
     After the roll, a window at the bottom/right border holds tokens from up to four image regions that
     were not neighbours; they must not attend to each other.
 
-    ``shift`` is one roll for both axes or ``(rows, columns)``; an axis rolled by 0 has one region.
+    ``shift`` is one roll for both axes or ``(rows, columns)``; an axis rolled by 0 has one region. The mask of
+    the converted Swin blocks (:func:`hatplug.adapters.swin.shifted_window_mask`) for square windows.
 
     >>> m = shift_attention_mask(8, 8, window_size=4, shift=2)
     >>> m.shape, m[0].abs().sum().item(), (m[-1] == -100).any().item()
     (torch.Size([4, 16, 16]), 0.0, True)
     """
-    region = torch.zeros(1, 1, height, width)
-
-    def cuts(s: int) -> tuple[slice, ...]:
-        return (slice(0, -window_size), slice(-window_size, -s), slice(-s, None)) if s else (slice(None),)
-
     sh, sw = (shift, shift) if isinstance(shift, int) else shift
-    for i, (rows, cols) in enumerate((r, c) for r in cuts(sh) for c in cuts(sw)):
-        region[:, :, rows, cols] = i
-    ids = window_partition(region, window_size).squeeze(-1)  # (nW, ws*ws)
-    return torch.zeros(ids.shape[0], ids.shape[1], ids.shape[1]).masked_fill(ids[:, None] != ids[:, :, None], -100.0)
+    return shifted_window_mask(height, width, (window_size, window_size), (sh, sw), torch.zeros(()))
 
 
 class ShiftedWindowAttention(BiasedAttention):

@@ -46,7 +46,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_input_size
 
-from .heads import check_head
+from .heads import check_head, drop_pool_of_pruned_head
 
 __all__ = ["EdgeViT", "LGLBlock", "LocalAgg", "GlobalSparseAttn", "GlobalSparseBlock", "PatchEmbed"]
 
@@ -685,15 +685,12 @@ def _create_edgevit(variant: str, pretrained: bool = False, **kwargs) -> EdgeViT
             "registration order, and EdgeViT registers its four patch embeddings before its stages. Use the "
             "default ('getter'), 'hook' or 'fx'"
         )
-    if kwargs.get("features_only") and kwargs.get("global_pool") == "":
-        # "no pooling", as timm's backbones take it: the feature maps come before the head, whose pooling is kept
-        del kwargs["global_pool"]
     return build_model_with_cfg(
         EdgeViT,
         variant,
         pretrained,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **kwargs,
+        **drop_pool_of_pruned_head(kwargs),
     )
 
 

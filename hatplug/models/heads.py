@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 
-__all__ = ["TIMM_POOL_TYPES", "check_head"]
+__all__ = ["TIMM_POOL_TYPES", "check_head", "drop_pool_of_pruned_head"]
 
 TIMM_POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
 
@@ -33,3 +33,18 @@ pass num_classes=0 to get the map, or a pooling type such as 'avg'
             "take: pass num_classes=0 to get the map, or a pooling type such as 'avg'"
         )
     return operator.index(num_classes)
+
+
+def drop_pool_of_pruned_head(kwargs: dict) -> dict:
+    """Builder arguments without ``global_pool=""`` where ``features_only`` is set: "no pooling", as timm's backbones
+    take it, for a head that the feature wrapper prunes (or, with hooks, never returns), so that :func:`check_head`
+    does not ask for ``num_classes=0``. ``kwargs`` itself is not changed.
+
+    >>> drop_pool_of_pruned_head({"features_only": True, "global_pool": ""})
+    {'features_only': True}
+    >>> drop_pool_of_pruned_head({"global_pool": ""})  # a classifier: check_head still judges it
+    {'global_pool': ''}
+    """
+    if kwargs.get("features_only") and kwargs.get("global_pool") == "":
+        return {k: v for k, v in kwargs.items() if k != "global_pool"}
+    return kwargs
